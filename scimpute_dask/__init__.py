@@ -1,0 +1,47 @@
+"""scimpute-dask: out-of-core, Dask-parallel gene-expression imputation.
+
+A drop-in re-implementation of scimpute: for each spatial (query) cell, find
+the k most cosine-similar single-cell (reference) cells on the shared genes
+and average their full profiles, weighted by similarity + 1.
+
+The pipeline, one module per stage::
+
+    convert     text / DataFrame / .h5ad  ->  chunked Zarr stores
+    validation  every input check, before any output is written
+    knn         exact cosine top-k kernels on blocks
+    imputation  weighted-mean kernels on blocks
+    scoring     scimpute's per-cell validation score
+    graph       the Dask graphs tiling those kernels
+    export      scimpute's files, streamed from Zarr; atomic output directory
+    pipeline    the run, stage by stage
+    compat      scimpute's Python API (expression_imputation and the steps)
+    cli         the ``scimpute-dask`` command
+"""
+
+__version__ = "0.1.0"
+
+from .compat import (  # noqa: E402
+    expression_imputation,
+    impute_expression,
+    merge_imputation_chunks,
+    read_inputs,
+    similarity_matrix,
+    validate_results,
+)
+from .convert import ExpressionStore, convert  # noqa: E402
+from .pipeline import RunResult, run_imputation  # noqa: E402
+from .validation import InputError  # noqa: E402
+
+__all__ = [
+    "ExpressionStore",
+    "InputError",
+    "RunResult",
+    "convert",
+    "expression_imputation",
+    "impute_expression",
+    "merge_imputation_chunks",
+    "read_inputs",
+    "run_imputation",
+    "similarity_matrix",
+    "validate_results",
+]

@@ -1,0 +1,472 @@
+"""Reading and conversion: expression matrices in, chunked Zarr stores out.
+
+Every input the engine accepts (scimpute's genes-as-rows TSV, a cells-as-rows
+CSV/TSV, a pandas DataFrame, an AnnData ``.h5ad``) is converted once into an
+:class:`ExpressionStore`, a Zarr group laid out cells × genes:
+
+``X``
+    float32 array, cells × genes, chunked ``(cell_chunk, gene_chunk)``.
+``obs_names`` / ``var_names``
+    cell and gene names.
+attrs
+    ``fingerprint`` (what was converted), ``progress`` (how far), ``complete``.
+
+Text is streamed block by block: memory is bounded by the block size, never by
+the file size. Each block is written as whole Zarr chunks and then recorded in
+``progress``, so a conversion that dies half-way resumes at the last recorded
+block; a store converted from the same, unchanged file is reused as it is.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import zarr
+
+from .validation import InputError, check_unique_names, check_values
+
+Layout = Literal["genes_x_cells", "cells_x_genes"]
+LAYOUTS: tuple[str, ...] = ("genes_x_cells", "cells_x_genes")
+
+FORMAT_VERSION = 1
+#: Target size of one text block held in memory during conversion.
+BLOCK_BYTES = 64 * 2**20
+DEFAULT_CELL_CHUNK = 4096
+DEFAULT_GENE_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class ExpressionStore:
+    """A converted, complete cells × genes expression matrix in Zarr.
+
+    Parameters
+    ----------
+    path
+        Directory of the Zarr group.
+    """
+
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ExpressionStore:
+        """Open a complete store, refusing one whose conversion did not finish."""
+        path = Path(path)
+        try:
+            group = zarr.open_group(path, mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+            raise InputError(f"{path}: not a scimpute-dask Zarr store") from err
+        attrs = dict(group.attrs)
+        if attrs.get("format") != "scimpute-dask-expression":
+            raise InputError(f"{path}: not a scimpute-dask Zarr store")
+        if not attrs.get("complete", False):
+            raise InputError(
+                f"{path}: conversion did not finish; rerun the conversion to resume it"
+            )
+        return cls(path)
+
+    @property
+    def group(self) -> zarr.Group:
+        return zarr.open_group(self.path, mode="r")
+
+    @property
+    def cell_names(self) -> np.ndarray:
+        return np.asarray(self.group["obs_names"][:], dtype=object)
+
+    @property
+    def gene_names(self) -> np.ndarray:
+        return np.asarray(self.group["var_names"][:], dtype=object)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.group["X"].shape)
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        return tuple(self.group["X"].chunks)
+
+    @property
+    def fingerprint(self) -> dict:
+        return dict(self.group.attrs["fingerprint"])
+
+    def to_dask(self, chunks: tuple[int, int] | None = None) -> da.Array:
+        """The matrix as a lazy Dask array read straight from Zarr."""
+        return da.from_zarr(str(self.path), component="X", chunks=chunks or self.chunks)
+
+
+# --------------------------------------------------------------------------- #
+# Entry point
+# --------------------------------------------------------------------------- #
+def convert(
+    source: str | os.PathLike | pd.DataFrame,
+    store: str | os.PathLike,
+    *,
+    layout: Layout = "genes_x_cells",
+    sep: str | None = None,
+    restart: bool = False,
+    progress: bool = False,
+    name: str | None = None,
+) -> ExpressionStore:
+    """Convert an expression matrix to a chunked cells × genes Zarr store.
+
+    Parameters
+    ----------
+    source
+        A delimited text file (``.tsv``/``.txt``/``.csv``), an AnnData ``.h5ad``
+        file, an existing scimpute-dask ``.zarr`` store (returned as is), or a
+        :class:`pandas.DataFrame` with cells as rows and genes as columns.
+    store
+        Directory of the Zarr group to write.
+    layout
+        Orientation of a text file: ``"genes_x_cells"`` is scimpute's layout
+        (first row = cell names, first column = gene names);
+        ``"cells_x_genes"`` is the transpose. Ignored for other sources.
+    sep
+        Field separator of a text file; by default ``","`` for ``.csv`` and a
+        tab otherwise.
+    restart
+        Discard an existing store at ``store`` and convert from scratch.
+    progress
+        Show a progress bar.
+    name
+        How to call the input in error messages (default: its path).
+
+    Returns
+    -------
+    ExpressionStore
+        The complete store. If ``store`` already holds a complete conversion of
+        the same unchanged input it is reused without reading the input again;
+        if it holds an interrupted one, conversion resumes where it stopped.
+
+    Raises
+    ------
+    InputError
+        On a missing or malformed input, naming the file and the row, cell or
+        gene at fault.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    store = Path(store)
+    if isinstance(source, pd.DataFrame):
+        return _convert_dataframe(source, store, name=name or "DataFrame")
+    src = Path(source)
+    label = name or str(src)
+    if not src.exists():
+        raise InputError(f"{label}: file not found")
+    if src.is_dir() and (src / "zarr.json").exists():
+        return ExpressionStore.open(src)
+    if src.suffix == ".h5ad":
+        return _convert_h5ad(src, store, restart=restart, progress=progress)
+    if src.suffix == ".gz":
+        raise InputError(f"{label}: compressed text is not supported; decompress it first")
+    sep = sep if sep is not None else ("," if src.suffix.lower() == ".csv" else "\t")
+    return _convert_text(src, store, layout=layout, sep=sep, restart=restart, progress=progress)
+
+
+def file_fingerprint(path: Path, **options: object) -> dict:
+    """What identifies a conversion: the file's identity and the reading options."""
+    st = path.stat()
+    return {
+        "source": str(path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "format_version": FORMAT_VERSION,
+        **options,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Store life cycle
+# --------------------------------------------------------------------------- #
+def _existing(store: Path, fingerprint: dict, restart: bool, label: str) -> zarr.Group | None:
+    """Return the group to resume or reuse at ``store``, or ``None`` to start afresh."""
+    if restart and store.exists():
+        shutil.rmtree(store)
+    if not (store / "zarr.json").exists():
+        return None
+    group = zarr.open_group(store, mode="r+")
+    old = dict(group.attrs).get("fingerprint")
+    if old != fingerprint:
+        raise InputError(
+            f"{store} holds a conversion of a different input than {label} "
+            f"(the file changed or other options were given); refusing to mix them. "
+            f"Use restart (--restart) to convert from scratch."
+        )
+    return group
+
+
+def _create(
+    store: Path,
+    fingerprint: dict,
+    cell_names: np.ndarray,
+    gene_names: np.ndarray,
+    chunks: tuple[int, int],
+) -> zarr.Group:
+    store.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(store, mode="w")
+    for key, names in (("obs_names", cell_names), ("var_names", gene_names)):
+        arr = group.create_array(key, shape=(len(names),), dtype=str, chunks=(max(len(names), 1),))
+        arr[:] = np.asarray(names, dtype=str)
+    group.create_array(
+        "X",
+        shape=(len(cell_names), len(gene_names)),
+        dtype="float32",
+        chunks=chunks,
+        fill_value=0.0,
+    )
+    group.attrs.update(
+        {
+            "format": "scimpute-dask-expression",
+            "fingerprint": fingerprint,
+            "progress": {"rows_done": 0, "offset": 0},
+            "complete": False,
+        }
+    )
+    return group
+
+
+def _chunks(n_cells: int, n_genes: int) -> tuple[int, int]:
+    return (max(1, min(n_cells, DEFAULT_CELL_CHUNK)), max(1, min(n_genes, DEFAULT_GENE_CHUNK)))
+
+
+# --------------------------------------------------------------------------- #
+# Delimited text
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class _TextLayout:
+    """What one pass over a delimited text file tells before any value is parsed."""
+
+    columns: np.ndarray  # names along the first row
+    rows: np.ndarray  # names along the first column
+    header_bytes: int  # offset of the first data line
+
+
+def scan_text(path: Path, sep: str, label: str, row_kind: str, col_kind: str) -> _TextLayout:
+    """Read the names of a delimited matrix and check its shape, in one streaming pass.
+
+    Every data line must hold one name plus one field per column; the names
+    along both axes must be unique. Values are not parsed here.
+    """
+    sep_b = sep.encode()
+    rows: list[str] = []
+    with open(path, "rb") as fh:
+        header = fh.readline()
+        header_bytes = fh.tell()
+        if not header.strip():
+            raise InputError(f"{label}: file is empty")
+        fields = header.rstrip(b"\r\n").split(sep_b)
+        n_fields = len(fields)
+        for lineno, line in enumerate(fh, start=2):
+            line = line.rstrip(b"\r\n")
+            if not line:
+                continue
+            n = line.count(sep_b) + 1
+            if not rows:
+                # pandas convention: a header one field short has no corner label
+                if n == n_fields + 1:
+                    fields = [b"", *fields]
+                    n_fields = n
+            if n != n_fields:
+                raise InputError(
+                    f"{label}: line {lineno} ({row_kind} "
+                    f"'{line.split(sep_b, 1)[0].decode(errors='replace')}') has {n} fields, "
+                    f"the header has {n_fields}"
+                )
+            rows.append(line[: line.find(sep_b)].decode())
+    if not rows:
+        raise InputError(f"{label}: no data rows below the header")
+    columns = np.array([f.decode().strip('"') for f in fields[1:]], dtype=object)
+    row_names = np.array([r.strip('"') for r in rows], dtype=object)
+    if len(columns) == 0:
+        raise InputError(f"{label}: no {col_kind} columns")
+    check_unique_names(columns, label, col_kind)
+    check_unique_names(row_names, label, row_kind)
+    return _TextLayout(columns=columns, rows=row_names, header_bytes=header_bytes)
+
+
+def _read_lines(fh: io.BufferedReader, n: int) -> tuple[bytes, int]:
+    """Read up to ``n`` non-empty lines; return them and how many were read."""
+    out: list[bytes] = []
+    while len(out) < n:
+        line = fh.readline()
+        if not line:
+            break
+        if line.strip():
+            out.append(line)
+    return b"".join(out), len(out)
+
+
+def _parse_block(
+    text: bytes,
+    sep: str,
+    row_names: np.ndarray,
+    col_names: np.ndarray,
+    label: str,
+    row_kind: str,
+    col_kind: str,
+) -> np.ndarray:
+    """Parse a block of data lines into a float32 matrix, naming any bad field."""
+    try:
+        frame = pd.read_csv(
+            io.BytesIO(text),
+            sep=sep,
+            header=None,
+            index_col=0,
+            dtype={i: np.float64 for i in range(1, len(col_names) + 1)},
+            engine="c",
+            na_filter=True,
+        )
+    except ValueError:
+        frame = None
+    if frame is None:
+        # Slow path, only on error: find the first field that is not a number.
+        for r, line in enumerate(text.decode(errors="replace").splitlines()):
+            for c, field in enumerate(line.split(sep)[1:]):
+                try:
+                    float(field)
+                except ValueError:
+                    raise InputError(
+                        f"{label}: {row_kind} '{row_names[r]}', {col_kind} '{col_names[c]}': "
+                        f"value {field!r} is not a number"
+                    ) from None
+        raise InputError(f"{label}: could not parse the rows from {row_kind} '{row_names[0]}'")
+    values = frame.to_numpy(dtype=np.float64)
+    check_values(values, row_names, col_names, label, row_kind, col_kind)
+    return values.astype(np.float32)
+
+
+def _convert_text(
+    src: Path, store: Path, *, layout: Layout, sep: str, restart: bool, progress: bool
+) -> ExpressionStore:
+    label = str(src)
+    genes_rows = layout == "genes_x_cells"
+    row_kind, col_kind = ("gene", "cell") if genes_rows else ("cell", "gene")
+    fingerprint = file_fingerprint(src, layout=layout, sep=sep)
+    group = _existing(store, fingerprint, restart, label)
+    if group is not None and group.attrs.get("complete"):
+        return ExpressionStore(store)
+
+    text_layout = scan_text(src, sep, label, row_kind, col_kind)
+    cols, rows = text_layout.columns, text_layout.rows
+    cells, genes = (cols, rows) if genes_rows else (rows, cols)
+    chunks = _chunks(len(cells), len(genes))
+    if group is None:
+        group = _create(store, fingerprint, cells, genes, chunks)
+    state = dict(group.attrs["progress"])
+    X = group["X"]
+
+    # A block is a whole number of Zarr chunks along the streamed axis, so each
+    # write replaces complete chunks and a resumed run never mixes two writes.
+    row_chunk = X.chunks[1] if genes_rows else X.chunks[0]
+    line_bytes = max(1, src.stat().st_size // max(1, len(rows)))
+    block_rows = max(row_chunk, (BLOCK_BYTES // line_bytes) // row_chunk * row_chunk)
+
+    done, offset = int(state["rows_done"]), int(state["offset"]) or text_layout.header_bytes
+    bar = _progress_bar(progress, total=len(rows), initial=done, desc=f"convert {src.name}")
+    with open(src, "rb") as fh:
+        fh.seek(offset)
+        while done < len(rows):
+            text, n = _read_lines(fh, block_rows)
+            block = _parse_block(
+                text, sep, rows[done : done + n], cols, label, row_kind, col_kind
+            )
+            if genes_rows:
+                X[:, done : done + n] = block.T
+            else:
+                X[done : done + n, :] = block
+            done += n
+            group.attrs["progress"] = {"rows_done": done, "offset": fh.tell()}
+            bar.update(n)
+    bar.close()
+    group.attrs["complete"] = True
+    return ExpressionStore(store)
+
+
+# --------------------------------------------------------------------------- #
+# In-memory and AnnData sources
+# --------------------------------------------------------------------------- #
+def check_frame(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """Validate a cells × genes DataFrame; return its values as float64."""
+    check_unique_names(np.asarray(frame.index.astype(str)), name, "cell")
+    check_unique_names(np.asarray(frame.columns.astype(str)), name, "gene")
+    bad = [c for c, t in frame.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
+    if bad:
+        col = frame[bad[0]]
+        rows = col.index[pd.to_numeric(col, errors="coerce").isna()]
+        where = f", cell '{rows[0]}'" if len(rows) else ""
+        raise InputError(f"{name}: gene '{bad[0]}'{where}: value is not a number")
+    values = frame.to_numpy(dtype=np.float64)
+    check_values(values, frame.index, frame.columns, name, "cell", "gene")
+    return values
+
+
+def _convert_dataframe(frame: pd.DataFrame, store: Path, *, name: str) -> ExpressionStore:
+    """Write a cells × genes DataFrame (scimpute's in-memory orientation)."""
+    values = check_frame(frame, name)
+    cells = np.asarray(frame.index.astype(str), dtype=object)
+    genes = np.asarray(frame.columns.astype(str), dtype=object)
+    if store.exists():
+        shutil.rmtree(store)
+    group = _create(
+        store, {"source": name, "format_version": FORMAT_VERSION}, cells, genes,
+        _chunks(len(cells), len(genes)),
+    )
+    group["X"][:] = values.astype(np.float32)
+    group.attrs["complete"] = True
+    return ExpressionStore(store)
+
+
+def _iter_h5ad_blocks(adata, start: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Dense row blocks of a backed AnnData's ``X``; sparse rows are densified per block."""
+    for lo in range(start, adata.n_obs, step):
+        block = adata.X[lo : lo + step]
+        yield lo, (block.toarray() if hasattr(block, "toarray") else np.asarray(block))
+
+
+def _convert_h5ad(src: Path, store: Path, *, restart: bool, progress: bool) -> ExpressionStore:
+    try:
+        import anndata
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise InputError(
+            f"{src}: reading .h5ad needs anndata; install scimpute-dask[h5ad]"
+        ) from err
+    label = str(src)
+    fingerprint = file_fingerprint(src)
+    group = _existing(store, fingerprint, restart, label)
+    if group is not None and group.attrs.get("complete"):
+        return ExpressionStore(store)
+    adata = anndata.read_h5ad(src, backed="r")
+    cells = np.asarray(adata.obs_names.astype(str), dtype=object)
+    genes = np.asarray(adata.var_names.astype(str), dtype=object)
+    check_unique_names(cells, label, "cell")
+    check_unique_names(genes, label, "gene")
+    if group is None:
+        group = _create(store, fingerprint, cells, genes, _chunks(len(cells), len(genes)))
+    X = group["X"]
+    step = X.chunks[0]
+    done = int(group.attrs["progress"]["rows_done"])
+    bar = _progress_bar(progress, total=len(cells), initial=done, desc=f"convert {src.name}")
+    for lo, block in _iter_h5ad_blocks(adata, done, step):
+        block = block.astype(np.float64)
+        check_values(block, cells[lo : lo + len(block)], genes, label, "cell", "gene")
+        X[lo : lo + len(block), :] = block.astype(np.float32)
+        group.attrs["progress"] = {"rows_done": lo + len(block), "offset": 0}
+        bar.update(len(block))
+    bar.close()
+    adata.file.close()
+    group.attrs["complete"] = True
+    return ExpressionStore(store)
+
+
+def _progress_bar(enabled: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, unit="row", leave=False, **kwargs)

@@ -1,0 +1,234 @@
+"""Export: scimpute's output files, streamed from Zarr, and the atomic output directory.
+
+Every file is written under a temporary name and renamed into place, and a
+whole run is assembled in a hidden sibling directory that replaces the output
+directory only once everything in it is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .scoring import STAT_NAMES
+from .validation import InputError
+
+#: Written last into every output directory; marks it as ours (safe to replace).
+MANIFEST = "run.json"
+HISTOGRAM = "cosine_similarities.png"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# --------------------------------------------------------------------------- #
+# Atomic files and directories
+# --------------------------------------------------------------------------- #
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator:
+    """Open a temporary sibling of ``path``; rename it to ``path`` only on success."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the user's usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def work_dir_for(outdir: Path) -> Path:
+    """The hidden sibling where a run into ``outdir`` is assembled (and resumed)."""
+    return outdir.parent / f".{outdir.name}.partial"
+
+
+def check_output_dir(outdir: Path) -> None:
+    """Refuse to replace a directory that holds anything but a previous run's output."""
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"{outdir}: output path exists and is not a directory")
+    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / MANIFEST).exists():
+        raise InputError(
+            f"{outdir}: output directory exists and was not written by scimpute-dask; "
+            f"refusing to replace it. Choose another output directory or empty this one"
+        )
+
+
+def publish(work: Path, outdir: Path) -> None:
+    """Move a finished work directory to ``outdir``, replacing a previous output.
+
+    Both renames are atomic; between them the previous output is kept aside
+    under a hidden name, so ``outdir`` is either the old or the new run, never a
+    mixture.
+    """
+    old = None
+    if outdir.exists():
+        old = outdir.parent / f".{outdir.name}.old-{os.getpid()}"
+        os.replace(outdir, old)
+    os.replace(work, outdir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Copy a directory tree by hard links (no data copied), falling back to copies."""
+    def _link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=_link)
+
+
+# --------------------------------------------------------------------------- #
+# Text outputs
+# --------------------------------------------------------------------------- #
+def format_rows(names: np.ndarray, values: np.ndarray, fmt: str = "%.2f") -> str:
+    """Tab-separated lines ``name<TAB>v1<TAB>v2...``; one C-level format call per row."""
+    line = "%s" + ("\t" + fmt) * values.shape[1] + "\n"
+    return "".join(line % (n, *row) for n, row in zip(names, values.tolist(), strict=True))
+
+
+def write_matrix_tsv(
+    path: Path,
+    blocks: Iterator[tuple[np.ndarray, np.ndarray]],
+    columns: np.ndarray,
+    index_label: str = "cell",
+) -> None:
+    """Stream ``(row names, values)`` blocks into one TSV, atomically."""
+    with atomic_file(path) as fh:
+        fh.write("\t".join([index_label, *map(str, columns)]) + "\n")
+        for names, values in blocks:
+            fh.write(format_rows(names, values))
+
+
+def write_neighbours_tsv(
+    path: Path,
+    blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+) -> None:
+    """Stream scimpute's ``sim_matrix.tsv`` (``cluster, x, y, distance``), atomically.
+
+    Each block is ``(clusters, query names, neighbour names, distances)`` with
+    one row per query cell and neighbour; every neighbour is listed once.
+    """
+    with atomic_file(path) as fh:
+        fh.write("cluster\tx\ty\tdistance\n")
+        for clusters, xs, ys, dist in blocks:
+            fh.write(
+                "".join(
+                    f"{c}\t{x}\t{y}\t{d:.7f}\n"
+                    for c, x, y, d in zip(clusters, xs, ys, dist.tolist(), strict=True)
+                )
+            )
+
+
+def write_scores(path: Path, scores: np.ndarray) -> None:
+    """``scores.txt``: the per-cell scores, space-separated, on one line."""
+    with atomic_file(path) as fh:
+        fh.write(" ".join(map(str, np.asarray(scores, dtype=np.float64).tolist())))
+
+
+def write_stats(path: Path, stats: dict[str, float]) -> None:
+    """``stats.txt``: ``Name: value`` per line, in scimpute's order."""
+    with atomic_file(path) as fh:
+        fh.write("\n".join(f"{name}: {stats[name]}" for name in STAT_NAMES))
+
+
+def write_names(path: Path, names: np.ndarray) -> None:
+    with atomic_file(path) as fh:
+        fh.writelines(f"{n}\n" for n in names)
+
+
+def write_histogram(path: Path, scores: np.ndarray) -> None:
+    """scimpute's histogram: 40 bins over 0..1, "cosine similarity" vs "frequency"."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    s = np.asarray(scores, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    ax.spines["top"].set_visible(False)
+    ax.spines["right"].set_visible(False)
+    ax.hist(s[np.isfinite(s)], bins=40, range=(0, 1))
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("frequency")
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_manifest(path: Path, record: dict) -> None:
+    with atomic_file(path) as fh:
+        json.dump(record, fh, indent=2, default=str)
+
+
+# --------------------------------------------------------------------------- #
+# Per-chunk tables (scimpute's save_chunks) and their merge
+# --------------------------------------------------------------------------- #
+CHUNK_PREFIX = "CPM_imputation_"
+_CHUNK_NAME = re.compile(rf"^{CHUNK_PREFIX}\d+_(\d+)_(\d+)\.tsv$")
+
+
+def write_chunk_tables(
+    directory: Path,
+    blocks: Iterator[tuple[np.ndarray, np.ndarray]],
+    columns: np.ndarray,
+    n_rows: int,
+) -> Path:
+    """One TSV per block, named like scimpute's (``CPM_imputation_<i>_<start>_<stop>.tsv``).
+
+    The counter is zero-padded to the width the chunk count needs, so the files
+    also sort correctly by name past scimpute's 1,000-chunk limit.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    blocks = iter(blocks)
+    start, i = 0, 0
+    first = next(blocks, None)
+    if first is None:
+        return directory
+    width = max(3, len(str(max(0, -(-n_rows // max(1, len(first[0]))) - 1))))
+    for names, values in (first, *blocks):
+        stop = start + len(names)
+        write_matrix_tsv(directory / f"{CHUNK_PREFIX}{i:0{width}d}_{start}_{stop}.tsv",
+                         iter([(names, values)]), columns)
+        start, i = stop, i + 1
+    return directory
+
+
+def chunk_tables(directory: Path) -> list[Path]:
+    """The chunk tables of a directory in row order (by their start row, not by name)."""
+    found = [(int(m.group(1)), p) for p in Path(directory).iterdir()
+             if (m := _CHUNK_NAME.match(p.name))]
+    if not found:
+        raise InputError(f"{directory}: no {CHUNK_PREFIX}*.tsv chunk tables found")
+    return [p for _, p in sorted(found)]
+
+
+def merge_chunk_tables(directory: Path, path: Path) -> None:
+    """Concatenate chunk tables into one TSV without parsing them (constant memory).
+
+    Tables written by scimpute itself carry an extra unnamed index column
+    (header ``\\tcell\\t...``); it is dropped.
+    """
+    with atomic_file(path) as out:
+        for n, part in enumerate(chunk_tables(directory)):
+            with open(part) as fh:
+                header = fh.readline()
+                scimpute_style = header.startswith("\tcell\t")
+                if n == 0:
+                    out.write(header.split("\t", 1)[1] if scimpute_style else header)
+                if scimpute_style:
+                    out.writelines(line.split("\t", 1)[1] for line in fh)
+                else:
+                    shutil.copyfileobj(fh, out)

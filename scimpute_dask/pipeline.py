@@ -1,0 +1,364 @@
+"""The whole run, stage by stage: convert → check → kNN → impute → score → export.
+
+Data flows one way. Inputs become Zarr stores (:mod:`.convert`), every name-
+and parameter-level check runs (:mod:`.validation`), the Dask graphs of
+:mod:`.graph` are stored to Zarr, and :mod:`.export` streams the scimpute files
+from those stores. The run is assembled in a hidden sibling of the output
+directory and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import zarr
+
+from . import __version__, export, graph
+from .convert import ExpressionStore, Layout, convert, file_fingerprint
+from .imputation import similarity_to_weight
+from .scoring import summary_stats
+from .validation import (
+    InputError,
+    check_k,
+    check_positive_int,
+    clusters_of,
+    read_identities,
+    shared_genes,
+)
+
+log = logging.getLogger("scimpute_dask")
+
+#: Size of one query × reference similarity tile, in float32 values.
+TILE_VALUES = 8 * 2**20
+#: Size of one reference gene block read by an imputation task, in float32 values.
+GENE_BLOCK_VALUES = 16 * 2**20
+
+
+@dataclass
+class RunResult:
+    """What a run produced and where; ``str()`` gives a human summary."""
+
+    outdir: Path
+    files: dict[str, Path]
+    n_query: int
+    n_reference: int
+    n_genes: int
+    n_shared: int
+    unimputable: list[str]
+    stats: dict[str, float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [
+            f"Imputed {self.n_genes} genes for {self.n_query} query cells from "
+            f"{self.n_reference} reference cells ({self.n_shared} shared genes).",
+        ]
+        if self.unimputable:
+            lines.append(
+                f"{len(self.unimputable)} query cells have no shared-gene expression and were "
+                f"left NaN (listed in {self.files['unimputable']})."
+            )
+        lines += [f"  {name:<12} {path}" for name, path in self.files.items()]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# Input stores
+# --------------------------------------------------------------------------- #
+def _store_for(
+    source, role: str, work: Path, outdir: Path, layout: Layout, restart: bool, progress: bool
+) -> ExpressionStore:
+    """The Zarr store of one input: an existing store, a reused conversion, or a new one."""
+    target = work / "zarr" / f"{role}.zarr"
+    if isinstance(source, pd.DataFrame):
+        return convert(source, target, name=f"{role} DataFrame")
+    src = Path(source)
+    if not src.exists():
+        raise InputError(f"{src}: {role} file not found")
+    if src.is_dir() and (src / "zarr.json").exists():
+        return ExpressionStore.open(src)
+    previous = outdir / "zarr" / f"{role}.zarr"
+    if not target.exists() and not restart and previous.exists():
+        # A finished run into the same output converted this very file: hard-link
+        # its store instead of converting again (the old output stays intact).
+        with contextlib.suppress(Exception):
+            sep = "," if src.suffix.lower() == ".csv" else "\t"
+            options = {} if src.suffix == ".h5ad" else {"layout": layout, "sep": sep}
+            if ExpressionStore.open(previous).fingerprint == file_fingerprint(src, **options):
+                export.link_tree(previous, target)
+    return convert(src, target, layout=layout, restart=restart, progress=progress)
+
+
+def _cluster_codes(
+    identities: pd.Series | None, q_cells: np.ndarray, r_cells: np.ndarray, labels: tuple[str, str]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if identities is None:
+        return None, None
+    q = clusters_of(q_cells, identities, labels[0], labels[1])
+    r = clusters_of(r_cells, identities, labels[2], labels[1])
+    return q, r
+
+
+def _chunk_plan(chunk_size: int, n_reference: int, n_genes: int, gene_chunk: int,
+                reference_chunk_size: int | None, gene_chunk_size: int | None) -> tuple[int, int]:
+    ref_block = reference_chunk_size or max(1024, TILE_VALUES // chunk_size)
+    gene_block = gene_chunk_size or max(
+        gene_chunk, GENE_BLOCK_VALUES // max(1, n_reference) // gene_chunk * gene_chunk
+    )
+    return min(ref_block, n_reference), min(gene_block, n_genes)
+
+
+def _compute_context(progress: bool):
+    """Threads on this machine unless a distributed Client is already active."""
+    stack = contextlib.ExitStack()
+    try:
+        from distributed import default_client
+
+        default_client()
+    except (ImportError, ValueError):
+        stack.enter_context(dask.config.set(scheduler="threads"))
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            stack.enter_context(ProgressBar(minimum=1.0))
+    return stack
+
+
+def _new_array(group: zarr.Group, name: str, arr: da.Array, dtype, fill) -> zarr.Array:
+    return group.create_array(
+        name, shape=arr.shape, dtype=dtype, chunks=tuple(c[0] for c in arr.chunks),
+        fill_value=fill, overwrite=True,
+    )
+
+
+def _names_array(group: zarr.Group, name: str, names: np.ndarray) -> None:
+    arr = group.create_array(name, shape=(len(names),), dtype=str,
+                             chunks=(max(1, len(names)),), overwrite=True)
+    arr[:] = np.asarray(names, dtype=str)
+
+
+# --------------------------------------------------------------------------- #
+# The run
+# --------------------------------------------------------------------------- #
+def run_imputation(
+    query,
+    reference,
+    identities=None,
+    cell_name_column_idx: int = 0,
+    outdir: str | os.PathLike = "imputation_output",
+    *,
+    k: int = 25,
+    consider_clusters: bool = True,
+    chunk_size: int = 1000,
+    save_chunks: bool = False,
+    query_layout: Layout = "genes_x_cells",
+    reference_layout: Layout = "genes_x_cells",
+    reference_chunk_size: int | None = None,
+    gene_chunk_size: int | None = None,
+    restart: bool = False,
+    progress: bool = False,
+) -> RunResult:
+    """Impute every reference gene for every query cell, out of core.
+
+    Parameters
+    ----------
+    query, reference
+        Paths (TSV/CSV/``.h5ad``/scimpute-dask ``.zarr``) or DataFrames
+        (cells × genes) of the spatial query and the single-cell reference.
+    identities
+        scimpute's cell identity table (path or DataFrame). Required when
+        ``consider_clusters``; otherwise optional, used for the ``cluster``
+        column of ``sim_matrix.tsv``.
+    cell_name_column_idx
+        0-based position of the cell-name column of ``identities``.
+    outdir
+        Output directory. Replaced as a whole when the run completes, and only
+        if it is empty or holds a previous scimpute-dask output.
+    k
+        Neighbours per query cell.
+    consider_clusters
+        Restrict neighbours to reference cells of the query cell's cluster.
+    chunk_size
+        Query cells per block (and per chunk file with ``save_chunks``).
+    save_chunks
+        Also write per-chunk imputation tables under ``imputations/``.
+    query_layout, reference_layout
+        Orientation of text inputs (see :func:`scimpute_dask.convert.convert`).
+    reference_chunk_size, gene_chunk_size
+        Reference cells per similarity tile and genes per imputation block;
+        derived from ``chunk_size`` and the data shape when not given.
+    restart
+        Discard the conversions of an interrupted run and start afresh.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    RunResult
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 3)
+        clock = now
+
+    k = check_positive_int(k, "k_neighbors")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if consider_clusters and identities is None:
+        raise InputError("consider_clusters=True needs the cell identity table")
+    outdir = Path(outdir).absolute()
+    export.check_output_dir(outdir)
+    work = export.work_dir_for(outdir)
+    if restart and work.exists():
+        shutil.rmtree(work)
+    table = read_identities(identities, cell_name_column_idx) if identities is not None else None
+    table_label = "identity table" if isinstance(identities, pd.DataFrame) else str(identities)
+
+    # 1. Inputs to Zarr (validates every value; reuses finished conversions).
+    work.mkdir(parents=True, exist_ok=True)
+    q_store = _store_for(query, "query", work, outdir, query_layout, restart, progress)
+    r_store = _store_for(reference, "reference", work, outdir, reference_layout, restart, progress)
+    q_label = "query DataFrame" if isinstance(query, pd.DataFrame) else str(query)
+    r_label = "reference DataFrame" if isinstance(reference, pd.DataFrame) else str(reference)
+    lap("convert")
+
+    # 2. Every name-level check, before any computation.
+    q_cells, q_genes = q_store.cell_names, q_store.gene_names
+    r_cells, r_genes = r_store.cell_names, r_store.gene_names
+    q_cols, r_cols = shared_genes(q_genes, r_genes, q_label, r_label)
+    q_ids, r_ids = _cluster_codes(table, q_cells, r_cells, (q_label, table_label, r_label))
+    check_k(k, q_ids if consider_clusters else None, r_ids if consider_clusters else None,
+            len(r_cells))
+    n_q, n_r, n_g = len(q_cells), len(r_cells), len(r_genes)
+    ref_block, gene_block = _chunk_plan(chunk_size, n_r, n_g, r_store.chunks[1],
+                                        reference_chunk_size, gene_chunk_size)
+
+    q_shared = q_store.to_dask()[:, q_cols].rechunk((chunk_size, -1))
+    r_shared = r_store.to_dask()[:, r_cols].rechunk((ref_block, -1))
+    zarr_dir = work / "zarr"
+
+    with _compute_context(progress):
+        # 3. kNN on the shared genes.
+        q_codes = r_codes = None
+        if consider_clusters:
+            codes, _ = pd.factorize(np.concatenate([q_ids, r_ids]))
+            q_codes = da.from_array(codes[:n_q], chunks=chunk_size)
+            r_codes = da.from_array(codes[n_q:], chunks=ref_block)
+        indices, similarity = graph.knn_graph(q_shared, r_shared, k, q_codes, r_codes)
+        weights = similarity_to_weight(similarity)
+        nbrs = zarr.open_group(zarr_dir / "neighbors.zarr", mode="w")
+        _names_array(nbrs, "obs_names", q_cells)
+        targets = [_new_array(nbrs, "indices", indices, "int32", -1),
+                   _new_array(nbrs, "weights", weights, "float32", np.nan)]
+        nbrs.attrs.update({"k": k, "consider_clusters": consider_clusters,
+                           "reference": str(r_store.path), "weight": "cosine similarity + 1"})
+        log.info("finding %d nearest neighbours of %d query cells", k, n_q)
+        da.store([indices, weights], targets, lock=False)
+        lap("knn")
+
+        indices = da.from_zarr(targets[0])
+        weights = da.from_zarr(targets[1])
+
+        # 4. Imputation of every reference gene, streamed to Zarr.
+        imputed = graph.impute_graph(indices, weights, r_store.to_dask((n_r, gene_block)))
+        out = zarr.open_group(zarr_dir / "imputed.zarr", mode="w")
+        _names_array(out, "obs_names", q_cells)
+        _names_array(out, "var_names", r_genes)
+        target = _new_array(out, "X", imputed, "float32", np.nan)
+        log.info("imputing %d genes", n_g)
+        da.store(imputed, target, lock=False)
+        out.attrs.update({"format": "scimpute-dask-expression", "complete": True,
+                          "fingerprint": {"source": "imputation"}})
+        lap("impute")
+
+        # 5. scimpute's validation score per query cell.
+        scores = graph.scores_graph(
+            indices, weights, r_store.to_dask((n_r, n_g))[:, r_cols], q_shared
+        ).compute()
+        lap("score")
+
+    # 6. Export, streamed from the stores.
+    files = _export(work, outdir, q_cells, r_cells, r_genes, q_ids, chunk_size, save_chunks,
+                    scores)
+    unimputable = list(q_cells[np.isnan(scores)])
+    stats = summary_stats(scores)
+    lap("export")
+    export.write_manifest(work / export.MANIFEST, {
+        "scimpute_dask": __version__,
+        "query": q_label, "reference": r_label, "identities": table_label if table is not None
+        else None,
+        "parameters": {"k": k, "consider_clusters": consider_clusters, "chunk_size": chunk_size,
+                       "reference_chunk_size": ref_block, "gene_chunk_size": gene_block,
+                       "save_chunks": save_chunks},
+        "shape": {"query_cells": n_q, "reference_cells": n_r, "reference_genes": n_g,
+                  "shared_genes": len(q_cols)},
+        "unimputable_cells": len(unimputable),
+        "stats": stats,
+        "timings_s": timings,
+    })
+    export.publish(work, outdir)
+    files = {name: outdir / path.relative_to(work) for name, path in files.items()}
+    return RunResult(outdir, files, n_q, n_r, n_g, len(q_cols), unimputable, stats, timings)
+
+
+def _export(
+    work: Path,
+    outdir: Path,
+    q_cells: np.ndarray,
+    r_cells: np.ndarray,
+    r_genes: np.ndarray,
+    q_ids: np.ndarray | None,
+    chunk_size: int,
+    save_chunks: bool,
+    scores: np.ndarray,
+) -> dict[str, Path]:
+    zarr_dir = work / "zarr"
+    imputed = zarr.open_group(zarr_dir / "imputed.zarr", mode="r")["X"]
+    nbrs = zarr.open_group(zarr_dir / "neighbors.zarr", mode="r")
+    n_q = len(q_cells)
+    starts = range(0, n_q, chunk_size)
+
+    def imputed_blocks():
+        for lo in starts:
+            yield q_cells[lo : lo + chunk_size], imputed[lo : lo + chunk_size]
+
+    files = {"imputation": work / "imputation.tsv"}
+    export.write_matrix_tsv(files["imputation"], imputed_blocks(), r_genes)
+    if save_chunks:
+        files["chunks"] = export.write_chunk_tables(work / "imputations", imputed_blocks(),
+                                                    r_genes, n_q)
+
+    def neighbour_blocks():
+        for lo in starts:
+            idx = nbrs["indices"][lo : lo + chunk_size]
+            w = nbrs["weights"][lo : lo + chunk_size]
+            rows, slot = np.nonzero(idx >= 0)
+            cells = lo + rows
+            cluster = q_ids[cells] if q_ids is not None else np.full(len(cells), "NA")
+            yield cluster, q_cells[cells], r_cells[idx[rows, slot]], w[rows, slot]
+
+    files["sim_matrix"] = work / "sim_matrix.tsv"
+    export.write_neighbours_tsv(files["sim_matrix"], neighbour_blocks())
+    files["scores"] = work / "scores.txt"
+    export.write_scores(files["scores"], scores)
+    files["stats"] = work / "stats.txt"
+    export.write_stats(files["stats"], summary_stats(scores))
+    files["histogram"] = work / export.HISTOGRAM
+    export.write_histogram(files["histogram"], scores)
+    files["unimputable"] = work / "unimputable_cells.txt"
+    export.write_names(files["unimputable"], q_cells[np.isnan(scores)])
+    files["zarr"] = zarr_dir
+    return files
