@@ -6,7 +6,7 @@ and average their full profiles, weighted by similarity + 1.
 
 The pipeline, one module per stage::
 
-    convert     text / DataFrame / .h5ad  ->  chunked Zarr stores
+    conversion  text / DataFrame / .h5ad  ->  chunked Zarr stores
     validation  every input check, before any output is written
     knn         exact cosine top-k kernels on blocks
     imputation  weighted-mean kernels on blocks
@@ -28,7 +28,7 @@ from .compat import (  # noqa: E402
     similarity_matrix,
     validate_results,
 )
-from .convert import ExpressionStore, convert  # noqa: E402
+from .conversion import ExpressionStore, convert  # noqa: E402
 from .pipeline import RunResult, run_imputation  # noqa: E402
 from .validation import InputError  # noqa: E402
 

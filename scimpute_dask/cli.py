@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .convert import LAYOUTS, convert
+from .conversion import LAYOUTS, convert
 from .pipeline import RunResult, run_imputation
 from .validation import InputError
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import export, graph
-from .convert import check_frame, convert
+from .conversion import check_frame, convert
 from .imputation import similarity_to_weight
 from .pipeline import RunResult, run_imputation
 from .scoring import STAT_NAMES, round_like_scimpute, rowwise_cosine, summary_stats
@@ -181,7 +181,7 @@ def similarity_matrix(
         "cluster": q_ids[rows],
         "x": np.asarray(x.index)[rows],
         "y": np.asarray(y.index)[indices[rows, slot]],
-        "distance": similarity_to_weight(sim[rows, slot].astype(np.float64)),
+        "distance": similarity_to_weight(sim[rows, slot]).astype(np.float64),
     })
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -237,9 +237,10 @@ def impute_expression(
         da.from_array(indices, chunks=(chunk_size, -1)),
         da.from_array(weights, chunks=(chunk_size, -1)),
         da.from_array(y.to_numpy(np.float32), chunks=(-1, 4 * _BLOCK)),
+        dtype=np.float64,
     )
     with dask.config.set(scheduler="threads"):
-        values = imputed.compute()
+        values = round_like_scimpute(imputed.compute())
     cells = np.asarray(x.index)
     export.write_chunk_tables(
         Path(outdir) / "imputations",
@@ -247,7 +248,7 @@ def impute_expression(
          for lo in range(0, len(cells), chunk_size)),
         np.asarray(y.columns), len(cells),
     )
-    table = pd.DataFrame(round_like_scimpute(values), columns=y.columns)
+    table = pd.DataFrame(values, columns=y.columns)
     table.insert(0, "cell", cells)
     return table
 

@@ -1,6 +1,6 @@
 """The whole run, stage by stage: convert → check → kNN → impute → score → export.
 
-Data flows one way. Inputs become Zarr stores (:mod:`.convert`), every name-
+Data flows one way. Inputs become Zarr stores (:mod:`.conversion`), every name-
 and parameter-level check runs (:mod:`.validation`), the Dask graphs of
 :mod:`.graph` are stored to Zarr, and :mod:`.export` streams the scimpute files
 from those stores. The run is assembled in a hidden sibling of the output
@@ -24,9 +24,9 @@ import pandas as pd
 import zarr
 
 from . import __version__, export, graph
-from .convert import ExpressionStore, Layout, convert, file_fingerprint
+from .conversion import ExpressionStore, Layout, convert, file_fingerprint
 from .imputation import similarity_to_weight
-from .scoring import summary_stats
+from .scoring import round_like_scimpute, summary_stats
 from .validation import (
     InputError,
     check_k,
@@ -41,6 +41,8 @@ log = logging.getLogger("scimpute_dask")
 #: Size of one query × reference similarity tile, in float32 values.
 TILE_VALUES = 8 * 2**20
 #: Size of one reference gene block read by an imputation task, in float32 values.
+#: The imputation itself is float64: scimpute's 2-decimal values need more than
+#: float32's 7 significant digits once CPM passes 10^4.
 GENE_BLOCK_VALUES = 16 * 2**20
 
 
@@ -193,7 +195,7 @@ def run_imputation(
     save_chunks
         Also write per-chunk imputation tables under ``imputations/``.
     query_layout, reference_layout
-        Orientation of text inputs (see :func:`scimpute_dask.convert.convert`).
+        Orientation of text inputs (see :func:`scimpute_dask.conversion.convert`).
     reference_chunk_size, gene_chunk_size
         Reference cells per similarity tile and genes per imputation block;
         derived from ``chunk_size`` and the data shape when not given.
@@ -273,11 +275,12 @@ def run_imputation(
         weights = da.from_zarr(targets[1])
 
         # 4. Imputation of every reference gene, streamed to Zarr.
-        imputed = graph.impute_graph(indices, weights, r_store.to_dask((n_r, gene_block)))
+        imputed = graph.impute_graph(indices, weights, r_store.to_dask((n_r, gene_block)),
+                                     dtype=np.float64)
         out = zarr.open_group(zarr_dir / "imputed.zarr", mode="w")
         _names_array(out, "obs_names", q_cells)
         _names_array(out, "var_names", r_genes)
-        target = _new_array(out, "X", imputed, "float32", np.nan)
+        target = _new_array(out, "X", imputed, "float64", np.nan)
         log.info("imputing %d genes", n_g)
         da.store(imputed, target, lock=False)
         out.attrs.update({"format": "scimpute-dask-expression", "complete": True,
@@ -333,7 +336,7 @@ def _export(
 
     def imputed_blocks():
         for lo in starts:
-            yield q_cells[lo : lo + chunk_size], imputed[lo : lo + chunk_size]
+            yield q_cells[lo : lo + chunk_size], round_like_scimpute(imputed[lo : lo + chunk_size])
 
     files = {"imputation": work / "imputation.tsv"}
     export.write_matrix_tsv(files["imputation"], imputed_blocks(), r_genes)

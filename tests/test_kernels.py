@@ -1,0 +1,93 @@
+"""Block kernels against plain NumPy/scikit-learn."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from sklearn.metrics.pairwise import cosine_similarity
+
+from scimpute_dask import graph, imputation, knn, scoring
+
+
+def _reference_topk(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best first, ties to the lower index: a stable sort of the negated similarity."""
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sim, order, axis=1), order
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 40])
+def test_topk_with_ties_matches_stable_sort(k):
+    rng = np.random.default_rng(k)
+    sim = rng.integers(0, 6, size=(50, 40)).astype(np.float32) / 5  # many exact ties
+    packed = knn.topk(sim, np.broadcast_to(np.arange(40), sim.shape), k)
+    want_sim, want_idx = _reference_topk(sim, k)
+    np.testing.assert_array_equal(packed[..., 1].astype(int), want_idx)
+    np.testing.assert_array_equal(packed[..., 0], want_sim)
+
+
+def test_merging_tiles_equals_one_pass():
+    """Any split of the candidates, merged in any grouping, gives the one-pass top-k."""
+    rng = np.random.default_rng(1)
+    sim = rng.integers(0, 20, size=(30, 97)).astype(np.float32)
+    k = 7
+    tiles = [knn.topk(sim[:, lo:hi], np.broadcast_to(np.arange(lo, hi), (30, hi - lo)), k)
+             for lo, hi in [(0, 10), (10, 11), (11, 60), (60, 97)]]
+    left = knn.merge_topk(np.concatenate(tiles[:2], axis=1), k)
+    right = knn.merge_topk(np.concatenate(tiles[2:], axis=1), k)
+    merged = knn.merge_topk(np.concatenate([right, left], axis=1), k)
+    want_sim, want_idx = _reference_topk(sim, k)
+    np.testing.assert_array_equal(merged[..., 1].astype(int), want_idx)
+    np.testing.assert_array_equal(merged[..., 0], want_sim)
+
+
+def test_fewer_candidates_than_k_leaves_empty_slots():
+    packed = knn.topk(np.array([[0.5, 0.9]], dtype=np.float32), np.array([[4, 2]]), 4)
+    assert packed[0, :, 1].tolist() == [2, 4, knn.EMPTY, knn.EMPTY]
+
+
+def test_normalize_rows_keeps_zero_rows_zero():
+    x = np.array([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(knn.normalize_rows(x), [[0.6, 0.8], [0.0, 0.0]])
+    assert knn.zero_rows(x).tolist() == [False, True]
+
+
+def test_knn_graph_matches_dense_cosine():
+    rng = np.random.default_rng(2)
+    q, r = rng.gamma(1.0, 1.0, (123, 20)), rng.gamma(1.0, 1.0, (211, 20))
+    with dask.config.set(scheduler="sync"):
+        idx, sim = dask.compute(*graph.knn_graph(
+            da.from_array(q, chunks=(40, 7)), da.from_array(r, chunks=(33, 20)), 5,
+            split_every=2))
+    dense = cosine_similarity(q, r)
+    want_sim, want_idx = _reference_topk(dense, 5)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(sim, want_sim, atol=1e-6)
+
+
+def test_weighted_mean_matches_numpy():
+    rng = np.random.default_rng(3)
+    ref = rng.random((50, 9)).astype(np.float32)
+    idx = rng.integers(0, 50, (20, 4))
+    idx[3] = -1
+    w = rng.random((20, 4)) + 1
+    got = imputation.weighted_mean(idx, w, ref, dtype=np.float64)
+    want = (w[..., None] * ref[idx].astype(np.float64)).sum(1) / w.sum(1, keepdims=True)
+    np.testing.assert_allclose(got[np.arange(20) != 3], want[np.arange(20) != 3], rtol=1e-12)
+    assert np.isnan(got[3]).all()
+
+
+def test_rowwise_cosine_matches_sklearn():
+    rng = np.random.default_rng(4)
+    a, b = rng.random((10, 6)), rng.random((10, 6))
+    a[2] = 0
+    want = np.diag(cosine_similarity(a, b))
+    np.testing.assert_allclose(scoring.rowwise_cosine(a, b), want)
+    assert np.isnan(scoring.rowwise_cosine(np.full((1, 3), np.nan), b[:1, :3])).all()
+
+
+def test_summary_stats_ignores_undefined_cells():
+    stats = scoring.summary_stats(np.array([0.2, np.nan, 0.4, 0.9]))
+    assert stats["Mean"] == pytest.approx(0.5)
+    assert stats["Median"] == pytest.approx(0.4)

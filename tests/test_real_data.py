@@ -1,0 +1,77 @@
+"""End to end through the CLI on real Molecular Cartography mouse cortex sections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.cluster import KMeans
+
+from scimpute_dask.cli import main
+
+from .conftest import MC_CORTEX
+
+pytestmark = pytest.mark.skipif(not MC_CORTEX.exists(), reason="../shared data not present")
+
+
+@pytest.fixture(scope="module")
+def mc_inputs(tmp_path_factory):
+    """A1 as reference (all 100 genes, its CSV as is); A2 as query with 60 genes visible."""
+    tmp = tmp_path_factory.mktemp("mc")
+    ref = pd.read_csv(MC_CORTEX / "A1" / "matrix.csv", index_col=0)
+    query = pd.read_csv(MC_CORTEX / "A2" / "matrix.csv", index_col=0)
+    ref.index = "A1_" + ref.index.astype(str)
+    query.index = "A2_" + query.index.astype(str)
+    rng = np.random.default_rng(0)
+    visible = np.sort(rng.choice(ref.columns, 60, replace=False))
+    hidden = ref.columns.difference(visible)
+    ref_csv = tmp / "A1.csv"
+    ref.to_csv(ref_csv)
+    query_tsv = tmp / "A2_panel.tsv"
+    query[visible].T.to_csv(query_tsv, sep="\t")
+    # A joint clustering of both sections on the visible genes (log-normalised).
+    both = pd.concat([query[visible], ref[visible]])
+    lib = both.sum(axis=1).replace(0, 1)
+    logn = np.log1p(both.div(lib, axis=0) * 1e3)
+    ids = KMeans(n_clusters=6, n_init=4, random_state=0).fit_predict(logn)
+    table = tmp / "identities.tsv"
+    pd.DataFrame({"cell": both.index, "id": ids}).to_csv(table, sep="\t", index=False)
+    return tmp, ref_csv, query_tsv, table, query, hidden, visible
+
+
+@pytest.mark.parametrize("clusters", [True, False])
+def test_mc_cortex_end_to_end(mc_inputs, clusters, capsys):
+    tmp, ref_csv, query_tsv, table, query, hidden, visible = mc_inputs
+    out = tmp / f"out_{clusters}"
+    argv = ["run", "--query", str(query_tsv), "--reference", str(ref_csv),
+            "--reference-layout", "cells_x_genes", "--out", str(out), "--k", "15", "--quiet"]
+    argv += ["--identities", str(table), "--name-column", "0"] if clusters else ["--no-clusters"]
+    assert main(argv) == 0
+    assert "imputation.tsv" in capsys.readouterr().out
+
+    imputed = pd.read_csv(out / "imputation.tsv", sep="\t", index_col=0)
+    assert imputed.shape == (len(query), 100)
+    assert list(imputed.index) == list(query.index)
+
+    # Cells with no counts on the visible genes cannot be placed: reported, NaN.
+    empty = query.index[(query[visible] == 0).all(axis=1)]
+    listed = (out / "unimputable_cells.txt").read_text().split()
+    assert sorted(listed) == sorted(empty)
+    assert imputed.loc[empty].isna().all().all()
+
+    # The hidden genes are predicted: per-gene correlation with the measured counts.
+    ok = imputed.index.difference(empty)
+    truth = np.log1p(query.loc[ok, hidden].to_numpy(float))
+    pred = np.log1p(imputed.loc[ok, hidden].to_numpy(float))
+    varies = (truth.std(axis=0) > 0) & (pred.std(axis=0) > 0)
+    t = truth[:, varies] - truth[:, varies].mean(axis=0)
+    p = pred[:, varies] - pred[:, varies].mean(axis=0)
+    r = (t * p).sum(axis=0) / np.sqrt((t * t).sum(axis=0) * (p * p).sum(axis=0))
+    assert np.median(r) > 0.2
+
+    sim = pd.read_csv(out / "sim_matrix.tsv", sep="\t")
+    assert len(sim) == 15 * len(ok)
+    assert sim["distance"].between(0, 2).all()
+    scores = np.array((out / "scores.txt").read_text().split(), dtype=float)
+    assert len(scores) == len(query)
+    assert np.nanmedian(scores) > 0.5
