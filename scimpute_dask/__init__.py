@@ -20,7 +20,7 @@ The pipeline, one module per stage::
 
 __version__ = "0.1.0"
 
-from .compat import (  # noqa: E402
+from .compat import (
     expression_imputation,
     impute_expression,
     merge_imputation_chunks,
@@ -28,9 +28,9 @@ from .compat import (  # noqa: E402
     similarity_matrix,
     validate_results,
 )
-from .conversion import ExpressionStore, convert  # noqa: E402
-from .pipeline import RunResult, run_imputation  # noqa: E402
-from .validation import InputError  # noqa: E402
+from .conversion import ExpressionStore, convert
+from .pipeline import RunResult, run_imputation
+from .validation import InputError
 
 __all__ = [
     "ExpressionStore",
