@@ -163,12 +163,83 @@ def convert(
         raise InputError(f"{label}: file not found")
     if src.is_dir() and (src / "zarr.json").exists():
         return ExpressionStore.open(src)
-    if src.suffix == ".h5ad":
-        return _convert_h5ad(src, store, restart=restart, progress=progress)
     if src.suffix == ".gz":
         raise InputError(f"{label}: compressed text is not supported; decompress it first")
-    sep = sep if sep is not None else ("," if src.suffix.lower() == ".csv" else "\t")
-    return _convert_text(src, store, layout=layout, sep=sep, restart=restart, progress=progress)
+    try:
+        if src.suffix == ".h5ad":
+            return _convert_h5ad(src, store, restart=restart, progress=progress)
+        return _convert_text(src, store, layout=layout, sep=_sep_for(src, sep),
+                             restart=restart, progress=progress)
+    except InputError:
+        # The input is bad: the blocks converted so far cannot be resumed from once
+        # it is fixed (it will have changed), so leave no unfinished store behind.
+        group = _open_unfinished(store)
+        if group is not None and group.attrs.get("fingerprint") == source_fingerprint(
+            src, layout, sep
+        ):
+            shutil.rmtree(store)
+        raise
+
+
+def read_names(
+    source: str | os.PathLike | pd.DataFrame,
+    layout: Layout = "genes_x_cells",
+    sep: str | None = None,
+    name: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cell and gene names of an input, checked, without parsing a single value.
+
+    Lets every name-level check (shared genes, identity table, k) fail in
+    seconds, before a long conversion starts.
+    """
+    if isinstance(source, pd.DataFrame):
+        label = name or "DataFrame"
+        cells, genes = np.asarray(source.index.astype(str)), np.asarray(source.columns.astype(str))
+        check_unique_names(cells, label, "cell")
+        check_unique_names(genes, label, "gene")
+        return cells.astype(object), genes.astype(object)
+    src = Path(source)
+    label = name or str(src)
+    if not src.exists():
+        raise InputError(f"{label}: file not found")
+    if src.is_dir():
+        store = ExpressionStore.open(src)
+        return store.cell_names, store.gene_names
+    if src.suffix == ".h5ad":
+        anndata = _anndata(src)
+        adata = anndata.read_h5ad(src, backed="r")
+        cells = np.asarray(adata.obs_names.astype(str), dtype=object)
+        genes = np.asarray(adata.var_names.astype(str), dtype=object)
+        adata.file.close()
+        check_unique_names(cells, label, "cell")
+        check_unique_names(genes, label, "gene")
+        return cells, genes
+    genes_rows = layout == "genes_x_cells"
+    kinds = ("gene", "cell") if genes_rows else ("cell", "gene")
+    scanned = scan_text(src, _sep_for(src, sep), label, *kinds)
+    return (scanned.columns, scanned.rows) if genes_rows else (scanned.rows, scanned.columns)
+
+
+def source_fingerprint(src: Path, layout: Layout = "genes_x_cells", sep: str | None = None
+                       ) -> dict:
+    """The fingerprint a conversion of ``src`` with these options records."""
+    if src.suffix == ".h5ad":
+        return file_fingerprint(src)
+    return file_fingerprint(src, layout=layout, sep=_sep_for(src, sep))
+
+
+def _sep_for(src: Path, sep: str | None) -> str:
+    return sep if sep is not None else ("," if src.suffix.lower() == ".csv" else "\t")
+
+
+def _anndata(src: Path):
+    try:
+        import anndata
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise InputError(
+            f"{src}: reading .h5ad needs anndata; install scimpute-dask[h5ad]"
+        ) from err
+    return anndata
 
 
 def file_fingerprint(path: Path, **options: object) -> dict:
@@ -201,6 +272,13 @@ def _existing(store: Path, fingerprint: dict, restart: bool, label: str) -> zarr
             f"Use restart (--restart) to convert from scratch."
         )
     return group
+
+
+def _open_unfinished(store: Path) -> zarr.Group | None:
+    if not (store / "zarr.json").exists():
+        return None
+    group = zarr.open_group(store, mode="r")
+    return None if group.attrs.get("complete") else group
 
 
 def _create(
@@ -271,7 +349,7 @@ def scan_text(path: Path, sep: str, label: str, row_kind: str, col_kind: str) ->
             n = line.count(sep_b) + 1
             if not rows:
                 # pandas convention: a header one field short has no corner label
-                if n == n_fields + 1:
+                if n == n_fields + 1 and fields[0].strip(b'"'):
                     fields = [b"", *fields]
                     n_fields = n
             if n != n_fields:
@@ -349,7 +427,7 @@ def _convert_text(
     label = str(src)
     genes_rows = layout == "genes_x_cells"
     row_kind, col_kind = ("gene", "cell") if genes_rows else ("cell", "gene")
-    fingerprint = file_fingerprint(src, layout=layout, sep=sep)
+    fingerprint = source_fingerprint(src, layout, sep)
     group = _existing(store, fingerprint, restart, label)
     if group is not None and group.attrs.get("complete"):
         return ExpressionStore(store)
@@ -432,14 +510,9 @@ def _iter_h5ad_blocks(adata, start: int, step: int) -> Iterator[tuple[int, np.nd
 
 
 def _convert_h5ad(src: Path, store: Path, *, restart: bool, progress: bool) -> ExpressionStore:
-    try:
-        import anndata
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise InputError(
-            f"{src}: reading .h5ad needs anndata; install scimpute-dask[h5ad]"
-        ) from err
+    anndata = _anndata(src)
     label = str(src)
-    fingerprint = file_fingerprint(src)
+    fingerprint = source_fingerprint(src)
     group = _existing(store, fingerprint, restart, label)
     if group is not None and group.attrs.get("complete"):
         return ExpressionStore(store)

@@ -24,7 +24,7 @@ import pandas as pd
 import zarr
 
 from . import __version__, export, graph
-from .conversion import ExpressionStore, Layout, convert, file_fingerprint
+from .conversion import ExpressionStore, Layout, convert, read_names, source_fingerprint
 from .imputation import similarity_to_weight
 from .scoring import round_like_scimpute, summary_stats
 from .validation import (
@@ -93,10 +93,8 @@ def _store_for(
     if not target.exists() and not restart and previous.exists():
         # A finished run into the same output converted this very file: hard-link
         # its store instead of converting again (the old output stays intact).
-        with contextlib.suppress(Exception):
-            sep = "," if src.suffix.lower() == ".csv" else "\t"
-            options = {} if src.suffix == ".h5ad" else {"layout": layout, "sep": sep}
-            if ExpressionStore.open(previous).fingerprint == file_fingerprint(src, **options):
+        with contextlib.suppress(InputError, OSError):
+            if ExpressionStore.open(previous).fingerprint == source_fingerprint(src, layout):
                 export.link_tree(previous, target)
     return convert(src, target, layout=layout, restart=restart, progress=progress)
 
@@ -229,21 +227,24 @@ def run_imputation(
     table = read_identities(identities, cell_name_column_idx) if identities is not None else None
     table_label = "identity table" if isinstance(identities, pd.DataFrame) else str(identities)
 
-    # 1. Inputs to Zarr (validates every value; reuses finished conversions).
-    work.mkdir(parents=True, exist_ok=True)
-    q_store = _store_for(query, "query", work, outdir, query_layout, restart, progress)
-    r_store = _store_for(reference, "reference", work, outdir, reference_layout, restart, progress)
     q_label = "query DataFrame" if isinstance(query, pd.DataFrame) else str(query)
     r_label = "reference DataFrame" if isinstance(reference, pd.DataFrame) else str(reference)
-    lap("convert")
 
-    # 2. Every name-level check, before any computation.
-    q_cells, q_genes = q_store.cell_names, q_store.gene_names
-    r_cells, r_genes = r_store.cell_names, r_store.gene_names
+    # 1. Every name-level check, in seconds, before any value is parsed.
+    q_cells, q_genes = read_names(query, query_layout, name=q_label)
+    r_cells, r_genes = read_names(reference, reference_layout, name=r_label)
     q_cols, r_cols = shared_genes(q_genes, r_genes, q_label, r_label)
     q_ids, r_ids = _cluster_codes(table, q_cells, r_cells, (q_label, table_label, r_label))
     check_k(k, q_ids if consider_clusters else None, r_ids if consider_clusters else None,
             len(r_cells))
+    lap("check")
+
+    # 2. Inputs to Zarr (checks every value; reuses finished conversions).
+    work.mkdir(parents=True, exist_ok=True)
+    q_store = _store_for(query, "query", work, outdir, query_layout, restart, progress)
+    r_store = _store_for(reference, "reference", work, outdir, reference_layout, restart, progress)
+    lap("convert")
+
     n_q, n_r, n_g = len(q_cells), len(r_cells), len(r_genes)
     ref_block, gene_block = _chunk_plan(chunk_size, n_r, n_g, r_store.chunks[1],
                                         reference_chunk_size, gene_chunk_size)

@@ -109,7 +109,7 @@ def read_identities(
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     if isinstance(cell_name_column_idx, bool) or not isinstance(cell_name_column_idx, Integral):
         raise InputError(
-            f"cell_name_column_idx must be an integer column position, got "
+            f"{label}: cell_name_column_idx must be an integer column position, got "
             f"{cell_name_column_idx!r}"
         )
     ncol = table.shape[1]
