@@ -242,11 +242,14 @@ def impute_expression(
     with dask.config.set(scheduler="threads"):
         values = round_like_scimpute(imputed.compute())
     cells = np.asarray(x.index)
-    export.write_chunk_tables(
-        Path(outdir) / "imputations",
-        ((cells[lo : lo + chunk_size], values[lo : lo + chunk_size])
-         for lo in range(0, len(cells), chunk_size)),
-        np.asarray(y.columns), len(cells),
+    starts = range(0, len(cells), chunk_size)
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    # scimpute writes only the chunk tables here; merge_imputation_chunks joins them.
+    export.write_matrix_tsv(
+        None,
+        ((cells[lo : lo + chunk_size], values[lo : lo + chunk_size]) for lo in starts),
+        np.asarray(y.columns), chunk_dir=outdir / "imputations", n_chunks=len(starts),
     )
     table = pd.DataFrame(values, columns=y.columns)
     table.insert(0, "cell", cells)

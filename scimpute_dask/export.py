@@ -100,16 +100,39 @@ def format_rows(names: np.ndarray, values: np.ndarray, fmt: str = "%.2f") -> str
 
 
 def write_matrix_tsv(
-    path: Path,
+    path: Path | None,
     blocks: Iterator[tuple[np.ndarray, np.ndarray]],
     columns: np.ndarray,
+    *,
+    chunk_dir: Path | None = None,
+    n_chunks: int = 0,
     index_label: str = "cell",
 ) -> None:
-    """Stream ``(row names, values)`` blocks into one TSV, atomically."""
-    with atomic_file(path) as fh:
-        fh.write("\t".join([index_label, *map(str, columns)]) + "\n")
-        for names, values in blocks:
-            fh.write(format_rows(names, values))
+    """Stream ``(row names, values)`` blocks into one TSV (unless ``path`` is None), atomically.
+
+    With ``chunk_dir``, each block is also written as one of scimpute's chunk
+    tables (``CPM_imputation_<i>_<start>_<stop>.tsv``), from the same formatted
+    text. The counter is zero-padded to the width ``n_chunks`` needs, so the
+    files also sort by name past scimpute's 1,000-chunk limit.
+    """
+    header = "\t".join([index_label, *map(str, columns)]) + "\n"
+    width = max(3, len(str(max(0, n_chunks - 1))))
+    if chunk_dir is not None:
+        chunk_dir.mkdir(parents=True, exist_ok=True)
+    start = 0
+    with atomic_file(path) if path is not None else contextlib.nullcontext() as fh:
+        if fh:
+            fh.write(header)
+        for i, (names, values) in enumerate(blocks):
+            text = format_rows(names, values)
+            if fh:
+                fh.write(text)
+            if chunk_dir is not None:
+                stop = start + len(names)
+                name = f"{CHUNK_PREFIX}{i:0{width}d}_{start}_{stop}.tsv"
+                with atomic_file(chunk_dir / name) as part:
+                    part.write(header + text)
+                start = stop
 
 
 def write_neighbours_tsv(
@@ -174,36 +197,10 @@ def write_manifest(path: Path, record: dict) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# Per-chunk tables (scimpute's save_chunks) and their merge
+# Merging per-chunk tables (scimpute's save_chunks)
 # --------------------------------------------------------------------------- #
 CHUNK_PREFIX = "CPM_imputation_"
 _CHUNK_NAME = re.compile(rf"^{CHUNK_PREFIX}\d+_(\d+)_(\d+)\.tsv$")
-
-
-def write_chunk_tables(
-    directory: Path,
-    blocks: Iterator[tuple[np.ndarray, np.ndarray]],
-    columns: np.ndarray,
-    n_rows: int,
-) -> Path:
-    """One TSV per block, named like scimpute's (``CPM_imputation_<i>_<start>_<stop>.tsv``).
-
-    The counter is zero-padded to the width the chunk count needs, so the files
-    also sort correctly by name past scimpute's 1,000-chunk limit.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    blocks = iter(blocks)
-    start, i = 0, 0
-    first = next(blocks, None)
-    if first is None:
-        return directory
-    width = max(3, len(str(max(0, -(-n_rows // max(1, len(first[0]))) - 1))))
-    for names, values in (first, *blocks):
-        stop = start + len(names)
-        write_matrix_tsv(directory / f"{CHUNK_PREFIX}{i:0{width}d}_{start}_{stop}.tsv",
-                         iter([(names, values)]), columns)
-        start, i = stop, i + 1
-    return directory
 
 
 def chunk_tables(directory: Path) -> list[Path]:

@@ -340,10 +340,10 @@ def _export(
             yield q_cells[lo : lo + chunk_size], round_like_scimpute(imputed[lo : lo + chunk_size])
 
     files = {"imputation": work / "imputation.tsv"}
-    export.write_matrix_tsv(files["imputation"], imputed_blocks(), r_genes)
     if save_chunks:
-        files["chunks"] = export.write_chunk_tables(work / "imputations", imputed_blocks(),
-                                                    r_genes, n_q)
+        files["chunks"] = work / "imputations"
+    export.write_matrix_tsv(files["imputation"], imputed_blocks(), r_genes,
+                            chunk_dir=files.get("chunks"), n_chunks=len(starts))
 
     def neighbour_blocks():
         for lo in starts:
