@@ -185,8 +185,11 @@ def similarity_matrix(
     })
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    export.write_neighbours_tsv(outdir / "sim_matrix.tsv", iter([tuple(
-        result[c].to_numpy() for c in result.columns)]))
+    codes, labels = pd.factorize(result["cluster"])
+    export.write_neighbours_tsv(
+        outdir / "sim_matrix.tsv", np.asarray(labels), np.asarray(x.index),
+        np.asarray(y.index), iter([(codes, rows, indices[rows, slot], sim[rows, slot] + 1)]),
+    )
     return result
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from . import textio
 from .validation import InputError, check_unique_names, check_values
 
 Layout = Literal["genes_x_cells", "cells_x_genes"]
@@ -392,33 +393,17 @@ def _parse_block(
     col_kind: str,
 ) -> np.ndarray:
     """Parse a block of data lines into a float32 matrix, naming any bad field."""
-    try:
-        frame = pd.read_csv(
-            io.BytesIO(text),
-            sep=sep,
-            header=None,
-            index_col=0,
-            dtype={i: np.float64 for i in range(1, len(col_names) + 1)},
-            engine="c",
-            na_filter=True,
+    values, (code, r, c) = textio.parse_rows(text, sep, len(row_names), len(col_names))
+    if code == textio.BAD_FIELD:
+        field = text.splitlines()[r].split(sep.encode())[c + 1].decode(errors="replace")
+        raise InputError(
+            f"{label}: {row_kind} '{row_names[r]}', {col_kind} '{col_names[c]}': "
+            f"value {field!r} is not a number"
         )
-    except ValueError:
-        frame = None
-    if frame is None:
-        # Slow path, only on error: find the first field that is not a number.
-        for r, line in enumerate(text.decode(errors="replace").splitlines()):
-            for c, field in enumerate(line.split(sep)[1:]):
-                try:
-                    float(field)
-                except ValueError:
-                    raise InputError(
-                        f"{label}: {row_kind} '{row_names[r]}', {col_kind} '{col_names[c]}': "
-                        f"value {field!r} is not a number"
-                    ) from None
-        raise InputError(f"{label}: could not parse the rows from {row_kind} '{row_names[0]}'")
-    values = frame.to_numpy(dtype=np.float64)
+    if code != textio.OK:
+        raise InputError(f"{label}: {row_kind} '{row_names[r]}' has the wrong number of fields")
     check_values(values, row_names, col_names, label, row_kind, col_kind)
-    return values.astype(np.float32)
+    return values
 
 
 def _convert_text(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import textio
 from .scoring import STAT_NAMES
 from .validation import InputError
 
@@ -93,12 +94,6 @@ def link_tree(src: Path, dst: Path) -> None:
 # --------------------------------------------------------------------------- #
 # Text outputs
 # --------------------------------------------------------------------------- #
-def format_rows(names: np.ndarray, values: np.ndarray, fmt: str = "%.2f") -> str:
-    """Tab-separated lines ``name<TAB>v1<TAB>v2...``; one C-level format call per row."""
-    line = "%s" + ("\t" + fmt) * values.shape[1] + "\n"
-    return "".join(line % (n, *row) for n, row in zip(names, values.tolist(), strict=True))
-
-
 def write_matrix_tsv(
     path: Path | None,
     blocks: Iterator[tuple[np.ndarray, np.ndarray]],
@@ -110,49 +105,58 @@ def write_matrix_tsv(
 ) -> None:
     """Stream ``(row names, values)`` blocks into one TSV (unless ``path`` is None), atomically.
 
+    Values are written ``%.2f``; round them first (:func:`~.scoring.round_like_scimpute`).
     With ``chunk_dir``, each block is also written as one of scimpute's chunk
     tables (``CPM_imputation_<i>_<start>_<stop>.tsv``), from the same formatted
     text. The counter is zero-padded to the width ``n_chunks`` needs, so the
     files also sort by name past scimpute's 1,000-chunk limit.
     """
-    header = "\t".join([index_label, *map(str, columns)]) + "\n"
+    header = ("\t".join([index_label, *map(str, columns)]) + "\n").encode()
     width = max(3, len(str(max(0, n_chunks - 1))))
     if chunk_dir is not None:
         chunk_dir.mkdir(parents=True, exist_ok=True)
     start = 0
-    with atomic_file(path) if path is not None else contextlib.nullcontext() as fh:
+    with atomic_file(path, "wb") if path is not None else contextlib.nullcontext() as fh:
         if fh:
             fh.write(header)
         for i, (names, values) in enumerate(blocks):
-            text = format_rows(names, values)
+            text = textio.format_matrix(names, values, decimals=2)
             if fh:
                 fh.write(text)
             if chunk_dir is not None:
                 stop = start + len(names)
                 name = f"{CHUNK_PREFIX}{i:0{width}d}_{start}_{stop}.tsv"
-                with atomic_file(chunk_dir / name) as part:
+                with atomic_file(chunk_dir / name, "wb") as part:
                     part.write(header + text)
                 start = stop
 
 
 def write_neighbours_tsv(
     path: Path,
+    clusters: np.ndarray,
+    query_cells: np.ndarray,
+    reference_cells: np.ndarray,
     blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
 ) -> None:
     """Stream scimpute's ``sim_matrix.tsv`` (``cluster, x, y, distance``), atomically.
 
-    Each block is ``(clusters, query names, neighbour names, distances)`` with
-    one row per query cell and neighbour; every neighbour is listed once.
+    Parameters
+    ----------
+    path
+        File to write.
+    clusters, query_cells, reference_cells
+        The names the blocks refer to by position.
+    blocks
+        ``(cluster codes, query rows, reference rows, distances)``, one entry per
+        query cell and neighbour; distances are written with 7 decimals, the
+        float32 precision of a cosine.
     """
-    with atomic_file(path) as fh:
-        fh.write("cluster\tx\ty\tdistance\n")
-        for clusters, xs, ys, dist in blocks:
-            fh.write(
-                "".join(
-                    f"{c}\t{x}\t{y}\t{d:.7f}\n"
-                    for c, x, y, d in zip(clusters, xs, ys, dist.tolist(), strict=True)
-                )
-            )
+    tables = [textio.string_table(t) for t in (clusters, query_cells, reference_cells)]
+    with atomic_file(path, "wb") as fh:
+        fh.write(b"cluster\tx\ty\tdistance\n")
+        for cluster, q, r, dist in blocks:
+            codes = np.stack([cluster, q, r], axis=1)
+            fh.write(textio.format_columns(tables, codes, np.round(dist.astype(np.float64), 7), 7))
 
 
 def write_scores(path: Path, scores: np.ndarray) -> None:

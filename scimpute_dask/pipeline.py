@@ -345,17 +345,22 @@ def _export(
     export.write_matrix_tsv(files["imputation"], imputed_blocks(), r_genes,
                             chunk_dir=files.get("chunks"), n_chunks=len(starts))
 
+    if q_ids is None:
+        labels, q_codes = np.array(["NA"]), np.zeros(n_q, dtype=np.int64)
+    else:
+        q_codes, labels = pd.factorize(q_ids)
+
     def neighbour_blocks():
         for lo in starts:
             idx = nbrs["indices"][lo : lo + chunk_size]
             w = nbrs["weights"][lo : lo + chunk_size]
             rows, slot = np.nonzero(idx >= 0)
             cells = lo + rows
-            cluster = q_ids[cells] if q_ids is not None else np.full(len(cells), "NA")
-            yield cluster, q_cells[cells], r_cells[idx[rows, slot]], w[rows, slot]
+            yield q_codes[cells], cells, idx[rows, slot], w[rows, slot]
 
     files["sim_matrix"] = work / "sim_matrix.tsv"
-    export.write_neighbours_tsv(files["sim_matrix"], neighbour_blocks())
+    export.write_neighbours_tsv(files["sim_matrix"], np.asarray(labels), q_cells, r_cells,
+                                neighbour_blocks())
     files["scores"] = work / "scores.txt"
     export.write_scores(files["scores"], scores)
     files["stats"] = work / "stats.txt"

@@ -56,7 +56,7 @@ def check_values(
             r, c = np.argwhere(bad)[0]
             raise InputError(
                 f"{label}: {row_kind} '{row_names[r]}', {col_kind} '{col_names[c]}': "
-                f"value {values[r, c]!r} {what}; expression must be finite and non-negative"
+                f"value {float(values[r, c])!r} {what}; expression must be finite and non-negative"
             )
 
 
