@@ -50,8 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--k", type=int, default=25, help="neighbours per query cell (default 25)")
     run.add_argument("--no-clusters", action="store_true",
                      help="search all reference cells, not only the query cell's cluster")
-    run.add_argument("--chunk-size", type=int, default=1000, metavar="N",
-                     help="query cells per block (default 1000)")
+    run.add_argument("--memory-limit", default=None, metavar="SIZE",
+                     help="peak memory budget of the whole run, e.g. 2GB (default: half the "
+                     "available memory); block sizes are derived from it")
+    run.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                     help="query cells per block (default: derived from --memory-limit)")
     run.add_argument("--save-chunks", action="store_true",
                      help="also keep per-chunk imputation tables in DIR/imputations")
     run.add_argument("--query-layout", choices=LAYOUTS, default="genes_x_cells",
@@ -73,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--sep", default=None,
                       help="field separator (default: ',' for .csv, tab otherwise)")
     conv.add_argument("--restart", action="store_true", help="convert from scratch")
+    conv.add_argument("--memory-limit", default=None, metavar="SIZE",
+                      help="memory budget, e.g. 1GB (default: half the available memory)")
     _add_common(conv)
 
     demo = sub.add_parser(
@@ -104,6 +109,7 @@ def _run(args: argparse.Namespace) -> None:
     result = run_imputation(
         args.query, args.reference, args.identities, args.name_column, args.out,
         k=args.k, consider_clusters=not args.no_clusters, chunk_size=args.chunk_size,
+        memory_limit=args.memory_limit,
         save_chunks=args.save_chunks, query_layout=args.query_layout,
         reference_layout=args.reference_layout, restart=args.restart, progress=not args.quiet,
     )
@@ -112,7 +118,8 @@ def _run(args: argparse.Namespace) -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     store = convert(args.input, args.output, layout=args.layout, sep=args.sep,
-                    restart=args.restart, progress=not args.quiet)
+                    restart=args.restart, progress=not args.quiet,
+                    memory_limit=args.memory_limit)
     n_cells, n_genes = store.shape
     print(f"{store.path}: {n_cells} cells × {n_genes} genes, chunks {store.chunks}")
 

@@ -32,17 +32,13 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from . import textio
+from . import plan, textio
 from .validation import InputError, check_unique_names, check_values
 
 Layout = Literal["genes_x_cells", "cells_x_genes"]
 LAYOUTS: tuple[str, ...] = ("genes_x_cells", "cells_x_genes")
 
 FORMAT_VERSION = 1
-#: Target size of one text block held in memory during conversion.
-BLOCK_BYTES = 64 * 2**20
-DEFAULT_CELL_CHUNK = 4096
-DEFAULT_GENE_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -115,6 +111,7 @@ def convert(
     restart: bool = False,
     progress: bool = False,
     name: str | None = None,
+    memory_limit: int | str | None = None,
 ) -> ExpressionStore:
     """Convert an expression matrix to a chunked cells × genes Zarr store.
 
@@ -139,6 +136,9 @@ def convert(
         Show a progress bar.
     name
         How to call the input in error messages (default: its path).
+    memory_limit
+        Budget for the conversion (bytes or ``"2GB"``; default: half the
+        available memory); sets the text block and the store's chunks.
 
     Returns
     -------
@@ -156,8 +156,9 @@ def convert(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     store = Path(store)
+    limit = plan.parse_memory(memory_limit)
     if isinstance(source, pd.DataFrame):
-        return _convert_dataframe(source, store, name=name or "DataFrame")
+        return _convert_dataframe(source, store, name=name or "DataFrame", memory_limit=limit)
     src = Path(source)
     label = name or str(src)
     if not src.exists():
@@ -168,9 +169,10 @@ def convert(
         raise InputError(f"{label}: compressed text is not supported; decompress it first")
     try:
         if src.suffix == ".h5ad":
-            return _convert_h5ad(src, store, restart=restart, progress=progress)
+            return _convert_h5ad(src, store, restart=restart, progress=progress,
+                                 memory_limit=limit)
         return _convert_text(src, store, layout=layout, sep=_sep_for(src, sep),
-                             restart=restart, progress=progress)
+                             restart=restart, progress=progress, memory_limit=limit)
     except InputError:
         # The input is bad: the blocks converted so far cannot be resumed from once
         # it is fixed (it will have changed), so leave no unfinished store behind.
@@ -312,10 +314,6 @@ def _create(
     return group
 
 
-def _chunks(n_cells: int, n_genes: int) -> tuple[int, int]:
-    return (max(1, min(n_cells, DEFAULT_CELL_CHUNK)), max(1, min(n_genes, DEFAULT_GENE_CHUNK)))
-
-
 # --------------------------------------------------------------------------- #
 # Delimited text
 # --------------------------------------------------------------------------- #
@@ -407,7 +405,8 @@ def _parse_block(
 
 
 def _convert_text(
-    src: Path, store: Path, *, layout: Layout, sep: str, restart: bool, progress: bool
+    src: Path, store: Path, *, layout: Layout, sep: str, restart: bool, progress: bool,
+    memory_limit: int,
 ) -> ExpressionStore:
     label = str(src)
     genes_rows = layout == "genes_x_cells"
@@ -420,8 +419,9 @@ def _convert_text(
     text_layout = scan_text(src, sep, label, row_kind, col_kind)
     cols, rows = text_layout.columns, text_layout.rows
     cells, genes = (cols, rows) if genes_rows else (rows, cols)
-    chunks = _chunks(len(cells), len(genes))
+    line_bytes = max(1, src.stat().st_size // max(1, len(rows)))
     if group is None:
+        chunks = plan.store_chunks(len(cells), len(genes), genes_rows, line_bytes, memory_limit)
         group = _create(store, fingerprint, cells, genes, chunks)
     state = dict(group.attrs["progress"])
     X = group["X"]
@@ -429,8 +429,9 @@ def _convert_text(
     # A block is a whole number of Zarr chunks along the streamed axis, so each
     # write replaces complete chunks and a resumed run never mixes two writes.
     row_chunk = X.chunks[1] if genes_rows else X.chunks[0]
-    line_bytes = max(1, src.stat().st_size // max(1, len(rows)))
-    block_rows = max(row_chunk, (BLOCK_BYTES // line_bytes) // row_chunk * row_chunk)
+    per_row = line_bytes + 12 * len(cols)
+    block_rows = max(row_chunk,
+                     plan.text_block_bytes(memory_limit) // per_row // row_chunk * row_chunk)
 
     done, offset = int(state["rows_done"]), int(state["offset"]) or text_layout.header_bytes
     bar = _progress_bar(progress, total=len(rows), initial=done, desc=f"convert {src.name}")
@@ -471,7 +472,8 @@ def check_frame(frame: pd.DataFrame, name: str) -> np.ndarray:
     return values
 
 
-def _convert_dataframe(frame: pd.DataFrame, store: Path, *, name: str) -> ExpressionStore:
+def _convert_dataframe(frame: pd.DataFrame, store: Path, *, name: str, memory_limit: int
+                       ) -> ExpressionStore:
     """Write a cells × genes DataFrame (scimpute's in-memory orientation)."""
     values = check_frame(frame, name)
     cells = np.asarray(frame.index.astype(str), dtype=object)
@@ -480,7 +482,7 @@ def _convert_dataframe(frame: pd.DataFrame, store: Path, *, name: str) -> Expres
         shutil.rmtree(store)
     group = _create(
         store, {"source": name, "format_version": FORMAT_VERSION}, cells, genes,
-        _chunks(len(cells), len(genes)),
+        plan.store_chunks(len(cells), len(genes), False, 0, memory_limit),
     )
     group["X"][:] = values.astype(np.float32)
     group.attrs["complete"] = True
@@ -494,7 +496,8 @@ def _iter_h5ad_blocks(adata, start: int, step: int) -> Iterator[tuple[int, np.nd
         yield lo, (block.toarray() if hasattr(block, "toarray") else np.asarray(block))
 
 
-def _convert_h5ad(src: Path, store: Path, *, restart: bool, progress: bool) -> ExpressionStore:
+def _convert_h5ad(src: Path, store: Path, *, restart: bool, progress: bool, memory_limit: int
+                  ) -> ExpressionStore:
     anndata = _anndata(src)
     label = str(src)
     fingerprint = source_fingerprint(src)
@@ -507,7 +510,8 @@ def _convert_h5ad(src: Path, store: Path, *, restart: bool, progress: bool) -> E
     check_unique_names(cells, label, "cell")
     check_unique_names(genes, label, "gene")
     if group is None:
-        group = _create(store, fingerprint, cells, genes, _chunks(len(cells), len(genes)))
+        chunks = plan.store_chunks(len(cells), len(genes), False, 0, memory_limit)
+        group = _create(store, fingerprint, cells, genes, chunks)
     X = group["X"]
     step = X.chunks[0]
     done = int(group.attrs["progress"]["rows_done"])

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from . import __version__, export, graph
+from . import __version__, export, graph, plan
 from .conversion import ExpressionStore, Layout, convert, read_names, source_fingerprint
 from .imputation import similarity_to_weight
 from .scoring import round_like_scimpute, summary_stats
@@ -37,14 +37,6 @@ from .validation import (
 )
 
 log = logging.getLogger("scimpute_dask")
-
-#: Size of one query × reference similarity tile, in float32 values.
-TILE_VALUES = 8 * 2**20
-#: Size of one reference gene block read by an imputation task, in float32 values.
-#: The imputation itself is float64: scimpute's 2-decimal values need more than
-#: float32's 7 significant digits once CPM passes 10^4.
-GENE_BLOCK_VALUES = 16 * 2**20
-
 
 @dataclass
 class RunResult:
@@ -78,12 +70,13 @@ class RunResult:
 # Input stores
 # --------------------------------------------------------------------------- #
 def _store_for(
-    source, role: str, work: Path, outdir: Path, layout: Layout, restart: bool, progress: bool
+    source, role: str, work: Path, outdir: Path, layout: Layout, restart: bool, progress: bool,
+    memory_limit: int,
 ) -> ExpressionStore:
     """The Zarr store of one input: an existing store, a reused conversion, or a new one."""
     target = work / "zarr" / f"{role}.zarr"
     if isinstance(source, pd.DataFrame):
-        return convert(source, target, name=f"{role} DataFrame")
+        return convert(source, target, name=f"{role} DataFrame", memory_limit=memory_limit)
     src = Path(source)
     if not src.exists():
         raise InputError(f"{src}: {role} file not found")
@@ -96,7 +89,8 @@ def _store_for(
         with contextlib.suppress(InputError, OSError):
             if ExpressionStore.open(previous).fingerprint == source_fingerprint(src, layout):
                 export.link_tree(previous, target)
-    return convert(src, target, layout=layout, restart=restart, progress=progress)
+    return convert(src, target, layout=layout, restart=restart, progress=progress,
+                   memory_limit=memory_limit)
 
 
 def _cluster_codes(
@@ -109,16 +103,7 @@ def _cluster_codes(
     return q, r
 
 
-def _chunk_plan(chunk_size: int, n_reference: int, n_genes: int, gene_chunk: int,
-                reference_chunk_size: int | None, gene_chunk_size: int | None) -> tuple[int, int]:
-    ref_block = reference_chunk_size or max(1024, TILE_VALUES // chunk_size)
-    gene_block = gene_chunk_size or max(
-        gene_chunk, GENE_BLOCK_VALUES // max(1, n_reference) // gene_chunk * gene_chunk
-    )
-    return min(ref_block, n_reference), min(gene_block, n_genes)
-
-
-def _compute_context(progress: bool):
+def _compute_context(progress: bool, threads: int):
     """Threads on this machine unless a distributed Client is already active."""
     stack = contextlib.ExitStack()
     try:
@@ -126,7 +111,7 @@ def _compute_context(progress: bool):
 
         default_client()
     except (ImportError, ValueError):
-        stack.enter_context(dask.config.set(scheduler="threads"))
+        stack.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
         if progress:
             from dask.diagnostics import ProgressBar
 
@@ -159,8 +144,9 @@ def run_imputation(
     *,
     k: int = 25,
     consider_clusters: bool = True,
-    chunk_size: int = 1000,
+    chunk_size: int | None = None,
     save_chunks: bool = False,
+    memory_limit: int | str | None = None,
     query_layout: Layout = "genes_x_cells",
     reference_layout: Layout = "genes_x_cells",
     reference_chunk_size: int | None = None,
@@ -189,14 +175,19 @@ def run_imputation(
     consider_clusters
         Restrict neighbours to reference cells of the query cell's cluster.
     chunk_size
-        Query cells per block (and per chunk file with ``save_chunks``).
+        Query cells per block (and per chunk file with ``save_chunks``);
+        derived from ``memory_limit`` when not given.
     save_chunks
         Also write per-chunk imputation tables under ``imputations/``.
     query_layout, reference_layout
         Orientation of text inputs (see :func:`scimpute_dask.conversion.convert`).
+    memory_limit
+        Budget for the peak memory of the whole run (bytes or ``"2GB"``;
+        default: half the available memory). Block sizes are derived from it
+        and the data shape (:mod:`scimpute_dask.plan`).
     reference_chunk_size, gene_chunk_size
         Reference cells per similarity tile and genes per imputation block;
-        derived from ``chunk_size`` and the data shape when not given.
+        derived from the budget when not given.
     restart
         Discard the conversions of an interrupted run and start afresh.
     progress
@@ -216,7 +207,9 @@ def run_imputation(
         clock = now
 
     k = check_positive_int(k, "k_neighbors")
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    limit = plan.parse_memory(memory_limit)
     if consider_clusters and identities is None:
         raise InputError("consider_clusters=True needs the cell identity table")
     outdir = Path(outdir).absolute()
@@ -241,19 +234,22 @@ def run_imputation(
 
     # 2. Inputs to Zarr (checks every value; reuses finished conversions).
     work.mkdir(parents=True, exist_ok=True)
-    q_store = _store_for(query, "query", work, outdir, query_layout, restart, progress)
-    r_store = _store_for(reference, "reference", work, outdir, reference_layout, restart, progress)
+    q_store = _store_for(query, "query", work, outdir, query_layout, restart, progress, limit)
+    r_store = _store_for(reference, "reference", work, outdir, reference_layout, restart,
+                         progress, limit)
     lap("convert")
 
     n_q, n_r, n_g = len(q_cells), len(r_cells), len(r_genes)
-    ref_block, gene_block = _chunk_plan(chunk_size, n_r, n_g, r_store.chunks[1],
-                                        reference_chunk_size, gene_chunk_size)
+    blocks = plan.plan_run(limit, n_q, n_r, len(q_cols), n_g, query_chunk=chunk_size,
+                           reference_chunk=reference_chunk_size, gene_chunk=gene_chunk_size)
+    chunk_size, ref_block, gene_block = (blocks.query_chunk, blocks.reference_chunk,
+                                         blocks.gene_chunk)
 
     q_shared = q_store.to_dask()[:, q_cols].rechunk((chunk_size, -1))
     r_shared = r_store.to_dask()[:, r_cols].rechunk((ref_block, -1))
     zarr_dir = work / "zarr"
 
-    with _compute_context(progress):
+    with _compute_context(progress, blocks.threads):
         # 3. kNN on the shared genes.
         q_codes = r_codes = None
         if consider_clusters:
@@ -305,6 +301,7 @@ def run_imputation(
         "query": q_label, "reference": r_label, "identities": table_label if table is not None
         else None,
         "parameters": {"k": k, "consider_clusters": consider_clusters, "chunk_size": chunk_size,
+                       "memory_limit": limit, "threads": blocks.threads,
                        "reference_chunk_size": ref_block, "gene_chunk_size": gene_block,
                        "save_chunks": save_chunks},
         "shape": {"query_cells": n_q, "reference_cells": n_r, "reference_genes": n_g,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scimpute_dask import ExpressionStore, InputError, convert
+from scimpute_dask import ExpressionStore, InputError, convert, plan
 from scimpute_dask import conversion as convert_module
 from scimpute_dask.synthetic import write_scimpute_tsv
 
@@ -25,26 +25,23 @@ def frame(small_pair) -> pd.DataFrame:
     return small_pair.reference.round(3)
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Tiny text blocks and chunks, so that a small file spans many of them."""
-    monkeypatch.setattr(convert_module, "BLOCK_BYTES", 4000)
-    monkeypatch.setattr(convert_module, "DEFAULT_GENE_CHUNK", 8)
-    monkeypatch.setattr(convert_module, "DEFAULT_CELL_CHUNK", 16)
+#: A budget that leaves ~16 kB for text blocks: a small file spans many blocks.
+SMALL = plan.BASE_BYTES + 64_000
 
 
-def test_scimpute_tsv_is_streamed_into_cells_by_genes(tmp_path, frame, small_blocks):
+def test_scimpute_tsv_is_streamed_into_cells_by_genes(tmp_path, frame):
     path = tmp_path / "m.tsv"
     write_scimpute_tsv(frame, path)
-    store = convert(path, tmp_path / "m.zarr")
-    assert store.chunks == (16, 8)
+    store = convert(path, tmp_path / "m.zarr", memory_limit=SMALL)
+    assert store.chunks == (311, 2)  # two gene lines per block
     _same(store, pd.read_csv(path, sep="\t", index_col=0).T)
 
 
-def test_cells_by_genes_csv(tmp_path, frame, small_blocks):
+def test_cells_by_genes_csv(tmp_path, frame):
     path = tmp_path / "m.csv"
     frame.to_csv(path)
-    store = convert(path, tmp_path / "m.zarr", layout="cells_x_genes")
+    store = convert(path, tmp_path / "m.zarr", layout="cells_x_genes", memory_limit=SMALL)
+    assert store.chunks[0] < 311
     _same(store, frame)
 
 
@@ -77,11 +74,10 @@ def test_converted_store_is_reused_not_reconverted(tmp_path, frame, monkeypatch)
     assert convert(store.path, tmp_path / "other.zarr").path == store.path
 
 
-def test_interrupted_conversion_resumes_to_the_same_store(tmp_path, frame, small_blocks,
-                                                          monkeypatch):
+def test_interrupted_conversion_resumes_to_the_same_store(tmp_path, frame, monkeypatch):
     path = tmp_path / "m.tsv"
     write_scimpute_tsv(frame, path)
-    whole = convert(path, tmp_path / "whole.zarr")
+    whole = convert(path, tmp_path / "whole.zarr", memory_limit=SMALL)
 
     real = convert_module._parse_block
     calls = {"n": 0}
@@ -94,11 +90,11 @@ def test_interrupted_conversion_resumes_to_the_same_store(tmp_path, frame, small
 
     monkeypatch.setattr(convert_module, "_parse_block", dies_on_third_block)
     with pytest.raises(KeyboardInterrupt):
-        convert(path, tmp_path / "resumed.zarr")
+        convert(path, tmp_path / "resumed.zarr", memory_limit=SMALL)
     with pytest.raises(InputError, match="did not finish"):
         ExpressionStore.open(tmp_path / "resumed.zarr")
     monkeypatch.setattr(convert_module, "_parse_block", real)
-    resumed = convert(path, tmp_path / "resumed.zarr")
+    resumed = convert(path, tmp_path / "resumed.zarr", memory_limit=SMALL)
     assert ExpressionStore.open(resumed.path).shape == whole.shape
     np.testing.assert_array_equal(resumed.group["X"][:], whole.group["X"][:])
 
