@@ -19,6 +19,7 @@ block; a store converted from the same, unchanged file is reused as it is.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -480,8 +481,12 @@ def _convert_dataframe(frame: pd.DataFrame, store: Path, *, name: str, memory_li
     genes = np.asarray(frame.columns.astype(str), dtype=object)
     if store.exists():
         shutil.rmtree(store)
+    digest = hashlib.sha1(values.tobytes())
+    for names in (cells, genes):
+        digest.update("\t".join(names).encode())
+    fingerprint = {"source": name, "sha1": digest.hexdigest(), "format_version": FORMAT_VERSION}
     group = _create(
-        store, {"source": name, "format_version": FORMAT_VERSION}, cells, genes,
+        store, fingerprint, cells, genes,
         plan.store_chunks(len(cells), len(genes), False, 0, memory_limit),
     )
     group["X"][:] = values.astype(np.float32)

@@ -10,6 +10,7 @@ directory and moved into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -103,6 +104,10 @@ def _cluster_codes(
     return q, r
 
 
+def _digest(values: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
 def _compute_context(progress: bool, threads: int):
     """Threads on this machine unless a distributed Client is already active."""
     stack = contextlib.ExitStack()
@@ -119,17 +124,71 @@ def _compute_context(progress: bool, threads: int):
     return stack
 
 
-def _new_array(group: zarr.Group, name: str, arr: da.Array, dtype, fill) -> zarr.Array:
-    return group.create_array(
-        name, shape=arr.shape, dtype=dtype, chunks=tuple(c[0] for c in arr.chunks),
-        fill_value=fill, overwrite=True,
-    )
-
-
 def _names_array(group: zarr.Group, name: str, names: np.ndarray) -> None:
     arr = group.create_array(name, shape=(len(names),), dtype=str,
                              chunks=(max(1, len(names)),), overwrite=True)
     arr[:] = np.asarray(names, dtype=str)
+
+
+def _write_blocks(targets: list[zarr.Array], done: zarr.Array, index: tuple[int, ...],
+                  region: tuple[slice, ...], *blocks: np.ndarray) -> None:
+    """Write one block of every stage array, then mark it done (after, never before)."""
+    for target, block in zip(targets, blocks, strict=True):
+        target[region] = block
+    done[index] = True
+
+
+def store_stage(
+    path: Path,
+    arrays: dict[str, tuple[da.Array, object]],
+    key: dict,
+    attrs: dict,
+) -> zarr.Group:
+    """Store a stage's Dask arrays to a Zarr group, block by block, resumably.
+
+    Each task writes one block of every array (Zarr chunks equal the Dask
+    chunks, so no two tasks touch the same chunk) and then marks that block in
+    a ``done`` array. A rerun with the same ``key`` (inputs and parameters)
+    computes only the blocks not marked; a different key starts the stage over.
+
+    Parameters
+    ----------
+    path
+        The stage's Zarr group.
+    arrays
+        ``name -> (array, fill value)``; all with the same row and column blocks.
+    key
+        What the stage's result depends on.
+    attrs
+        Extra attributes for the group.
+    """
+    first = next(iter(arrays.values()))[0]
+    group = zarr.open_group(path, mode="a") if (path / "zarr.json").exists() else None
+    if group is None or dict(group.attrs).get("key") != key:
+        group = zarr.open_group(path, mode="w")
+        for name, (arr, fill) in arrays.items():
+            group.create_array(name, shape=arr.shape, dtype=arr.dtype,
+                               chunks=tuple(c[0] for c in arr.chunks), fill_value=fill)
+        group.create_array("done", shape=first.numblocks[:2], dtype=bool,
+                           chunks=(1,) * len(first.numblocks[:2]), fill_value=False)
+        group.attrs.update({**attrs, "key": key, "complete": False})
+    if group.attrs.get("complete"):
+        return group
+    done = group["done"]
+    marked = done[:]
+    targets = [group[name] for name in arrays]
+    # unoptimised, so that arrays computed from a shared graph share its keys
+    delayed = [arr.to_delayed(optimize_graph=False) for arr, _ in arrays.values()]
+    offsets = [np.cumsum((0, *c)) for c in first.chunks[:2]]
+    tasks = []
+    for index in zip(*np.nonzero(~marked), strict=True):
+        index = tuple(int(i) for i in index)
+        region = tuple(slice(offsets[d][i], offsets[d][i + 1]) for d, i in enumerate(index))
+        blocks = [d[index + (0,) * (d.ndim - len(index))] for d in delayed]
+        tasks.append(dask.delayed(_write_blocks)(targets, done, index, region, *blocks))
+    dask.compute(*tasks)
+    group.attrs["complete"] = True
+    return group
 
 
 # --------------------------------------------------------------------------- #
@@ -251,37 +310,39 @@ def run_imputation(
 
     with _compute_context(progress, blocks.threads):
         # 3. kNN on the shared genes.
-        q_codes = r_codes = None
+        q_codes = r_codes = codes = None
         if consider_clusters:
             codes, _ = pd.factorize(np.concatenate([q_ids, r_ids]))
             q_codes = da.from_array(codes[:n_q], chunks=chunk_size)
             r_codes = da.from_array(codes[n_q:], chunks=ref_block)
         indices, similarity = graph.knn_graph(q_shared, r_shared, k, q_codes, r_codes)
-        weights = similarity_to_weight(similarity)
-        nbrs = zarr.open_group(zarr_dir / "neighbors.zarr", mode="w")
-        _names_array(nbrs, "obs_names", q_cells)
-        targets = [_new_array(nbrs, "indices", indices, "int32", -1),
-                   _new_array(nbrs, "weights", weights, "float32", np.nan)]
-        nbrs.attrs.update({"k": k, "consider_clusters": consider_clusters,
-                           "reference": str(r_store.path), "weight": "cosine similarity + 1"})
+        knn_key = {"query": q_store.fingerprint, "reference": r_store.fingerprint, "k": k,
+                   "clusters": _digest(codes) if consider_clusters else None,
+                   "chunks": [chunk_size, ref_block]}
         log.info("finding %d nearest neighbours of %d query cells", k, n_q)
-        da.store([indices, weights], targets, lock=False)
+        nbrs = store_stage(
+            zarr_dir / "neighbors.zarr",
+            {"indices": (indices, -1), "weights": (similarity_to_weight(similarity), np.nan)},
+            knn_key,
+            {"k": k, "consider_clusters": consider_clusters, "weight": "cosine similarity + 1"},
+        )
+        _names_array(nbrs, "obs_names", q_cells)
         lap("knn")
 
-        indices = da.from_zarr(targets[0])
-        weights = da.from_zarr(targets[1])
+        indices = da.from_zarr(nbrs["indices"])
+        weights = da.from_zarr(nbrs["weights"])
 
         # 4. Imputation of every reference gene, streamed to Zarr.
         imputed = graph.impute_graph(indices, weights, r_store.to_dask((n_r, gene_block)),
                                      dtype=np.float64)
-        out = zarr.open_group(zarr_dir / "imputed.zarr", mode="w")
+        log.info("imputing %d genes", n_g)
+        out = store_stage(
+            zarr_dir / "imputed.zarr", {"X": (imputed, np.nan)},
+            {**knn_key, "genes": gene_block},
+            {"format": "scimpute-dask-expression", "fingerprint": {"source": "imputation"}},
+        )
         _names_array(out, "obs_names", q_cells)
         _names_array(out, "var_names", r_genes)
-        target = _new_array(out, "X", imputed, "float64", np.nan)
-        log.info("imputing %d genes", n_g)
-        da.store(imputed, target, lock=False)
-        out.attrs.update({"format": "scimpute-dask-expression", "complete": True,
-                          "fingerprint": {"source": "imputation"}})
         lap("impute")
 
         # 5. scimpute's validation score per query cell.
