@@ -18,6 +18,7 @@ import time
 import dask
 import dask.array as da
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from scimpute_dask import graph, knn
 
@@ -53,7 +54,8 @@ def main() -> None:
                  da.from_array(rc, chunks=args.reference_chunk_size)) if clustered else (None,
                                                                                           None)
         t0 = time.perf_counter()
-        with dask.config.set(scheduler="threads"):
+        # as the pipeline runs it: one BLAS thread per Dask thread
+        with dask.config.set(scheduler="threads"), threadpool_limits(1, user_api="blas"):
             dask.compute(*graph.knn_graph(qd, rd, args.k, *codes))
         return time.perf_counter() - t0
 

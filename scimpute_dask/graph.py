@@ -21,9 +21,9 @@ def _single_chunk_columns(x: da.Array) -> da.Array:
     return x if x.numblocks[1] == 1 else x.rechunk({1: -1})
 
 
-def _pair_topk(q, r, rows, *clusters, k: int) -> np.ndarray:
+def _pair_topk(qn, rn, rows, *clusters, k: int) -> np.ndarray:
     qc, rc = clusters if clusters else (None, None)
-    return knn.block_topk(knn.normalize_rows(q), knn.normalize_rows(r), rows, k, qc, rc)
+    return knn.block_topk(qn, rn, rows, k, qc, rc)
 
 
 def _merge(packed: np.ndarray, axis=None, keepdims=True, *, k: int) -> np.ndarray:
@@ -65,8 +65,10 @@ def knn_graph(
     similarity : dask.array.Array
         ``(n_query, k)`` float32 cosine similarities; NaN where ``indices`` is -1.
     """
-    query = _single_chunk_columns(query)
-    reference = _single_chunk_columns(reference)
+    # Normalised once per block, not once per tile.
+    query = _single_chunk_columns(query).map_blocks(knn.normalize_rows, dtype=np.float32)
+    reference = _single_chunk_columns(reference).map_blocks(knn.normalize_rows,
+                                                             dtype=np.float32)
     rows = da.arange(reference.shape[0], chunks=(reference.chunks[0],), dtype=np.int64)
     args: list = [query, "ig", reference, "jg", rows, "j"]
     if query_clusters is not None:

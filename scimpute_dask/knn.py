@@ -97,6 +97,44 @@ def topk(sim: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
     return _pack(out_sim, out_idx)
 
 
+@numba.njit(nogil=True, cache=True)
+def _dot64(query, reference, candidates, out):  # pragma: no cover - compiled
+    """float64 dot product of each query row with its candidate reference rows.
+
+    A plain sequential sum over the genes: the value depends only on the two
+    rows, never on how the matrix was tiled (BLAS results do).
+    """
+    n, m = candidates.shape
+    g = query.shape[1]
+    for i in range(n):
+        for j in range(m):
+            c = candidates[i, j]
+            if c < 0:
+                out[i, j] = -np.inf
+                continue
+            acc = 0.0
+            for t in range(g):
+                acc += float(query[i, t]) * float(reference[c, t])
+            out[i, j] = acc
+
+
+#: Extra candidates re-ranked per tile: float32 products can only misorder
+#: values closer than ~1e-7, so a near-tie would need more than this many
+#: rivals within 1e-7 of the k-th similarity to escape the re-ranking.
+RERANK_MARGIN = 16
+
+
+def _tile_topk(qn: np.ndarray, rn: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Screen a tile with a float32 product, then rank the best by a float64 dot."""
+    sim = qn @ rn.T
+    m = min(k + RERANK_MARGIN, sim.shape[1])
+    pre = topk(sim, np.broadcast_to(np.arange(sim.shape[1]), sim.shape), m)
+    local = pre[..., 1].astype(np.int64)
+    exact = np.empty(local.shape, dtype=np.float64)
+    _dot64(qn, rn, local, exact)
+    return topk(exact, np.where(local >= 0, rows[np.maximum(local, 0)], EMPTY), k)
+
+
 def block_topk(
     query: np.ndarray,
     reference: np.ndarray,
@@ -107,10 +145,15 @@ def block_topk(
 ) -> np.ndarray:
     """Top-k reference cells of one reference block for each cell of one query block.
 
+    The tile is screened with a float32 BLAS product; the best
+    ``k + RERANK_MARGIN`` candidates are then ranked by a float64 dot product
+    of the same rows, so the result does not depend on how the data were tiled.
+
     Parameters
     ----------
     query, reference
-        Row-normalised ``(bq, g)`` and ``(br, g)`` float32 blocks on the shared genes.
+        Row-normalised (:func:`normalize_rows`) ``(bq, g)`` and ``(br, g)``
+        float32 blocks on the shared genes.
     reference_rows
         ``(br,)`` global row numbers of the reference block.
     k
@@ -128,17 +171,13 @@ def block_topk(
     """
     reference_rows = np.asarray(reference_rows, dtype=np.int64)
     if query_clusters is None:
-        sim = query @ reference.T
-        return topk(sim, np.broadcast_to(reference_rows, sim.shape), k)
-    out_sim, out_idx = _empty(query.shape[0], k)
+        return _tile_topk(query, reference, reference_rows, k)
+    out = _pack(*_empty(query.shape[0], k))
     for code in np.intersect1d(query_clusters, reference_clusters):
         qi = np.flatnonzero(query_clusters == code)
         ri = np.flatnonzero(reference_clusters == code)
-        sim = query[qi] @ reference[ri].T
-        sub_sim, sub_idx = _empty(len(qi), k)
-        _topk_into(sim, np.broadcast_to(reference_rows[ri], sim.shape), sub_sim, sub_idx)
-        out_sim[qi], out_idx[qi] = sub_sim, sub_idx
-    return _pack(out_sim, out_idx)
+        out[qi] = _tile_topk(query[qi], reference[ri], reference_rows[ri], k)
+    return out
 
 
 def merge_topk(packed: np.ndarray, k: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import zarr
+from threadpoolctl import threadpool_limits
 
 from . import __version__, export, graph, plan
 from .conversion import ExpressionStore, Layout, convert, read_names, source_fingerprint
@@ -117,6 +118,9 @@ def _compute_context(progress: bool, threads: int):
         default_client()
     except (ImportError, ValueError):
         stack.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
+        # Dask already runs one tile per core; BLAS threads on top would
+        # oversubscribe the cores (as distributed's Nanny also prevents).
+        stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
         if progress:
             from dask.diagnostics import ProgressBar
 
