@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                      "available memory); block sizes are derived from it")
     run.add_argument("--chunk-size", type=int, default=None, metavar="N",
                      help="query cells per block (default: derived from --memory-limit)")
+    run.add_argument("--tsv-genes", default="all", metavar="GENES",
+                     help="genes written to imputation.tsv: 'all' (default), 'none' (Zarr "
+                     "only: the scalable output), a comma-separated list, or @FILE with one "
+                     "gene per line")
     run.add_argument("--save-chunks", action="store_true",
                      help="also keep per-chunk imputation tables in DIR/imputations")
     run.add_argument("--query-layout", choices=LAYOUTS, default="genes_x_cells",
@@ -105,11 +109,22 @@ def _report(result: RunResult) -> None:
         print(f"  {name}: {value:.4f}")
 
 
+def _gene_list(value: str) -> str | list[str]:
+    if value in ("all", "none"):
+        return value
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if not path.exists():
+            raise InputError(f"{path}: gene list file not found")
+        return [g for g in path.read_text().split() if g]
+    return [g for g in value.split(",") if g]
+
+
 def _run(args: argparse.Namespace) -> None:
     result = run_imputation(
         args.query, args.reference, args.identities, args.name_column, args.out,
         k=args.k, consider_clusters=not args.no_clusters, chunk_size=args.chunk_size,
-        memory_limit=args.memory_limit,
+        memory_limit=args.memory_limit, tsv_genes=_gene_list(args.tsv_genes),
         save_chunks=args.save_chunks, query_layout=args.query_layout,
         reference_layout=args.reference_layout, restart=args.restart, progress=not args.quiet,
     )

@@ -240,7 +240,6 @@ def impute_expression(
         da.from_array(indices, chunks=(chunk_size, -1)),
         da.from_array(weights, chunks=(chunk_size, -1)),
         da.from_array(y.to_numpy(np.float32), chunks=(-1, 4 * _BLOCK)),
-        dtype=np.float64,
     )
     with dask.config.set(scheduler="threads"):
         values = round_like_scimpute(imputed.compute())

@@ -8,11 +8,12 @@ directory only once everything in it is complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,8 +26,6 @@ from .validation import InputError
 #: Written last into every output directory; marks it as ours (safe to replace).
 MANIFEST = "run.json"
 HISTOGRAM = "cosine_similarities.png"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 # --------------------------------------------------------------------------- #
@@ -36,11 +35,11 @@ os.umask(_UMASK)
 def atomic_file(path: Path, mode: str = "w") -> Iterator:
     """Open a temporary sibling of ``path``; rename it to ``path`` only on success."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # exclusive create of a unique name: the file gets the user's umask (mkstemp's 0600 would not)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
-        with os.fdopen(fd, mode) as fh:
+        with open(tmp, mode.replace("w", "x")) as fh:
             yield fh
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the user's usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -54,14 +53,61 @@ def work_dir_for(outdir: Path) -> Path:
 
 
 def check_output_dir(outdir: Path) -> None:
-    """Refuse to replace a directory that holds anything but a previous run's output."""
+    """Refuse to replace a directory holding anything a previous run did not write."""
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"{outdir}: output path exists and is not a directory")
-    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / MANIFEST).exists():
+    if not outdir.is_dir():
+        return
+    entries = set(os.listdir(outdir))
+    if not entries:
+        return
+    try:
+        ours = set(json.loads((outdir / MANIFEST).read_text())["outputs"]) | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
         raise InputError(
             f"{outdir}: output directory exists and was not written by scimpute-dask; "
             f"refusing to replace it. Choose another output directory or empty this one"
+        ) from None
+    foreign = sorted(entries - ours)
+    if foreign:
+        raise InputError(
+            f"{outdir}: holds files a previous run did not write ({', '.join(foreign[:5])}); "
+            f"refusing to replace it. Move them away or choose another output directory"
         )
+
+
+@contextlib.contextmanager
+def exclusive(work: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a work directory for the length of a run."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"another scimpute-dask run is writing to {work.parent}; wait for it to finish"
+            ) from None
+        yield
+
+
+def clear_work_dir(work: Path, keep: set[str]) -> None:
+    """Remove what an interrupted run left in ``work`` except the resumable stores."""
+    for entry in work.iterdir():
+        if entry.name == ".lock":
+            continue
+        if entry.name == "zarr" and entry.is_dir():
+            for store in entry.iterdir():
+                if store.name not in keep:
+                    _remove(store)
+        else:
+            _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def publish(work: Path, outdir: Path) -> None:
@@ -75,6 +121,8 @@ def publish(work: Path, outdir: Path) -> None:
     if outdir.exists():
         old = outdir.parent / f".{outdir.name}.old-{os.getpid()}"
         os.replace(outdir, old)
+    with contextlib.suppress(FileNotFoundError):
+        (work / ".lock").unlink()
     os.replace(work, outdir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -172,6 +220,7 @@ def write_stats(path: Path, stats: dict[str, float]) -> None:
 
 
 def write_names(path: Path, names: np.ndarray) -> None:
+    """One name per line."""
     with atomic_file(path) as fh:
         fh.writelines(f"{n}\n" for n in names)
 
@@ -196,6 +245,7 @@ def write_histogram(path: Path, scores: np.ndarray) -> None:
 
 
 def write_manifest(path: Path, record: dict) -> None:
+    """``run.json``: what the run was (parameters, shapes, timings) and what it wrote."""
     with atomic_file(path) as fh:
         json.dump(record, fh, indent=2, default=str)
 

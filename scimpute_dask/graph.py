@@ -26,6 +26,7 @@ def _pair_topk(qn, rn, rows, *clusters, k: int) -> np.ndarray:
     return knn.block_topk(qn, rn, rows, k, qc, rc)
 
 
+# ``axis``/``keepdims`` are the interface da.reduction calls its functions with.
 def _merge(packed: np.ndarray, axis=None, keepdims=True, *, k: int) -> np.ndarray:
     return knn.merge_topk(packed, k)
 
@@ -109,7 +110,7 @@ def impute_graph(
     indices: da.Array,
     weights: da.Array,
     reference: da.Array,
-    dtype: type = np.float32,
+    dtype: type = np.float64,
 ) -> da.Array:
     """Weighted mean of the neighbours' reference rows, tiled (query block × gene block).
 
@@ -124,7 +125,8 @@ def impute_graph(
     reference
         ``(n_reference, n_genes)`` expression to average.
     dtype
-        Output dtype.
+        Output dtype; float64 by default because scimpute's 2-decimal values
+        need more than float32's 7 significant digits once CPM passes 10^4.
 
     Returns
     -------
@@ -154,7 +156,7 @@ def scores_graph(
     per cell), rounded to 2 decimals as scimpute's table is, and compared with
     the measured values by cosine similarity.
     """
-    imputed = impute_graph(indices, weights, reference_shared, dtype=np.float64)
+    imputed = impute_graph(indices, weights, reference_shared)
     imputed = imputed.map_blocks(scoring.round_like_scimpute, dtype=np.float64)
     query_shared = _single_chunk_columns(query_shared.rechunk({0: indices.chunks[0]}))
     return da.blockwise(

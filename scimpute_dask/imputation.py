@@ -44,7 +44,7 @@ def weighted_mean(
     indices: np.ndarray,
     weights: np.ndarray,
     reference: np.ndarray,
-    dtype: type = np.float32,
+    dtype: type = np.float64,
 ) -> np.ndarray:
     """Weighted mean of the neighbours' rows, accumulated in float64.
 

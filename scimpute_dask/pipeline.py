@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,16 +92,6 @@ def _store_for(
                 export.link_tree(previous, target)
     return convert(src, target, layout=layout, restart=restart, progress=progress,
                    memory_limit=memory_limit)
-
-
-def _cluster_codes(
-    identities: pd.Series | None, q_cells: np.ndarray, r_cells: np.ndarray, labels: tuple[str, str]
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if identities is None:
-        return None, None
-    q = clusters_of(q_cells, identities, labels[0], labels[1])
-    r = clusters_of(r_cells, identities, labels[2], labels[1])
-    return q, r
 
 
 def _digest(values: np.ndarray) -> str:
@@ -214,6 +203,7 @@ def run_imputation(
     reference_layout: Layout = "genes_x_cells",
     reference_chunk_size: int | None = None,
     gene_chunk_size: int | None = None,
+    tsv_genes: str | list[str] | None = "all",
     restart: bool = False,
     progress: bool = False,
 ) -> RunResult:
@@ -251,8 +241,14 @@ def run_imputation(
     reference_chunk_size, gene_chunk_size
         Reference cells per similarity tile and genes per imputation block;
         derived from the budget when not given.
+    tsv_genes
+        Reference genes written to ``imputation.tsv``: ``"all"`` (scimpute's
+        table), a list of gene names, or ``None``/``"none"`` for no text table
+        (the Zarr store always holds every gene; text is the slowest and
+        largest output at scale).
     restart
-        Discard the conversions of an interrupted run and start afresh.
+        Discard what an interrupted run left (conversions, finished kNN and
+        imputation blocks) and start afresh.
     progress
         Show progress bars.
 
@@ -278,139 +274,195 @@ def run_imputation(
     outdir = Path(outdir).absolute()
     export.check_output_dir(outdir)
     work = export.work_dir_for(outdir)
-    if restart and work.exists():
-        shutil.rmtree(work)
-    table = read_identities(identities, cell_name_column_idx) if identities is not None else None
-    table_label = "identity table" if isinstance(identities, pd.DataFrame) else str(identities)
-
-    q_label = "query DataFrame" if isinstance(query, pd.DataFrame) else str(query)
-    r_label = "reference DataFrame" if isinstance(reference, pd.DataFrame) else str(reference)
 
     # 1. Every name-level check, in seconds, before any value is parsed.
+    inputs = _check_inputs(query, reference, identities, cell_name_column_idx, k,
+                           consider_clusters, query_layout, reference_layout, tsv_genes)
+    lap("check")
+
+    with export.exclusive(work):
+        if restart:
+            export.clear_work_dir(work, keep=set())
+        else:
+            export.clear_work_dir(work, keep=set(RESUMABLE))
+        # 2. Inputs to Zarr (checks every value; reuses finished conversions).
+        q_store = _store_for(query, "query", work, outdir, query_layout, restart, progress,
+                             limit)
+        r_store = _store_for(reference, "reference", work, outdir, reference_layout, restart,
+                             progress, limit)
+        lap("convert")
+
+        blocks = plan.plan_run(limit, len(inputs.q_cells), len(inputs.r_cells),
+                               len(inputs.q_cols), len(inputs.r_genes), query_chunk=chunk_size,
+                               reference_chunk=reference_chunk_size,
+                               gene_chunk=gene_chunk_size)
+        with _compute_context(progress, blocks.threads):
+            scores = _compute(work / "zarr", q_store, r_store, inputs, blocks, k,
+                              consider_clusters, lap)
+
+        # 6. Export, streamed from the stores.
+        stats = summary_stats(scores)
+        files = _export(work, inputs, blocks.query_chunk, save_chunks, scores, stats)
+        lap("export")
+        export.write_manifest(work / export.MANIFEST, {
+            "scimpute_dask": __version__,
+            "query": inputs.q_label, "reference": inputs.r_label,
+            "identities": inputs.table_label,
+            "parameters": {"k": k, "consider_clusters": consider_clusters,
+                           "chunk_size": blocks.query_chunk, "memory_limit": limit,
+                           "threads": blocks.threads,
+                           "reference_chunk_size": blocks.reference_chunk,
+                           "gene_chunk_size": blocks.gene_chunk, "save_chunks": save_chunks,
+                           "tsv_genes": tsv_genes if isinstance(tsv_genes, str | None)
+                           else list(tsv_genes)},
+            "shape": {"query_cells": len(inputs.q_cells),
+                      "reference_cells": len(inputs.r_cells),
+                      "reference_genes": len(inputs.r_genes),
+                      "shared_genes": len(inputs.q_cols)},
+            "unimputable_cells": int(np.isnan(scores).sum()),
+            "stats": stats,
+            "timings_s": timings,
+            "outputs": sorted(p.name for p in work.iterdir() if p.name != ".lock"),
+        })
+        export.publish(work, outdir)
+    files = {name: outdir / path.relative_to(work) for name, path in files.items()}
+    return RunResult(outdir, files, len(inputs.q_cells), len(inputs.r_cells),
+                     len(inputs.r_genes), len(inputs.q_cols),
+                     list(inputs.q_cells[np.isnan(scores)]), stats, timings)
+
+
+#: Stores of the work directory that a rerun resumes rather than rebuilds.
+RESUMABLE = ("query.zarr", "reference.zarr", "neighbors.zarr", "imputed.zarr")
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Names, labels and matched ids of a run's inputs, checked before any parsing."""
+
+    q_label: str
+    r_label: str
+    table_label: str | None
+    q_cells: np.ndarray
+    r_cells: np.ndarray
+    r_genes: np.ndarray
+    q_cols: np.ndarray  # shared genes: positions in the query...
+    r_cols: np.ndarray  # ...and in the reference, in reference order
+    q_ids: np.ndarray | None
+    r_ids: np.ndarray | None
+    tsv_cols: np.ndarray | None  # reference genes written to imputation.tsv; None = no TSV
+
+
+def _label(source, role: str) -> str:
+    return f"{role} DataFrame" if isinstance(source, pd.DataFrame) else str(source)
+
+
+def _check_inputs(query, reference, identities, cell_name_column_idx, k, consider_clusters,
+                  query_layout, reference_layout, tsv_genes) -> _Inputs:
+    table = read_identities(identities, cell_name_column_idx) if identities is not None else None
+    table_label = None if table is None else _label(identities, "identity table")
+    q_label, r_label = _label(query, "query"), _label(reference, "reference")
     q_cells, q_genes = read_names(query, query_layout, name=q_label)
     r_cells, r_genes = read_names(reference, reference_layout, name=r_label)
     q_cols, r_cols = shared_genes(q_genes, r_genes, q_label, r_label)
-    q_ids, r_ids = _cluster_codes(table, q_cells, r_cells, (q_label, table_label, r_label))
+    q_ids = r_ids = None
+    if table is not None:
+        q_ids = clusters_of(q_cells, table, q_label, table_label)
+        r_ids = clusters_of(r_cells, table, r_label, table_label)
     check_k(k, q_ids if consider_clusters else None, r_ids if consider_clusters else None,
             len(r_cells))
-    lap("check")
-
-    # 2. Inputs to Zarr (checks every value; reuses finished conversions).
-    work.mkdir(parents=True, exist_ok=True)
-    q_store = _store_for(query, "query", work, outdir, query_layout, restart, progress, limit)
-    r_store = _store_for(reference, "reference", work, outdir, reference_layout, restart,
-                         progress, limit)
-    lap("convert")
-
-    n_q, n_r, n_g = len(q_cells), len(r_cells), len(r_genes)
-    blocks = plan.plan_run(limit, n_q, n_r, len(q_cols), n_g, query_chunk=chunk_size,
-                           reference_chunk=reference_chunk_size, gene_chunk=gene_chunk_size)
-    chunk_size, ref_block, gene_block = (blocks.query_chunk, blocks.reference_chunk,
-                                         blocks.gene_chunk)
-
-    q_shared = q_store.to_dask()[:, q_cols].rechunk((chunk_size, -1))
-    r_shared = r_store.to_dask()[:, r_cols].rechunk((ref_block, -1))
-    zarr_dir = work / "zarr"
-
-    with _compute_context(progress, blocks.threads):
-        # 3. kNN on the shared genes.
-        q_codes = r_codes = codes = None
-        if consider_clusters:
-            codes, _ = pd.factorize(np.concatenate([q_ids, r_ids]))
-            q_codes = da.from_array(codes[:n_q], chunks=chunk_size)
-            r_codes = da.from_array(codes[n_q:], chunks=ref_block)
-        indices, similarity = graph.knn_graph(q_shared, r_shared, k, q_codes, r_codes)
-        knn_key = {"query": q_store.fingerprint, "reference": r_store.fingerprint, "k": k,
-                   "clusters": _digest(codes) if consider_clusters else None,
-                   "chunks": [chunk_size, ref_block]}
-        log.info("finding %d nearest neighbours of %d query cells", k, n_q)
-        nbrs = store_stage(
-            zarr_dir / "neighbors.zarr",
-            {"indices": (indices, -1), "weights": (similarity_to_weight(similarity), np.nan)},
-            knn_key,
-            {"k": k, "consider_clusters": consider_clusters, "weight": "cosine similarity + 1"},
-        )
-        _names_array(nbrs, "obs_names", q_cells)
-        lap("knn")
-
-        indices = da.from_zarr(nbrs["indices"])
-        weights = da.from_zarr(nbrs["weights"])
-
-        # 4. Imputation of every reference gene, streamed to Zarr.
-        imputed = graph.impute_graph(indices, weights, r_store.to_dask((n_r, gene_block)),
-                                     dtype=np.float64)
-        log.info("imputing %d genes", n_g)
-        out = store_stage(
-            zarr_dir / "imputed.zarr", {"X": (imputed, np.nan)},
-            {**knn_key, "genes": gene_block},
-            {"format": "scimpute-dask-expression", "fingerprint": {"source": "imputation"}},
-        )
-        _names_array(out, "obs_names", q_cells)
-        _names_array(out, "var_names", r_genes)
-        lap("impute")
-
-        # 5. scimpute's validation score per query cell.
-        scores = graph.scores_graph(
-            indices, weights, r_store.to_dask((n_r, n_g))[:, r_cols], q_shared
-        ).compute()
-        lap("score")
-
-    # 6. Export, streamed from the stores.
-    files = _export(work, outdir, q_cells, r_cells, r_genes, q_ids, chunk_size, save_chunks,
-                    scores)
-    unimputable = list(q_cells[np.isnan(scores)])
-    stats = summary_stats(scores)
-    lap("export")
-    export.write_manifest(work / export.MANIFEST, {
-        "scimpute_dask": __version__,
-        "query": q_label, "reference": r_label, "identities": table_label if table is not None
-        else None,
-        "parameters": {"k": k, "consider_clusters": consider_clusters, "chunk_size": chunk_size,
-                       "memory_limit": limit, "threads": blocks.threads,
-                       "reference_chunk_size": ref_block, "gene_chunk_size": gene_block,
-                       "save_chunks": save_chunks},
-        "shape": {"query_cells": n_q, "reference_cells": n_r, "reference_genes": n_g,
-                  "shared_genes": len(q_cols)},
-        "unimputable_cells": len(unimputable),
-        "stats": stats,
-        "timings_s": timings,
-    })
-    export.publish(work, outdir)
-    files = {name: outdir / path.relative_to(work) for name, path in files.items()}
-    return RunResult(outdir, files, n_q, n_r, n_g, len(q_cols), unimputable, stats, timings)
+    return _Inputs(q_label, r_label, table_label, q_cells, r_cells, r_genes, q_cols, r_cols,
+                   q_ids, r_ids, _tsv_columns(tsv_genes, r_genes, r_label))
 
 
-def _export(
-    work: Path,
-    outdir: Path,
-    q_cells: np.ndarray,
-    r_cells: np.ndarray,
-    r_genes: np.ndarray,
-    q_ids: np.ndarray | None,
-    chunk_size: int,
-    save_chunks: bool,
-    scores: np.ndarray,
-) -> dict[str, Path]:
+def _tsv_columns(tsv_genes, r_genes: np.ndarray, r_label: str) -> np.ndarray | None:
+    if tsv_genes is None or (isinstance(tsv_genes, str) and tsv_genes == "none"):
+        return None
+    if isinstance(tsv_genes, str) and tsv_genes == "all":
+        return np.arange(len(r_genes))
+    wanted = pd.Index([tsv_genes] if isinstance(tsv_genes, str) else list(tsv_genes))
+    pos = pd.Index(r_genes).get_indexer(wanted)
+    if (pos < 0).any():
+        missing = ", ".join(f"'{g}'" for g in wanted[pos < 0][:5])
+        raise InputError(f"genes requested for imputation.tsv are not in {r_label}: {missing}")
+    return pos
+
+
+def _compute(zarr_dir: Path, q_store: ExpressionStore, r_store: ExpressionStore,
+             inputs: _Inputs, blocks: plan.Plan, k: int, consider_clusters: bool,
+             lap) -> np.ndarray:
+    """Stages 3–5: kNN and imputation stored to Zarr (resumably), then the scores."""
+    bq, br, gb = blocks.query_chunk, blocks.reference_chunk, blocks.gene_chunk
+    n_q, n_r = len(inputs.q_cells), len(inputs.r_cells)
+    q_shared = q_store.to_dask()[:, inputs.q_cols].rechunk((bq, -1))
+    r_shared = r_store.to_dask()[:, inputs.r_cols].rechunk((br, -1))
+
+    # 3. kNN on the shared genes.
+    q_codes = r_codes = codes = None
+    if consider_clusters:
+        codes, _ = pd.factorize(np.concatenate([inputs.q_ids, inputs.r_ids]))
+        q_codes = da.from_array(codes[:n_q], chunks=bq)
+        r_codes = da.from_array(codes[n_q:], chunks=br)
+    indices, similarity = graph.knn_graph(q_shared, r_shared, k, q_codes, r_codes)
+    knn_key = {"query": q_store.fingerprint, "reference": r_store.fingerprint, "k": k,
+               "clusters": _digest(codes) if consider_clusters else None, "chunks": [bq, br]}
+    log.info("finding %d nearest neighbours of %d query cells", k, n_q)
+    nbrs = store_stage(
+        zarr_dir / "neighbors.zarr",
+        {"indices": (indices, -1), "weights": (similarity_to_weight(similarity), np.nan)},
+        knn_key,
+        {"k": k, "consider_clusters": consider_clusters, "weight": "cosine similarity + 1"},
+    )
+    _names_array(nbrs, "obs_names", inputs.q_cells)
+    lap("knn")
+
+    # 4. Imputation of every reference gene, streamed to Zarr.
+    indices, weights = da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"])
+    imputed = graph.impute_graph(indices, weights, r_store.to_dask((n_r, gb)))
+    log.info("imputing %d genes", len(inputs.r_genes))
+    out = store_stage(
+        zarr_dir / "imputed.zarr", {"X": (imputed, np.nan)}, {**knn_key, "genes": gb},
+        {"format": "scimpute-dask-expression", "fingerprint": {"source": "imputation"}},
+    )
+    _names_array(out, "obs_names", inputs.q_cells)
+    _names_array(out, "var_names", inputs.r_genes)
+    lap("impute")
+
+    # 5. scimpute's validation score per query cell.
+    scores = graph.scores_graph(indices, weights, r_shared, q_shared).compute()
+    lap("score")
+    return scores
+
+
+def _export(work: Path, inputs: _Inputs, chunk_size: int, save_chunks: bool,
+            scores: np.ndarray, stats: dict[str, float]) -> dict[str, Path]:
+    """Write scimpute's files into the work directory, streaming from the stores."""
     zarr_dir = work / "zarr"
     imputed = zarr.open_group(zarr_dir / "imputed.zarr", mode="r")["X"]
     nbrs = zarr.open_group(zarr_dir / "neighbors.zarr", mode="r")
-    n_q = len(q_cells)
-    starts = range(0, n_q, chunk_size)
+    q_cells = inputs.q_cells
+    starts = range(0, len(q_cells), chunk_size)
+    files: dict[str, Path] = {}
 
-    def imputed_blocks():
-        for lo in starts:
-            yield q_cells[lo : lo + chunk_size], round_like_scimpute(imputed[lo : lo + chunk_size])
+    if inputs.tsv_cols is not None:
+        cols = inputs.tsv_cols
+        every = len(cols) == len(inputs.r_genes)
 
-    files = {"imputation": work / "imputation.tsv"}
-    if save_chunks:
-        files["chunks"] = work / "imputations"
-    export.write_matrix_tsv(files["imputation"], imputed_blocks(), r_genes,
-                            chunk_dir=files.get("chunks"), n_chunks=len(starts))
+        def imputed_blocks():
+            for lo in starts:
+                block = imputed[lo : lo + chunk_size]
+                yield q_cells[lo : lo + chunk_size], round_like_scimpute(
+                    block if every else block[:, cols])
 
-    if q_ids is None:
-        labels, q_codes = np.array(["NA"]), np.zeros(n_q, dtype=np.int64)
+        files["imputation"] = work / "imputation.tsv"
+        if save_chunks:
+            files["chunks"] = work / "imputations"
+        export.write_matrix_tsv(files["imputation"], imputed_blocks(), inputs.r_genes[cols],
+                                chunk_dir=files.get("chunks"), n_chunks=len(starts))
+
+    if inputs.q_ids is None:
+        labels, q_codes = np.array(["NA"]), np.zeros(len(q_cells), dtype=np.int64)
     else:
-        q_codes, labels = pd.factorize(q_ids)
+        q_codes, labels = pd.factorize(inputs.q_ids)
 
     def neighbour_blocks():
         for lo in starts:
@@ -421,12 +473,12 @@ def _export(
             yield q_codes[cells], cells, idx[rows, slot], w[rows, slot]
 
     files["sim_matrix"] = work / "sim_matrix.tsv"
-    export.write_neighbours_tsv(files["sim_matrix"], np.asarray(labels), q_cells, r_cells,
-                                neighbour_blocks())
+    export.write_neighbours_tsv(files["sim_matrix"], np.asarray(labels), q_cells,
+                                inputs.r_cells, neighbour_blocks())
     files["scores"] = work / "scores.txt"
     export.write_scores(files["scores"], scores)
     files["stats"] = work / "stats.txt"
-    export.write_stats(files["stats"], summary_stats(scores))
+    export.write_stats(files["stats"], stats)
     files["histogram"] = work / export.HISTOGRAM
     export.write_histogram(files["histogram"], scores)
     files["unimputable"] = work / "unimputable_cells.txt"
