@@ -234,7 +234,7 @@ def impute_expression(
     if not isinstance(sim, pd.DataFrame):
         if not Path(sim).exists():
             raise InputError(f"{sim}: file not found")
-        sim = pd.read_csv(sim, sep="\t")
+        sim = pd.read_csv(sim, sep="\t", dtype={"x": str, "y": str, "cluster": str})
     indices, weights = _neighbour_arrays(sim, x.index.astype(str), y.index.astype(str))
     imputed = graph.impute_graph(
         da.from_array(indices, chunks=(chunk_size, -1)),
@@ -276,7 +276,7 @@ def merge_imputation_chunks(
     export.merge_chunk_tables(chunkdir, outdir / "imputation.tsv")
     if not save_chunks:
         shutil.rmtree(chunkdir)
-    return pd.read_csv(outdir / "imputation.tsv", sep="\t", index_col=0)
+    return pd.read_csv(outdir / "imputation.tsv", sep="\t", index_col=0, dtype={0: str})
 
 
 def validate_results(
@@ -300,7 +300,7 @@ def validate_results(
     if not isinstance(imputed, pd.DataFrame):
         if not Path(imputed).exists():
             raise InputError(f"{imputed}: file not found")
-        imputed = pd.read_csv(imputed, sep="\t", index_col=0)
+        imputed = pd.read_csv(imputed, sep="\t", index_col=0, dtype={0: str})
     if "cell" in imputed.columns:
         imputed = imputed.set_index("cell")
     missing = imputed.index.difference(x.index.astype(str))

@@ -249,10 +249,13 @@ def _anndata(src: Path):
 def file_fingerprint(path: Path, **options: object) -> dict:
     """What identifies a conversion: the file's identity and the reading options."""
     st = path.stat()
+    # ctime cannot be set back by cp -p, rsync -a or tar, unlike mtime
     return {
         "source": str(path.resolve()),
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
         "format_version": FORMAT_VERSION,
         **options,
     }
@@ -269,6 +272,10 @@ def _existing(store: Path, fingerprint: dict, restart: bool, label: str) -> zarr
         return None
     group = zarr.open_group(store, mode="r+")
     old = dict(group.attrs).get("fingerprint")
+    if old is None:
+        # killed before its first record: nothing to resume
+        shutil.rmtree(store)
+        return None
     if old != fingerprint:
         raise InputError(
             f"{store} holds a conversion of a different input than {label} "
@@ -343,9 +350,9 @@ def scan_text(path: Path, sep: str, label: str, row_kind: str, col_kind: str) ->
         fields = header.rstrip(b"\r\n").split(sep_b)
         n_fields = len(fields)
         for lineno, line in enumerate(fh, start=2):
-            line = line.rstrip(b"\r\n")
-            if not line:
+            if _blank(line):
                 continue
+            line = line.rstrip(b"\r\n")
             n = line.count(sep_b) + 1
             if not rows:
                 # pandas convention: a header one field short has no corner label
@@ -370,14 +377,19 @@ def scan_text(path: Path, sep: str, label: str, row_kind: str, col_kind: str) ->
     return _TextLayout(columns=columns, rows=row_names, header_bytes=header_bytes)
 
 
+def _blank(line: bytes) -> bool:
+    """Blank lines are skipped; the scan and the conversion must agree on which."""
+    return not line.strip()
+
+
 def _read_lines(fh: io.BufferedReader, n: int) -> tuple[bytes, int]:
-    """Read up to ``n`` non-empty lines; return them and how many were read."""
+    """Read up to ``n`` non-blank lines; return them and how many were read."""
     out: list[bytes] = []
     while len(out) < n:
         line = fh.readline()
         if not line:
             break
-        if line.strip():
+        if not _blank(line):
             out.append(line)
     return b"".join(out), len(out)
 
@@ -440,6 +452,9 @@ def _convert_text(
         fh.seek(offset)
         while done < len(rows):
             text, n = _read_lines(fh, block_rows)
+            if n == 0:
+                raise InputError(f"{label}: the file changed during conversion (it ended after "
+                                 f"{done} of {len(rows)} rows); convert it again")
             block = _parse_block(
                 text, sep, rows[done : done + n], cols, label, row_kind, col_kind
             )

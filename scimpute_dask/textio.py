@@ -100,7 +100,8 @@ def _parse_field(buf, start, end, pow10):  # pragma: no cover - compiled
     elif 0 < exp10 <= 22:
         value *= pow10[exp10]
     elif -22 <= exp10 < 0:
-        value /= pow10[-exp10]  # exact operands, one rounding: correctly rounded
+        # one rounding when the mantissa is exact (< 2**53, up to 15 digits)
+        value /= pow10[-exp10]
     else:
         value *= 10.0**exp10
     return (-value if neg else value), True

@@ -94,8 +94,8 @@ def read_identities(
     """
     if isinstance(source, pd.DataFrame):
         label = "identity table (DataFrame)"
-        if "id" in source.columns and not isinstance(source.index, pd.RangeIndex):
-            # As returned by scimpute's read_inputs: cell names already form the index.
+        if "id" in source.columns and source.index.name is not None:
+            # As scimpute's read_inputs returns it: a named index of cell names.
             table = source.reset_index()
             cell_name_column_idx = 0
         else:

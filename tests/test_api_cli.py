@@ -88,3 +88,19 @@ def test_merge_keeps_row_order_past_a_thousand_chunks(tmp_path):
     merged = scimpute_dask.merge_imputation_chunks(chunks, tmp_path, save_chunks=True)
     assert list(merged.index) == [f"c{i}" for i in range(1003)]
     assert list(merged.columns) == ["g"]
+
+
+def test_step_wise_api_keeps_numeric_cell_names_as_strings(tmp_path, small_pair):
+    q = small_pair.query.set_axis([f"{i:04d}" for i in range(257)])
+    r = small_pair.reference.set_axis([f"{i:05d}" for i in range(311)])
+    ids = pd.DataFrame({"cell": [*q.index, *r.index],
+                        "id": [*small_pair.identities["id"]]})
+    sim = scimpute_dask.similarity_matrix(q, r, ids, 0, tmp_path, k_neighbors=3)
+    (tmp_path / "sim.tsv").write_bytes((tmp_path / "sim_matrix.tsv").read_bytes())
+    table = scimpute_dask.impute_expression(q, r, tmp_path / "sim.tsv", tmp_path)
+    assert table["cell"].iloc[0] == "0000"
+    final = scimpute_dask.merge_imputation_chunks(tmp_path, tmp_path)
+    assert final.index[0] == "0000"
+    scores = scimpute_dask.validate_results(q, tmp_path / "imputation.tsv", tmp_path)
+    assert np.isfinite(scores).sum() > 250
+    assert len(sim) == 3 * 257

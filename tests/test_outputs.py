@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+import pandas as pd
 import pytest
+import zarr
 
 from scimpute_dask import InputError, export, run_imputation
 
@@ -55,3 +57,40 @@ def test_foreign_directory_is_never_replaced(tmp_path, small_inputs):
         _run(small_inputs, out)
     assert (out / "notes.txt").read_text() == "keep me"
     assert os.listdir(out) == ["notes.txt"]
+
+
+def test_a_file_added_to_a_previous_output_is_never_deleted(tmp_path, small_inputs):
+    out = tmp_path / "out"
+    _run(small_inputs, out)
+    (out / "my_notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"my_notes\.txt"):
+        _run(small_inputs, out)
+    assert (out / "my_notes.txt").read_text() == "mine"
+
+
+def test_two_runs_into_one_directory_do_not_interleave(tmp_path, small_inputs):
+    out = tmp_path / "out"
+    with export.exclusive(export.work_dir_for(out.absolute())), \
+            pytest.raises(InputError, match="another scimpute-dask run"):
+        _run(small_inputs, out)
+
+
+def test_tsv_restricted_to_chosen_genes_or_skipped(tmp_path, small_inputs):
+    genes = list(small_inputs.reference_df.columns[[5, 0, 77]])
+    full = tmp_path / "full"
+    _run(small_inputs, full)
+    chosen = tmp_path / "chosen"
+    _run(small_inputs, chosen, tsv_genes=genes)
+    a = pd.read_csv(full / "imputation.tsv", sep="\t", index_col=0)
+    b = pd.read_csv(chosen / "imputation.tsv", sep="\t", index_col=0)
+    assert list(b.columns) == genes
+    pd.testing.assert_frame_equal(a[genes], b)
+    assert (chosen / "scores.txt").read_bytes() == (full / "scores.txt").read_bytes()
+
+    none = tmp_path / "none"
+    result = _run(small_inputs, none, tsv_genes=None)
+    assert not (none / "imputation.tsv").exists()
+    assert "imputation" not in result.files
+    assert zarr.open_group(none / "zarr" / "imputed.zarr", mode="r")["X"].shape == (257, 120)
+    with pytest.raises(InputError, match="'nope'"):
+        _run(small_inputs, tmp_path / "bad", tsv_genes=["nope"])
