@@ -1,12 +1,16 @@
-"""Time and peak memory of a whole ``scimpute-dask run`` on synthetic data.
+"""Time, peak memory and kNN efficiency of whole ``scimpute-dask run``s on synthetic data.
 
-Generates a spatial/single-cell pair of the requested size (scimpute TSVs),
-runs the CLI in a child process and prints wall time per stage (from the run's
-``run.json``), total wall time and the child's peak resident memory.
+For each query size, generates a spatial query (scimpute TSV, panel genes
+only) against one single-cell reference, runs the CLI in a child process and
+prints wall time per stage (from the run's ``run.json``), total, the child's
+own peak RSS, and the kNN stage's achieved GFLOP/s next to the floor: a plain
+NumPy float32 matrix product on the same tile shapes, measured in the same
+run. A Markdown table of all runs closes the output.
 
-Example (the figure quoted in the README)::
+Examples (the figures quoted in the README)::
 
     python benchmarks/bench_run.py --query-cells 20000 --reference-cells 5000 --genes 2000
+    python benchmarks/bench_run.py --query-cells 10000 100000 1000000 --memory-limit 4GB
 """
 
 from __future__ import annotations
@@ -16,78 +20,119 @@ import json
 import multiprocessing
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from scimpute_dask.synthetic import make_pair, write_scimpute_tsv
 
 
-def _generate(work: Path, args: argparse.Namespace) -> None:
-    pair = make_pair(args.query_cells, args.reference_cells, args.genes, args.panel,
-                     n_types=args.types, seed=0)
-    write_scimpute_tsv(pair.query, work / "query.tsv")
-    write_scimpute_tsv(pair.reference, work / "reference.tsv")
-    pair.identities.to_csv(work / "ids.tsv", sep="\t", index=False)
+def _generate(work: Path, n_query: int, args: argparse.Namespace, reference: bool) -> None:
+    pair = make_pair(n_query, args.reference_cells, args.genes, args.panel,
+                     n_types=args.types, seed=0, truth=False)
+    write_scimpute_tsv(pair.query, work / f"query_{n_query}.tsv")
+    pair.identities.to_csv(work / f"ids_{n_query}.tsv", sep="\t", index=False)
+    if reference:
+        write_scimpute_tsv(pair.reference, work / "reference.tsv")
+
+
+def _in_child(target, *args) -> None:
+    # A separate process: Linux carries a parent's high-water RSS into an
+    # exec'd child, so this process must stay small for the measurement.
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    proc.start()
+    proc.join()
+    if proc.exitcode:
+        raise SystemExit(f"data generation failed ({proc.exitcode})")
 
 
 def _run_measured(cmd: list[str]) -> float:
-    """Run ``cmd``; return its own peak RSS in MiB.
-
-    Linux carries the parent's high-water RSS into a child at exec, so the
-    inputs are generated in a separate process and this one stays small.
-    """
+    """Run ``cmd``; return its own peak RSS in MiB."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
     return usage.ru_maxrss / 1024
+
+
+def _sgemm_floor(bq: int, br: int, g: int, seconds: float = 3.0) -> float:
+    """GFLOP/s of NumPy's float32 product on one (bq × g) @ (g × br) tile shape."""
+    rng = np.random.default_rng(0)
+    a = rng.random((bq, g), dtype=np.float32)
+    b = rng.random((br, g), dtype=np.float32)
+    a @ b.T
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b.T
+        n += 1
+    return 2.0 * bq * br * g * n / (time.perf_counter() - t0) / 1e9
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--query-cells", type=int, default=20000)
-    p.add_argument("--reference-cells", type=int, default=5000)
+    p.add_argument("--query-cells", type=int, nargs="+", default=[20000])
+    p.add_argument("--reference-cells", type=int, default=30000)
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--panel", type=int, default=300)
     p.add_argument("--types", type=int, default=12)
     p.add_argument("--k", type=int, default=25)
-    p.add_argument("--no-clusters", action="store_true")
-    p.add_argument("--chunk-size", type=int, default=1000)
+    p.add_argument("--clusters", choices=["both", "yes", "no"], default="both")
+    p.add_argument("--memory-limit", default=None, help="passed to the run (e.g. 4GB)")
+    p.add_argument("--tsv-genes", default="all", help="passed to the run")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where to write inputs and outputs (default: a temporary directory)")
     args = p.parse_args()
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        gen = multiprocessing.get_context("spawn").Process(target=_generate, args=(work, args))
-        gen.start()
-        gen.join()
-        print(f"generated inputs in {time.perf_counter() - t0:.1f} s "
-              f"(query.tsv {(work / 'query.tsv').stat().st_size / 2**20:.0f} MiB, "
-              f"reference.tsv {(work / 'reference.tsv').stat().st_size / 2**20:.0f} MiB)")
-        cmd = ["scimpute-dask", "run", "--query", str(work / "query.tsv"),
-               "--reference", str(work / "reference.tsv"), "--identities", str(work / "ids.tsv"),
-               "--name-column", "0", "--out", str(work / "out"), "--k", str(args.k),
-               "--chunk-size", str(args.chunk_size), "--quiet", "--restart"]
-        if args.no_clusters:
-            cmd.append("--no-clusters")
-        print("$", " ".join(cmd))
-        t0 = time.perf_counter()
-        peak_mib = _run_measured(cmd)
-        wall = time.perf_counter() - t0
-        record = json.loads((work / "out" / "run.json").read_text())
-        print(f"shape: {args.query_cells} query × {args.reference_cells} reference cells × "
-              f"{args.genes} genes ({args.panel} panel), k={args.k}, "
-              f"clusters={'no' if args.no_clusters else args.types}")
-        for stage, seconds in record["timings_s"].items():
-            print(f"  {stage:<8} {seconds:8.1f} s")
-        print(f"  total    {wall:8.1f} s   peak RSS {peak_mib:,.0f} MiB")
-    sys.stdout.flush()
+        for i, n_query in enumerate(args.query_cells):
+            t0 = time.perf_counter()
+            _in_child(_generate, work, n_query, args, i == 0)
+            q = work / f"query_{n_query}.tsv"
+            print(f"generated {n_query} query cells in {time.perf_counter() - t0:.0f} s "
+                  f"({q.stat().st_size / 2**20:,.0f} MiB of TSV)", flush=True)
+            for clustered in {"both": (True, False), "yes": (True,), "no": (False,)}[
+                    args.clusters]:
+                out = work / f"out_{n_query}_{'cl' if clustered else 'all'}"
+                cmd = ["scimpute-dask", "run", "--query", str(q),
+                       "--reference", str(work / "reference.tsv"),
+                       "--identities", str(work / f"ids_{n_query}.tsv"), "--out", str(out),
+                       "--k", str(args.k), "--tsv-genes", args.tsv_genes, "--quiet",
+                       "--restart"]
+                cmd += [] if clustered else ["--no-clusters"]
+                cmd += ["--memory-limit", args.memory_limit] if args.memory_limit else []
+                print("$", " ".join(cmd), flush=True)
+                t0 = time.perf_counter()
+                peak = _run_measured(cmd)
+                wall = time.perf_counter() - t0
+                record = json.loads((out / "run.json").read_text())
+                params, stages = record["parameters"], record["timings_s"]
+                floor = _sgemm_floor(params["chunk_size"], params["reference_chunk_size"],
+                                     args.panel)
+                flops = 2.0 * n_query * args.reference_cells * args.panel
+                knn_rate = flops / stages["knn"] / 1e9
+                for stage, seconds in stages.items():
+                    print(f"  {stage:<8} {seconds:8.1f} s")
+                print(f"  total    {wall:8.1f} s   peak RSS {peak:,.0f} MiB")
+                print(f"  kNN {knn_rate:.1f} GFLOP/s {'(all-pairs equivalent) ' * clustered}"
+                      f"vs sgemm floor {floor:.1f} GFLOP/s on {params['chunk_size']} × "
+                      f"{params['reference_chunk_size']} tiles", flush=True)
+                rows.append((n_query, clustered, stages, wall, peak, knn_rate, floor))
+                for path in out.rglob("*"):  # the next size needs the disk
+                    if path.is_file():
+                        path.unlink()
+
+    print("\n| query cells | clusters | convert | kNN | impute | export | total | peak RSS "
+          "| kNN GFLOP/s (floor) |\n|---|---|---|---|---|---|---|---|---|")
+    for n_query, clustered, st, wall, peak, rate, floor in rows:
+        print(f"| {n_query:,} | {'yes' if clustered else 'no'} | {st['convert']:.0f} s "
+              f"| {st['knn']:.0f} s | {st['impute']:.0f} s | {st['export']:.0f} s "
+              f"| {wall:.0f} s | {peak / 1024:.2f} GiB | {rate:.0f} ({floor:.0f}) |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the similarity exists one ``(query block × reference block)`` tile at a time.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import dask.array as da
@@ -75,14 +76,17 @@ def knn_graph(
     if query_clusters is not None:
         args += [query_clusters.rechunk((query.chunks[0],)), "i",
                  reference_clusters.rechunk((reference.chunks[0],)), "j"]
-    tiles = da.blockwise(
-        partial(_pair_topk, k=k), "ijp", *args,
-        new_axes={"p": 2},
-        adjust_chunks={"j": k},
-        concatenate=True,
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0), dtype=np.float64),
-    )
+    with warnings.catch_warnings():
+        # one (k, 2) list per tile is the point of the tiling, not a chunking accident
+        warnings.simplefilter("ignore", da.PerformanceWarning)
+        tiles = da.blockwise(
+            partial(_pair_topk, k=k), "ijp", *args,
+            new_axes={"p": 2},
+            adjust_chunks={"j": k},
+            concatenate=True,
+            dtype=np.float64,
+            meta=np.empty((0, 0, 0), dtype=np.float64),
+        )
     merged = da.reduction(
         tiles,
         chunk=_keep,

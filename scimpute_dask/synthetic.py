@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from . import textio
+
 
 @dataclass
 class SyntheticPair:
@@ -23,7 +25,7 @@ class SyntheticPair:
     query: pd.DataFrame  # cells × panel genes, CPM
     reference: pd.DataFrame  # cells × all genes, CPM
     identities: pd.DataFrame  # columns: cell, id
-    truth: pd.DataFrame  # query cells × all genes: the expected CPM of each cell's type
+    truth: pd.DataFrame | None  # query cells × all genes: expected CPM of each cell's type
 
 
 def _cpm(counts: np.ndarray) -> np.ndarray:
@@ -43,6 +45,7 @@ def make_pair(
     n_panel: int = 100,
     n_types: int = 6,
     seed: int = 0,
+    truth: bool = True,
 ) -> SyntheticPair:
     """Simulate a spatial query and a single-cell reference of the same tissue.
 
@@ -58,6 +61,11 @@ def make_pair(
         Cell types; each is one cluster of the identity table.
     seed
         Random seed.
+    truth
+        Also return the query's whole-transcriptome ground truth. Without it
+        the query is simulated on the panel genes only, block by block, so that
+        a million-cell query fits in memory (the counts follow the same law:
+        binomial thinning of a gamma-Poisson count is a gamma-Poisson count).
     """
     if not 0 < n_panel <= n_genes:
         raise ValueError(f"n_panel must be in 1..n_genes ({n_genes}), got {n_panel}")
@@ -78,15 +86,28 @@ def make_pair(
         names = np.array([f"{prefix}{i:06d}" for i in range(n)])
         return names, types, counts
 
+    def choose_panel() -> np.ndarray:
+        panel_markers = np.unique(markers[:, : max(1, n_panel // (2 * n_types))])[:n_panel]
+        rest = np.setdiff1d(np.arange(n_genes), panel_markers)
+        return np.sort(np.concatenate(
+            [panel_markers, rng.choice(rest, n_panel - len(panel_markers), replace=False)]
+        ))
+
     r_names, r_types, r_counts = cells(n_reference, 8000.0, "sc_")
-    q_names, q_types, q_counts = cells(n_query, 8000.0, "sp_")
-    panel_markers = np.unique(markers[:, : max(1, n_panel // (2 * n_types))])[:n_panel]
-    rest = np.setdiff1d(np.arange(n_genes), panel_markers)
-    panel = np.sort(np.concatenate(
-        [panel_markers, rng.choice(rest, n_panel - len(panel_markers), replace=False)]
-    ))
-    # Imaging detects a fraction of the molecules of the panel genes only.
-    measured = rng.binomial(q_counts[:, panel].astype(np.int64), 0.3).astype(np.float64)
+    if truth:
+        q_names, q_types, q_counts = cells(n_query, 8000.0, "sp_")
+        panel = choose_panel()
+        # Imaging detects a fraction of the molecules of the panel genes only.
+        measured = rng.binomial(q_counts[:, panel].astype(np.int64), 0.3).astype(np.float64)
+    else:
+        panel = choose_panel()
+        q_names = np.array([f"sp_{i:07d}" for i in range(n_query)])
+        q_types = rng.integers(0, n_types, n_query)
+        measured = np.empty((n_query, n_panel), dtype=np.float32)
+        for lo in range(0, n_query, 100_000):
+            t = q_types[lo : lo + 100_000]
+            libs = rng.lognormal(np.log(8000.0 * 0.3), 0.35, len(t))[:, None]
+            measured[lo : lo + len(t)] = _nb_counts(rng, programmes[t][:, panel] * libs, 4.0)
 
     identities = pd.DataFrame({
         "cell": np.concatenate([q_names, r_names]),
@@ -96,10 +117,17 @@ def make_pair(
         query=pd.DataFrame(_cpm(measured), index=q_names, columns=genes[panel]),
         reference=pd.DataFrame(_cpm(r_counts), index=r_names, columns=genes),
         identities=identities,
-        truth=pd.DataFrame(programmes[q_types] * 1e6, index=q_names, columns=genes),
+        truth=pd.DataFrame(programmes[q_types] * 1e6, index=q_names, columns=genes)
+        if truth else None,
     )
 
 
-def write_scimpute_tsv(frame: pd.DataFrame, path) -> None:
-    """Write a cells × genes DataFrame in scimpute's layout (genes as rows)."""
-    frame.T.to_csv(path, sep="\t", float_format="%.4f")
+def write_scimpute_tsv(frame: pd.DataFrame, path, decimals: int = 4) -> None:
+    """Write a cells × genes DataFrame in scimpute's layout (genes as rows), 4 decimals."""
+    values = np.round(frame.to_numpy(np.float64).T, decimals)
+    with open(path, "wb") as fh:
+        fh.write(("\t" + "\t".join(map(str, frame.index)) + "\n").encode())
+        step = max(1, 2**22 // max(1, values.shape[1]))
+        for lo in range(0, values.shape[0], step):
+            fh.write(textio.format_matrix(frame.columns[lo : lo + step], values[lo : lo + step],
+                                          decimals=decimals))
