@@ -149,7 +149,7 @@ def store_stage(
     path
         The stage's Zarr group.
     arrays
-        ``name -> (array, fill value)``; all with the same row and column blocks.
+        ``name -> (array, fill value)``: 2-D, all with the same row and column blocks.
     key
         What the stage's result depends on.
     attrs
@@ -162,8 +162,8 @@ def store_stage(
         for name, (arr, fill) in arrays.items():
             group.create_array(name, shape=arr.shape, dtype=arr.dtype,
                                chunks=tuple(c[0] for c in arr.chunks), fill_value=fill)
-        group.create_array("done", shape=first.numblocks[:2], dtype=bool,
-                           chunks=(1,) * len(first.numblocks[:2]), fill_value=False)
+        group.create_array("done", shape=first.numblocks, dtype=bool, chunks=(1, 1),
+                           fill_value=False)
         group.attrs.update({**attrs, "key": key, "complete": False})
     if group.attrs.get("complete"):
         return group
@@ -172,14 +172,18 @@ def store_stage(
     targets = [group[name] for name in arrays]
     # unoptimised, so that arrays computed from a shared graph share its keys
     delayed = [arr.to_delayed(optimize_graph=False) for arr, _ in arrays.values()]
-    offsets = [np.cumsum((0, *c)) for c in first.chunks[:2]]
-    tasks = []
-    for index in zip(*np.nonzero(~marked), strict=True):
-        index = tuple(int(i) for i in index)
-        region = tuple(slice(offsets[d][i], offsets[d][i + 1]) for d, i in enumerate(index))
-        blocks = [d[index + (0,) * (d.ndim - len(index))] for d in delayed]
-        tasks.append(dask.delayed(_write_blocks)(targets, done, index, region, *blocks))
-    dask.compute(*tasks)
+    offsets = [np.cumsum((0, *c)) for c in first.chunks]
+    # One column of blocks at a time: an input shared along the column (the
+    # imputation's reference gene block) is read once and released before the
+    # next, instead of every column being held at once.
+    for column in range(marked.shape[1]):
+        tasks = []
+        for row in np.flatnonzero(~marked[:, column]):
+            index = (int(row), column)
+            region = tuple(slice(offsets[d][i], offsets[d][i + 1]) for d, i in enumerate(index))
+            blocks = [d[index] for d in delayed]
+            tasks.append(dask.delayed(_write_blocks)(targets, done, index, region, *blocks))
+        dask.compute(*tasks)
     group.attrs["complete"] = True
     return group
 
