@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="genes written to imputation.tsv: 'all' (default), 'none' (Zarr "
                      "only: the scalable output), a comma-separated list, or @FILE with one "
                      "gene per line")
+    run.add_argument("--h5ad", action="store_true",
+                     help="also write the imputed matrix as DIR/imputed.h5ad (AnnData)")
     run.add_argument("--save-chunks", action="store_true",
                      help="also keep per-chunk imputation tables in DIR/imputations")
     run.add_argument("--query-layout", choices=LAYOUTS, default="genes_x_cells",
@@ -124,7 +126,7 @@ def _run(args: argparse.Namespace) -> None:
     result = run_imputation(
         args.query, args.reference, args.identities, args.name_column, args.out,
         k=args.k, consider_clusters=not args.no_clusters, chunk_size=args.chunk_size,
-        memory_limit=args.memory_limit, tsv_genes=_gene_list(args.tsv_genes),
+        memory_limit=args.memory_limit, tsv_genes=_gene_list(args.tsv_genes), h5ad=args.h5ad,
         save_chunks=args.save_chunks, query_layout=args.query_layout,
         reference_layout=args.reference_layout, restart=args.restart, progress=not args.quiet,
     )

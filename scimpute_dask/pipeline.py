@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import time
@@ -208,6 +209,7 @@ def run_imputation(
     reference_chunk_size: int | None = None,
     gene_chunk_size: int | None = None,
     tsv_genes: str | list[str] | None = "all",
+    h5ad: bool = False,
     restart: bool = False,
     progress: bool = False,
 ) -> RunResult:
@@ -250,6 +252,9 @@ def run_imputation(
         table), a list of gene names, or ``None``/``"none"`` for no text table
         (the Zarr store always holds every gene; text is the slowest and
         largest output at scale).
+    h5ad
+        Also write the imputed matrix as ``imputed.h5ad`` (AnnData; needs the
+        ``h5ad`` extra).
     restart
         Discard what an interrupted run left (conversions, finished kNN and
         imputation blocks) and start afresh.
@@ -275,6 +280,8 @@ def run_imputation(
     limit = plan.parse_memory(memory_limit)
     if consider_clusters and identities is None:
         raise InputError("consider_clusters=True needs the cell identity table")
+    if h5ad and importlib.util.find_spec("anndata") is None:
+        raise InputError("h5ad output needs anndata: pip install 'scimpute-dask[h5ad]'")
     outdir = Path(outdir).absolute()
     export.check_output_dir(outdir)
     work = export.work_dir_for(outdir)
@@ -307,6 +314,12 @@ def run_imputation(
         # 6. Export, streamed from the stores.
         stats = summary_stats(scores)
         files = _export(work, inputs, blocks.query_chunk, save_chunks, scores, stats)
+        if h5ad:
+            files["h5ad"] = work / "imputed.h5ad"
+            with _compute_context(False, blocks.threads):
+                export.write_h5ad(files["h5ad"], zarr.open_array(work / "zarr" / "imputed.zarr"
+                                                                 / "X", mode="r"),
+                                  inputs.q_cells, inputs.r_genes)
         lap("export")
         export.write_manifest(work / export.MANIFEST, {
             "scimpute_dask": __version__,

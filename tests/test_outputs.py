@@ -94,3 +94,17 @@ def test_tsv_restricted_to_chosen_genes_or_skipped(tmp_path, small_inputs):
     assert zarr.open_group(none / "zarr" / "imputed.zarr", mode="r")["X"].shape == (257, 120)
     with pytest.raises(InputError, match="'nope'"):
         _run(small_inputs, tmp_path / "bad", tsv_genes=["nope"])
+
+
+def test_h5ad_output_matches_the_zarr_store(tmp_path, small_inputs):
+    anndata = pytest.importorskip("anndata")
+    import numpy as np
+
+    out = tmp_path / "out"
+    result = _run(small_inputs, out, h5ad=True, tsv_genes=None)
+    adata = anndata.read_h5ad(result.files["h5ad"])
+    X = zarr.open_group(out / "zarr" / "imputed.zarr", mode="r")["X"][:]
+    assert adata.shape == X.shape == (257, 120)
+    assert list(adata.obs_names) == list(small_inputs.query_df.index)
+    assert list(adata.var_names) == list(small_inputs.reference_df.columns)
+    np.testing.assert_allclose(adata.X, X, rtol=1e-6)
