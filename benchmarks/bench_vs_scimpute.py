@@ -52,7 +52,9 @@ scimpute.expression_imputation(q, r, ids, 0, outdir=out, k_neighbors=int(k),
                                chunk_size=int(chunk))
 """
 
-TIE_TOL = 1e-9  # similarities closer than this to the k-th one count as a tie
+# Similarities (cosine + 1) closer than this to the k-th one count as a tie: scimpute-dask
+# ranks float32-normalised rows and writes 7 decimals, so 1e-6 is its resolution.
+TIE_TOL = 1e-6
 
 
 # --------------------------------------------------------------------------- children
@@ -105,17 +107,60 @@ def _read_neighbours(path: Path) -> dict:
     return out
 
 
+def _compare_neighbours(na: dict, nb: dict) -> dict:
+    """Per query cell: same neighbour set, same order, or a set differing by a tie."""
+    shared = sorted(set(na) & set(nb))
+    same_sets = same_order = ties = 0
+    max_sim_diff = 0.0
+    differing, unexplained = [], []
+    for x in shared:
+        da, db = na[x], nb[x]
+        for y in set(da) & set(db):
+            max_sim_diff = max(max_sim_diff, abs(da[y] - db[y]))
+        if set(da) == set(db):
+            same_sets += 1
+            same_order += list(da) == list(db)
+            continue
+        differing.append(x)
+        # A differing set is a tie if every swapped neighbour is as similar as the
+        # k-th neighbour of the list that lacks it (within TIE_TOL).
+        kth_a, kth_b = min(da.values()), min(db.values())
+        swapped_a = [da[y] for y in set(da) - set(db)]
+        swapped_b = [db[y] for y in set(db) - set(da)]
+        if all(abs(v - kth_b) <= TIE_TOL for v in swapped_a) and all(
+                abs(v - kth_a) <= TIE_TOL for v in swapped_b):
+            ties += 1
+        else:
+            unexplained.append(x)
+    return {
+        "query_cells": (len(na), len(nb), len(shared)),
+        "same_sets": same_sets,
+        "same_order": same_order,
+        "tie_sets": ties,
+        "differing_examples": [
+            (x, sorted(set(na[x]) - set(nb[x])), sorted(set(nb[x]) - set(na[x])),
+             min(na[x].values()))
+            for x in differing[:5]
+        ],
+        "differing": differing,
+        "unexplained_sets": len(unexplained),
+        "max_sim_diff": max_sim_diff,
+    }
+
+
 def _compare(ours: Path, theirs: Path, reference: Path) -> dict:
     """Agreement of two output directories (run in a spawned child)."""
     import numpy as np
+    import pandas as pd
+
+    na, nb = _read_neighbours(theirs / "sim_matrix.tsv"), _read_neighbours(ours / "sim_matrix.tsv")
+    result = _compare_neighbours(na, nb)
 
     a, b = _read_imputation(theirs / "imputation.tsv"), _read_imputation(ours / "imputation.tsv")
     cells = a.index.intersection(b.index)
     genes = a.columns.intersection(b.columns)
-    va = a.loc[cells, genes].to_numpy()
-    vb = b.loc[cells, genes].to_numpy()
-    diff = np.abs(va - vb)
-    result = {
+    diff = np.abs(a.loc[cells, genes].to_numpy() - b.loc[cells, genes].to_numpy())
+    result.update({
         "cells": (len(a.index), len(b.index), len(cells)),
         "genes": (len(a.columns), len(b.columns), len(genes)),
         "same_cell_order": list(a.index) == list(b.index),
@@ -123,21 +168,25 @@ def _compare(ours: Path, theirs: Path, reference: Path) -> dict:
         "values": diff.size,
         "equal": int((diff == 0).sum()),
         "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-        "over_cent": int((diff > 0.01 + 1e-9).sum()),  # more than one unit of the last decimal
-    }
+    })
 
-    na, nb = _read_neighbours(theirs / "sim_matrix.tsv"), _read_neighbours(ours / "sim_matrix.tsv")
-
-    # Where the 2-decimal values differ, recompute scimpute's unrounded weighted mean
-    # (float64, its neighbours and weights) and measure how far it lies from a rounding
-    # boundary (…5 in the third decimal), relative to the value: a flip caused by
-    # float32 storage (7 significant digits) lies within ~1e-6 of one.
-    rows, cols = np.nonzero(diff)
-    result["boundary_flips"] = 0
-    result["max_boundary_rel"] = 0.0
+    # The same on the cells whose neighbour sets agree: there the only difference left
+    # is arithmetic. Where a 2-decimal value differs, recompute scimpute's unrounded
+    # weighted mean (float64, its neighbours and weights) and measure how far it lies
+    # from a rounding boundary (…5 in the third decimal), relative to the value: a
+    # flip caused by float32 storage (7 significant digits) lies within ~1e-7 of one.
+    same = ~cells.isin(result.pop("differing"))
+    d_same = diff[same]
+    result.update({
+        "same_set_values": d_same.size,
+        "same_set_equal": int((d_same == 0).sum()),
+        "same_set_max_abs_diff": float(d_same.max()) if d_same.size else 0.0,
+        "same_set_over_cent": int((d_same > 0.01 + 1e-9).sum()),
+        "boundary_flips": 0,
+        "max_boundary_rel": 0.0,
+    })
+    rows, cols = np.nonzero(diff * same[:, None])
     if rows.size:
-        import pandas as pd
-
         ref = pd.read_csv(reference, sep="\t", index_col=0).T
         ref.index = ref.index.astype(str)
         ref.columns = ref.columns.astype(str)
@@ -152,37 +201,6 @@ def _compare(ours: Path, theirs: Path, reference: Path) -> dict:
             rel[sel] = gap / np.maximum(np.abs(mean), 1e-12)
         result["boundary_flips"] = int((rel <= 1e-6).sum())
         result["max_boundary_rel"] = float(rel.max())
-    shared = sorted(set(na) & set(nb))
-    same_sets = same_order = ties = 0
-    max_sim_diff = 0.0
-    unexplained = []
-    for x in shared:
-        da, db = na[x], nb[x]
-        for y in set(da) & set(db):
-            max_sim_diff = max(max_sim_diff, abs(da[y] - db[y]))
-        if set(da) == set(db):
-            same_sets += 1
-            same_order += list(da) == list(db)
-            continue
-        # A differing set is a tie if every swapped neighbour is as similar as the
-        # k-th neighbour of the list that lacks it (within TIE_TOL).
-        kth_a, kth_b = min(da.values()), min(db.values())
-        swapped_a = [da[y] for y in set(da) - set(db)]
-        swapped_b = [db[y] for y in set(db) - set(da)]
-        if all(abs(v - kth_b) <= TIE_TOL for v in swapped_a) and all(
-                abs(v - kth_a) <= TIE_TOL for v in swapped_b):
-            ties += 1
-        else:
-            unexplained.append(x)
-    result.update({
-        "query_cells": (len(na), len(nb), len(shared)),
-        "same_sets": same_sets,
-        "same_order": same_order,
-        "tie_sets": ties,
-        "unexplained_sets": len(unexplained),
-        "unexplained_examples": unexplained[:5],
-        "max_sim_diff": max_sim_diff,
-    })
     return result
 
 
@@ -219,27 +237,37 @@ def _fmt_s(seconds: float | None) -> str:
 
 
 def _report_agreement(agree: dict) -> None:
+    qa, qb, qc = agree["query_cells"]
+    print(f"  sim_matrix.tsv: query cells scimpute {qa}, scimpute-dask {qb}, shared {qc}")
+    print(f"    identical neighbour sets: {agree['same_sets']:,} / {qc:,} "
+          f"({100 * agree['same_sets'] / max(qc, 1):.2f} %), of which in identical order: "
+          f"{agree['same_order']:,}; max |Δ similarity| on shared (x, y) pairs: "
+          f"{agree['max_sim_diff']:.3g}")
+    n_diff = qc - agree["same_sets"]
+    if n_diff:
+        print(f"    differing sets: {n_diff:,}, of which a tie at the k-th similarity "
+              f"(within {TIE_TOL:g}): {agree['tie_sets']:,}; not a tie: "
+              f"{agree['unexplained_sets']:,}")
+        for x, only_a, only_b, kth in agree["differing_examples"]:
+            print(f"      {x}: only scimpute {only_a}, only scimpute-dask {only_b} "
+                  f"(scimpute's k-th similarity + 1 = {kth!r})")
     ca, cb, cc = agree["cells"]
     ga, gb, gc = agree["genes"]
     print(f"  imputation.tsv: scimpute {ca} cells × {ga} genes, scimpute-dask {cb} × {gb}; "
           f"compared {cc} × {gc} (same cell order: {agree['same_cell_order']}, "
           f"same gene order: {agree['same_gene_order']})")
     n = agree["values"]
-    print(f"    values equal: {agree['equal']:,} / {n:,} ({100 * agree['equal'] / max(n, 1):.4f} %)"
-          f", max |Δ| {agree['max_abs_diff']:.4g}, |Δ| > 0.01: {agree['over_cent']:,}")
-    if agree["equal"] < n:
-        print(f"    differing values whose unrounded float64 value lies within 1e-6 (relative) "
-              f"of a rounding boundary: {agree['boundary_flips']:,} / {n - agree['equal']:,} "
+    print(f"    all cells: values equal {agree['equal']:,} / {n:,} "
+          f"({100 * agree['equal'] / max(n, 1):.4f} %), max |Δ| {agree['max_abs_diff']:.4g}")
+    m, eq = agree["same_set_values"], agree["same_set_equal"]
+    print(f"    cells with identical neighbour sets: values equal {eq:,} / {m:,} "
+          f"({100 * eq / max(m, 1):.4f} %), max |Δ| {agree['same_set_max_abs_diff']:.4g}, "
+          f"|Δ| > 0.01: {agree['same_set_over_cent']:,}")
+    if eq < m:
+        print(f"      differing values whose unrounded float64 value lies within 1e-6 "
+              f"(relative) of a rounding boundary: {agree['boundary_flips']:,} / {m - eq:,} "
               f"(largest relative gap {agree['max_boundary_rel']:.2g})")
-    qa, qb, qc = agree["query_cells"]
-    print(f"  sim_matrix.tsv: query cells scimpute {qa}, scimpute-dask {qb}, shared {qc}")
-    print(f"    identical neighbour sets: {agree['same_sets']:,} / {qc:,} "
-          f"({100 * agree['same_sets'] / max(qc, 1):.2f} %), identical order: "
-          f"{agree['same_order']:,}; differing sets explained by a tie at the k-th "
-          f"similarity: {agree['tie_sets']:,}; unexplained: {agree['unexplained_sets']:,}"
-          + (f" e.g. {agree['unexplained_examples']}" if agree["unexplained_sets"] else ""))
-    print(f"    max |Δ similarity| on shared (x, y) pairs: {agree['max_sim_diff']:.3g}",
-          flush=True)
+    sys.stdout.flush()
 
 
 def main() -> None:
@@ -312,7 +340,11 @@ def main() -> None:
         speedup = f"{theirs_t / ours_t:.1f}×" if theirs_t is not None else "—"
         same = (f"{100 * agree['same_sets'] / max(agree['query_cells'][2], 1):.2f}"
                 if agree else "—")
-        maxd = f"{agree['max_abs_diff']:.2g}" if agree else "—"
+        maxd = "—"
+        if agree:
+            maxd = f"{agree['max_abs_diff']:.4g}"
+            if agree["same_set_max_abs_diff"] != agree["max_abs_diff"]:
+                maxd += f" ({agree['same_set_max_abs_diff']:.4g} on identical sets)"
         print(f"| {n_query:,} | {_fmt_s(theirs_t)} | {_fmt_mib(theirs_rss)} | {_fmt_s(ours_t)} "
               f"| {_fmt_mib(ours_rss)} | {speedup} | {same} | {maxd} |")
     if not have_scimpute:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import dask
@@ -188,7 +189,7 @@ def similarity_matrix(
     codes, labels = pd.factorize(result["cluster"])
     export.write_neighbours_tsv(
         outdir / "sim_matrix.tsv", np.asarray(labels), np.asarray(x.index),
-        np.asarray(y.index), iter([(codes, rows, indices[rows, slot], sim[rows, slot] + 1)]),
+        np.asarray(y.index), [lambda: (codes, rows, indices[rows, slot], sim[rows, slot] + 1)],
     )
     return result
 
@@ -250,7 +251,8 @@ def impute_expression(
     # scimpute writes only the chunk tables here; merge_imputation_chunks joins them.
     export.write_matrix_tsv(
         None,
-        ((cells[lo : lo + chunk_size], values[lo : lo + chunk_size]) for lo in starts),
+        (partial(lambda lo: (cells[lo : lo + chunk_size], values[lo : lo + chunk_size]), lo)
+         for lo in starts),
         np.asarray(y.columns), chunk_dir=outdir / "imputations", n_chunks=len(starts),
     )
     table = pd.DataFrame(values, columns=y.columns)

@@ -14,8 +14,12 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import zarr
@@ -23,6 +27,8 @@ import zarr
 from . import textio
 from .scoring import STAT_NAMES
 from .validation import InputError
+
+T = TypeVar("T")
 
 #: Written last into every output directory; marks it as ours (safe to replace).
 MANIFEST = "run.json"
@@ -143,22 +149,48 @@ def link_tree(src: Path, dst: Path) -> None:
 # --------------------------------------------------------------------------- #
 # Text outputs
 # --------------------------------------------------------------------------- #
+def ordered(tasks: Iterable[Callable[[], T]], workers: int) -> Iterator[T]:
+    """Run tasks on a thread pool and yield their results in order.
+
+    At most ``workers + 1`` tasks are in flight, so memory stays bounded
+    however long the stream. The text kernels release the GIL, so the blocks
+    of one file are read, rounded and formatted in parallel while the previous
+    one is written.
+    """
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.submit(task))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _render_matrix(load: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[int, bytes]:
+    names, values = load()
+    return len(names), textio.format_matrix(names, values, decimals=2)
+
+
 def write_matrix_tsv(
     path: Path | None,
-    blocks: Iterator[tuple[np.ndarray, np.ndarray]],
+    blocks: Iterable[Callable[[], tuple[np.ndarray, np.ndarray]]],
     columns: np.ndarray,
     *,
     chunk_dir: Path | None = None,
     n_chunks: int = 0,
     index_label: str = "cell",
+    workers: int = 1,
 ) -> None:
-    """Stream ``(row names, values)`` blocks into one TSV (unless ``path`` is None), atomically.
+    """Stream blocks of rows into one TSV (unless ``path`` is None), atomically.
 
-    Values are written ``%.2f``; round them first (:func:`~.scoring.round_like_scimpute`).
-    With ``chunk_dir``, each block is also written as one of scimpute's chunk
-    tables (``CPM_imputation_<i>_<start>_<stop>.tsv``), from the same formatted
-    text. The counter is zero-padded to the width ``n_chunks`` needs, so the
-    files also sort by name past scimpute's 1,000-chunk limit.
+    Each block is a function returning ``(row names, values)``, loaded and
+    formatted on ``workers`` threads. Values are written ``%.2f``; round them
+    first (:func:`~.scoring.round_like_scimpute`). With ``chunk_dir``, each
+    block is also written as one of scimpute's chunk tables
+    (``CPM_imputation_<i>_<start>_<stop>.tsv``), from the same formatted text.
+    The counter is zero-padded to the width ``n_chunks`` needs, so the files
+    also sort by name past scimpute's 1,000-chunk limit.
     """
     header = ("\t".join([index_label, *map(str, columns)]) + "\n").encode()
     width = max(3, len(str(max(0, n_chunks - 1))))
@@ -168,16 +200,15 @@ def write_matrix_tsv(
     with atomic_file(path, "wb") if path is not None else contextlib.nullcontext() as fh:
         if fh:
             fh.write(header)
-        for i, (names, values) in enumerate(blocks):
-            text = textio.format_matrix(names, values, decimals=2)
+        rendered = ordered((partial(_render_matrix, b) for b in blocks), workers)
+        for i, (n, text) in enumerate(rendered):
             if fh:
                 fh.write(text)
             if chunk_dir is not None:
-                stop = start + len(names)
-                name = f"{CHUNK_PREFIX}{i:0{width}d}_{start}_{stop}.tsv"
+                name = f"{CHUNK_PREFIX}{i:0{width}d}_{start}_{start + n}.tsv"
                 with atomic_file(chunk_dir / name, "wb") as part:
                     part.write(header + text)
-                start = stop
+            start += n
 
 
 def write_neighbours_tsv(
@@ -185,7 +216,8 @@ def write_neighbours_tsv(
     clusters: np.ndarray,
     query_cells: np.ndarray,
     reference_cells: np.ndarray,
-    blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    blocks: Iterable[Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]],
+    workers: int = 1,
 ) -> None:
     """Stream scimpute's ``sim_matrix.tsv`` (``cluster, x, y, distance``), atomically.
 
@@ -196,16 +228,23 @@ def write_neighbours_tsv(
     clusters, query_cells, reference_cells
         The names the blocks refer to by position.
     blocks
-        ``(cluster codes, query rows, reference rows, distances)``, one entry per
-        query cell and neighbour; distances are written with 7 decimals, the
-        float32 precision of a cosine.
+        Functions returning ``(cluster codes, query rows, reference rows,
+        distances)``, one entry per query cell and neighbour; distances are
+        written with 7 decimals, the float32 precision of a cosine.
+    workers
+        Threads loading and formatting blocks.
     """
     tables = [textio.string_table(t) for t in (clusters, query_cells, reference_cells)]
+
+    def render(load) -> bytes:
+        cluster, q, r, dist = load()
+        codes = np.stack([cluster, q, r], axis=1)
+        return textio.format_columns(tables, codes, np.round(dist.astype(np.float64), 7), 7)
+
     with atomic_file(path, "wb") as fh:
         fh.write(b"cluster\tx\ty\tdistance\n")
-        for cluster, q, r, dist in blocks:
-            codes = np.stack([cluster, q, r], axis=1)
-            fh.write(textio.format_columns(tables, codes, np.round(dist.astype(np.float64), 7), 7))
+        for text in ordered((partial(render, b) for b in blocks), workers):
+            fh.write(text)
 
 
 def write_scores(path: Path, scores: np.ndarray) -> None:

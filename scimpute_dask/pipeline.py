@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import dask
@@ -313,7 +314,8 @@ def run_imputation(
 
         # 6. Export, streamed from the stores.
         stats = summary_stats(scores)
-        files = _export(work, inputs, blocks.query_chunk, save_chunks, scores, stats)
+        files = _export(work, inputs, blocks.query_chunk, save_chunks, scores, stats,
+                        blocks.threads)
         if h5ad:
             files["h5ad"] = work / "imputed.h5ad"
             with _compute_context(False, blocks.threads):
@@ -451,7 +453,7 @@ def _compute(zarr_dir: Path, q_store: ExpressionStore, r_store: ExpressionStore,
 
 
 def _export(work: Path, inputs: _Inputs, chunk_size: int, save_chunks: bool,
-            scores: np.ndarray, stats: dict[str, float]) -> dict[str, Path]:
+            scores: np.ndarray, stats: dict[str, float], threads: int) -> dict[str, Path]:
     """Write scimpute's files into the work directory, streaming from the stores."""
     zarr_dir = work / "zarr"
     imputed = zarr.open_group(zarr_dir / "imputed.zarr", mode="r")["X"]
@@ -464,34 +466,35 @@ def _export(work: Path, inputs: _Inputs, chunk_size: int, save_chunks: bool,
         cols = inputs.tsv_cols
         every = len(cols) == len(inputs.r_genes)
 
-        def imputed_blocks():
-            for lo in starts:
-                block = imputed[lo : lo + chunk_size]
-                yield q_cells[lo : lo + chunk_size], round_like_scimpute(
-                    block if every else block[:, cols])
+        def imputed_block(lo: int) -> tuple[np.ndarray, np.ndarray]:
+            block = imputed[lo : lo + chunk_size]
+            return q_cells[lo : lo + chunk_size], round_like_scimpute(
+                block if every else block[:, cols])
 
         files["imputation"] = work / "imputation.tsv"
         if save_chunks:
             files["chunks"] = work / "imputations"
-        export.write_matrix_tsv(files["imputation"], imputed_blocks(), inputs.r_genes[cols],
-                                chunk_dir=files.get("chunks"), n_chunks=len(starts))
+        export.write_matrix_tsv(files["imputation"],
+                                (partial(imputed_block, lo) for lo in starts),
+                                inputs.r_genes[cols], chunk_dir=files.get("chunks"),
+                                n_chunks=len(starts), workers=threads)
 
     if inputs.q_ids is None:
         labels, q_codes = np.array(["NA"]), np.zeros(len(q_cells), dtype=np.int64)
     else:
         q_codes, labels = pd.factorize(inputs.q_ids)
 
-    def neighbour_blocks():
-        for lo in starts:
-            idx = nbrs["indices"][lo : lo + chunk_size]
-            w = nbrs["weights"][lo : lo + chunk_size]
-            rows, slot = np.nonzero(idx >= 0)
-            cells = lo + rows
-            yield q_codes[cells], cells, idx[rows, slot], w[rows, slot]
+    def neighbour_block(lo: int):
+        idx = nbrs["indices"][lo : lo + chunk_size]
+        w = nbrs["weights"][lo : lo + chunk_size]
+        rows, slot = np.nonzero(idx >= 0)
+        cells = lo + rows
+        return q_codes[cells], cells, idx[rows, slot], w[rows, slot]
 
     files["sim_matrix"] = work / "sim_matrix.tsv"
     export.write_neighbours_tsv(files["sim_matrix"], np.asarray(labels), q_cells,
-                                inputs.r_cells, neighbour_blocks())
+                                inputs.r_cells, (partial(neighbour_block, lo) for lo in starts),
+                                workers=threads)
     files["scores"] = work / "scores.txt"
     export.write_scores(files["scores"], scores)
     files["stats"] = work / "stats.txt"

@@ -135,8 +135,10 @@ def plan_run(
     """
     threads = threads or os.cpu_count() or 1
     avail = available_bytes(memory_limit)
-    # Export formats a whole query block (all genes): float64 twice plus text.
-    bq = query_chunk or _clamp(avail / 4 / (24 * max(1, n_genes)), 64, MAX_CELL_CHUNK)
+    # Export formats whole query blocks (all genes: float64 twice plus text),
+    # one per thread and one being written.
+    bq = query_chunk or _clamp(avail / 4 / (threads + 1) / (24 * max(1, n_genes)), 64,
+                               MAX_CELL_CHUNK)
     bq = min(bq, max(1, n_query))
     # kNN: per thread one float32 tile plus the normalised reference block.
     br = reference_chunk or _clamp(
