@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                      help=LAYOUT_HELP)
     run.add_argument("--reference-layout", choices=LAYOUTS, default="genes_x_cells",
                      help=LAYOUT_HELP)
+    run.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="Dask scheduler to run on, e.g. tcp://host:8786 (default: "
+                     "$DASK_SCHEDULER_ADDRESS, else threads on this machine); workers must "
+                     "see --out's parent directory at the same path")
     run.add_argument("--restart", action="store_true",
                      help="discard the conversions of an interrupted run and start over")
     _add_common(run)
@@ -100,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--panel", type=int, default=100)
     demo.add_argument("--k", type=int, default=25)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                      help="Dask scheduler to run on (default: $DASK_SCHEDULER_ADDRESS, else "
+                      "threads on this machine)")
     _add_common(demo)
     return parser
 
@@ -129,6 +136,7 @@ def _run(args: argparse.Namespace) -> None:
         memory_limit=args.memory_limit, tsv_genes=_gene_list(args.tsv_genes), h5ad=args.h5ad,
         save_chunks=args.save_chunks, query_layout=args.query_layout,
         reference_layout=args.reference_layout, restart=args.restart, progress=not args.quiet,
+        scheduler=args.scheduler,
     )
     _report(result)
 
@@ -158,7 +166,7 @@ def _demo(args: argparse.Namespace) -> None:
           f"{args.reference_cells} reference cells × {args.genes} genes in {inputs}")
     result = run_imputation(
         inputs / "query.tsv", inputs / "reference.tsv", inputs / "identities.tsv", 0,
-        out / "imputation", k=args.k, progress=not args.quiet,
+        out / "imputation", k=args.k, progress=not args.quiet, scheduler=args.scheduler,
     )
     _report(result)
     imputed = pd.read_csv(result.files["imputation"], sep="\t", index_col=0)

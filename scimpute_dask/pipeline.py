@@ -1,10 +1,12 @@
-"""The whole run, stage by stage: convert → check → kNN → impute → score → export.
+"""The whole run, stage by stage: check → convert → kNN → impute → score → export.
 
-Data flows one way. Inputs become Zarr stores (:mod:`.conversion`), every name-
-and parameter-level check runs (:mod:`.validation`), the Dask graphs of
-:mod:`.graph` are stored to Zarr, and :mod:`.export` streams the scimpute files
-from those stores. The run is assembled in a hidden sibling of the output
-directory and moved into place only when complete.
+Data flows one way. Every name- and parameter-level check runs first
+(:mod:`.validation`, on names read without parsing values), inputs become Zarr
+stores (:mod:`.conversion`), the Dask graphs of :mod:`.graph` are stored to
+Zarr block by block on the scheduler :mod:`.cluster` chooses, and
+:mod:`.export` streams the scimpute files from those stores. The run is
+assembled in a hidden sibling of the output directory, resumable there, and
+moved into place only when complete.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import zarr
-from threadpoolctl import threadpool_limits
 
-from . import __version__, export, graph, plan
+from . import __version__, cluster, export, graph, plan
 from .conversion import ExpressionStore, Layout, convert, read_names, source_fingerprint
 from .imputation import similarity_to_weight
 from .scoring import round_like_scimpute, summary_stats
@@ -40,6 +41,7 @@ from .validation import (
 )
 
 log = logging.getLogger("scimpute_dask")
+
 
 @dataclass
 class RunResult:
@@ -98,25 +100,6 @@ def _store_for(
 
 def _digest(values: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(values).tobytes()).hexdigest()
-
-
-def _compute_context(progress: bool, threads: int):
-    """Threads on this machine unless a distributed Client is already active."""
-    stack = contextlib.ExitStack()
-    try:
-        from distributed import default_client
-
-        default_client()
-    except (ImportError, ValueError):
-        stack.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
-        # Dask already runs one tile per core; BLAS threads on top would
-        # oversubscribe the cores (as distributed's Nanny also prevents).
-        stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
-        if progress:
-            from dask.diagnostics import ProgressBar
-
-            stack.enter_context(ProgressBar(minimum=1.0))
-    return stack
 
 
 def _names_array(group: zarr.Group, name: str, names: np.ndarray) -> None:
@@ -213,6 +196,8 @@ def run_imputation(
     h5ad: bool = False,
     restart: bool = False,
     progress: bool = False,
+    scheduler: str | None = None,
+    client=None,
 ) -> RunResult:
     """Impute every reference gene for every query cell, out of core.
 
@@ -261,6 +246,13 @@ def run_imputation(
         imputation blocks) and start afresh.
     progress
         Show progress bars.
+    scheduler
+        Address of a Dask scheduler to run on (default: the
+        ``DASK_SCHEDULER_ADDRESS`` environment variable, else this machine).
+        Workers must see the output directory's parent at the same path (a
+        shared volume).
+    client
+        A ``distributed.Client`` to run on instead.
 
     Returns
     -------
@@ -308,7 +300,7 @@ def run_imputation(
                                len(inputs.q_cols), len(inputs.r_genes), query_chunk=chunk_size,
                                reference_chunk=reference_chunk_size,
                                gene_chunk=gene_chunk_size)
-        with _compute_context(progress, blocks.threads):
+        with cluster.compute_on(client, scheduler, blocks.threads, progress):
             scores = _compute(work / "zarr", q_store, r_store, inputs, blocks, k,
                               consider_clusters, lap)
 
@@ -318,7 +310,8 @@ def run_imputation(
                         blocks.threads)
         if h5ad:
             files["h5ad"] = work / "imputed.h5ad"
-            with _compute_context(False, blocks.threads):
+            # h5py files cannot travel to workers: written from this process
+            with dask.config.set(scheduler="threads", num_workers=blocks.threads):
                 export.write_h5ad(files["h5ad"], zarr.open_array(work / "zarr" / "imputed.zarr"
                                                                  / "X", mode="r"),
                                   inputs.q_cells, inputs.r_genes)
@@ -418,9 +411,13 @@ def _compute(zarr_dir: Path, q_store: ExpressionStore, r_store: ExpressionStore,
     # 3. kNN on the shared genes.
     q_codes = r_codes = codes = None
     if consider_clusters:
+        # through Zarr, not embedded in the graph: nothing large travels via the scheduler
         codes, _ = pd.factorize(np.concatenate([inputs.q_ids, inputs.r_ids]))
-        q_codes = da.from_array(codes[:n_q], chunks=bq)
-        r_codes = da.from_array(codes[n_q:], chunks=br)
+        stored = zarr.create_array(zarr_dir / "clusters.zarr", shape=codes.shape,
+                                   dtype="int32", chunks=(max(1, len(codes)),), overwrite=True)
+        stored[:] = codes
+        q_codes = da.from_zarr(stored)[:n_q].rechunk(bq)
+        r_codes = da.from_zarr(stored)[n_q:].rechunk(br)
     indices, similarity = graph.knn_graph(q_shared, r_shared, k, q_codes, r_codes)
     knn_key = {"query": q_store.fingerprint, "reference": r_store.fingerprint, "k": k,
                "clusters": _digest(codes) if consider_clusters else None, "chunks": [bq, br]}

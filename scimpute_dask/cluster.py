@@ -1,0 +1,93 @@
+"""Cluster setup: where the Dask graphs run.
+
+The engine has no distribution code of its own; Dask is the engine. A run
+uses, in this order:
+
+1. a ``distributed.Client`` passed in from Python;
+2. a scheduler address (``--scheduler tcp://host:8786`` or the
+   ``DASK_SCHEDULER_ADDRESS`` environment variable, Dask's own convention),
+   connected to for the run and closed after it;
+3. a client already active in the process (e.g. one the user created);
+4. otherwise Dask's threaded scheduler in this process.
+
+Threads are the local default rather than a ``LocalCluster``: the kernels
+release the GIL (BLAS, numba ``nogil``), so threads use every core without
+copying the reference blocks into each worker process or serialising tiles
+between processes, and the memory budget is one process's resident memory,
+which is what ``--memory-limit`` bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import dask
+from threadpoolctl import threadpool_limits
+
+log = logging.getLogger("scimpute_dask")
+
+
+def scheduler_address(scheduler: str | None) -> str | None:
+    """The scheduler to connect to: the argument, else ``DASK_SCHEDULER_ADDRESS``."""
+    return scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+def _active_client():
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def compute_on(
+    client=None,
+    scheduler: str | None = None,
+    threads: int = 1,
+    progress: bool = False,
+) -> Iterator[object | None]:
+    """Run the Dask computations inside this block on the chosen scheduler.
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client`` to use.
+    scheduler
+        Address of a running Dask scheduler (default: ``DASK_SCHEDULER_ADDRESS``).
+    threads
+        Threads of the local scheduler.
+    progress
+        Show a progress bar (local scheduler; a cluster has its dashboard).
+
+    Yields
+    ------
+    distributed.Client or None
+        The client in use, or None on the local threaded scheduler.
+    """
+    address = scheduler_address(scheduler)
+    with contextlib.ExitStack() as stack:
+        if client is None and address is not None:
+            from distributed import Client
+
+            client = stack.enter_context(Client(address, set_as_default=False))
+        client = client or _active_client()
+        if client is not None:
+            stack.enter_context(client.as_current())
+            link = getattr(client, "dashboard_link", None)
+            log.info("computing on the Dask cluster at %s%s", client.scheduler.address,
+                     f" (dashboard: {link})" if link else "")
+        else:
+            stack.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
+            # Dask already runs one tile per core; BLAS threads on top would
+            # oversubscribe the cores (distributed's Nanny prevents the same).
+            stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+            if progress:
+                from dask.diagnostics import ProgressBar
+
+                stack.enter_context(ProgressBar(minimum=1.0))
+        yield client
