@@ -22,9 +22,9 @@ def _single_chunk_columns(x: da.Array) -> da.Array:
     return x if x.numblocks[1] == 1 else x.rechunk({1: -1})
 
 
-def _pair_topk(qn, rn, rows, *clusters, k: int) -> np.ndarray:
+def _pair_topk(q, qn, qnorm, r, rn, rnorm, rows, *clusters, k: int) -> np.ndarray:
     qc, rc = clusters if clusters else (None, None)
-    return knn.block_topk(qn, rn, rows, k, qc, rc)
+    return knn.block_topk(knn.Block(q, qn, qnorm), knn.Block(r, rn, rnorm), rows, k, qc, rc)
 
 
 # ``axis``/``keepdims`` are the interface da.reduction calls its functions with.
@@ -67,12 +67,16 @@ def knn_graph(
     similarity : dask.array.Array
         ``(n_query, k)`` float32 cosine similarities; NaN where ``indices`` is -1.
     """
-    # Normalised once per block, not once per tile.
-    query = _single_chunk_columns(query).map_blocks(knn.normalize_rows, dtype=np.float32)
-    reference = _single_chunk_columns(reference).map_blocks(knn.normalize_rows,
-                                                             dtype=np.float32)
+    query = _single_chunk_columns(query).astype(np.float32)
+    reference = _single_chunk_columns(reference).astype(np.float32)
     rows = da.arange(reference.shape[0], chunks=(reference.chunks[0],), dtype=np.int64)
-    args: list = [query, "ig", reference, "jg", rows, "j"]
+    args: list = []
+    # Normalised rows and float64 norms once per block, not once per tile.
+    for x, i in ((query, "i"), (reference, "j")):
+        args += [x, f"{i}g",
+                 x.map_blocks(knn.normalize_rows, dtype=np.float32), f"{i}g",
+                 x.map_blocks(knn.row_norms, drop_axis=1, dtype=np.float64), i]
+    args += [rows, "j"]
     if query_clusters is not None:
         args += [query_clusters.rechunk((query.chunks[0],)), "i",
                  reference_clusters.rechunk((reference.chunks[0],)), "j"]

@@ -11,18 +11,25 @@ how the reference is chunked.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numba
 import numpy as np
 
 EMPTY = -1
 
 
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norm of every row, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.sqrt(np.einsum("ij,ij->i", x, x))
+
+
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """L2-normalise rows as float32; all-zero rows stay zero (as scikit-learn's)."""
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    norms = row_norms(x)
     norms[norms == 0] = 1.0
-    return (x / norms[:, None]).astype(np.float32)
+    return (np.asarray(x, dtype=np.float64) / norms[:, None]).astype(np.float32)
 
 
 def zero_rows(x: np.ndarray) -> np.ndarray:
@@ -98,11 +105,13 @@ def topk(sim: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
 
 
 @numba.njit(nogil=True, cache=True)
-def _dot64(query, reference, candidates, out):  # pragma: no cover - compiled
-    """float64 dot product of each query row with its candidate reference rows.
+def _cosine64(query, reference, query_norms, reference_norms, candidates, out
+              ):  # pragma: no cover - compiled
+    """float64 cosine of each query row with its candidate reference rows.
 
-    A plain sequential sum over the genes: the value depends only on the two
-    rows, never on how the matrix was tiled (BLAS results do).
+    A plain sequential sum over the genes of the raw values: the value depends
+    only on the two rows, never on how the matrix was tiled (BLAS sums do), and
+    equals scikit-learn's float64 cosine to rounding.
     """
     n, m = candidates.shape
     g = query.shape[1]
@@ -112,10 +121,14 @@ def _dot64(query, reference, candidates, out):  # pragma: no cover - compiled
             if c < 0:
                 out[i, j] = -np.inf
                 continue
+            denom = query_norms[i] * reference_norms[c]
+            if denom == 0.0:
+                out[i, j] = 0.0  # zero rows: cosine 0, as in scikit-learn
+                continue
             acc = 0.0
             for t in range(g):
                 acc += float(query[i, t]) * float(reference[c, t])
-            out[i, j] = acc
+            out[i, j] = acc / denom
 
 
 #: Extra candidates re-ranked per tile: float32 products can only misorder
@@ -124,20 +137,37 @@ def _dot64(query, reference, candidates, out):  # pragma: no cover - compiled
 RERANK_MARGIN = 16
 
 
-def _tile_topk(qn: np.ndarray, rn: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """Screen a tile with a float32 product, then rank the best by a float64 dot."""
-    sim = qn @ rn.T
+@dataclass(frozen=True)
+class Block:
+    """Rows of one block on the shared genes, ready for tiles: raw, normalised, norms."""
+
+    raw: np.ndarray  # float32
+    normalized: np.ndarray  # float32
+    norms: np.ndarray  # float64
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> Block:
+        raw = np.ascontiguousarray(x, dtype=np.float32)
+        return cls(raw, normalize_rows(raw), row_norms(raw))
+
+    def take(self, rows: np.ndarray) -> Block:
+        return Block(self.raw[rows], self.normalized[rows], self.norms[rows])
+
+
+def _tile_topk(q: Block, r: Block, rows: np.ndarray, k: int) -> np.ndarray:
+    """Screen a tile with a float32 product, then rank the best by exact float64 cosine."""
+    sim = q.normalized @ r.normalized.T
     m = min(k + RERANK_MARGIN, sim.shape[1])
     pre = topk(sim, np.broadcast_to(np.arange(sim.shape[1]), sim.shape), m)
     local = pre[..., 1].astype(np.int64)
     exact = np.empty(local.shape, dtype=np.float64)
-    _dot64(qn, rn, local, exact)
+    _cosine64(q.raw, r.raw, q.norms, r.norms, local, exact)
     return topk(exact, np.where(local >= 0, rows[np.maximum(local, 0)], EMPTY), k)
 
 
 def block_topk(
-    query: np.ndarray,
-    reference: np.ndarray,
+    query: np.ndarray | Block,
+    reference: np.ndarray | Block,
     reference_rows: np.ndarray,
     k: int,
     query_clusters: np.ndarray | None = None,
@@ -145,15 +175,15 @@ def block_topk(
 ) -> np.ndarray:
     """Top-k reference cells of one reference block for each cell of one query block.
 
-    The tile is screened with a float32 BLAS product; the best
-    ``k + RERANK_MARGIN`` candidates are then ranked by a float64 dot product
-    of the same rows, so the result does not depend on how the data were tiled.
+    The tile is screened with a float32 BLAS product of the normalised rows;
+    the best ``k + RERANK_MARGIN`` candidates are then ranked by their exact
+    float64 cosine, so the result does not depend on how the data were tiled.
 
     Parameters
     ----------
     query, reference
-        Row-normalised (:func:`normalize_rows`) ``(bq, g)`` and ``(br, g)``
-        float32 blocks on the shared genes.
+        ``(bq, g)`` and ``(br, g)`` expression on the shared genes, or
+        :class:`Block` s prepared once per block.
     reference_rows
         ``(br,)`` global row numbers of the reference block.
     k
@@ -169,14 +199,16 @@ def block_topk(
         Packed ``(bq, k, 2)`` top-k list; slots stay empty when the block has
         fewer than k candidates for a cell.
     """
+    q = query if isinstance(query, Block) else Block.of(query)
+    r = reference if isinstance(reference, Block) else Block.of(reference)
     reference_rows = np.asarray(reference_rows, dtype=np.int64)
     if query_clusters is None:
-        return _tile_topk(query, reference, reference_rows, k)
-    out = _pack(*_empty(query.shape[0], k))
+        return _tile_topk(q, r, reference_rows, k)
+    out = _pack(*_empty(q.raw.shape[0], k))
     for code in np.intersect1d(query_clusters, reference_clusters):
         qi = np.flatnonzero(query_clusters == code)
         ri = np.flatnonzero(reference_clusters == code)
-        out[qi] = _tile_topk(query[qi], reference[ri], reference_rows[ri], k)
+        out[qi] = _tile_topk(q.take(qi), r.take(ri), reference_rows[ri], k)
     return out
 
 
