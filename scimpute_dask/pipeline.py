@@ -82,9 +82,7 @@ def _store_for(
     target = work / "zarr" / f"{role}.zarr"
     if isinstance(source, pd.DataFrame):
         return convert(source, target, name=f"{role} DataFrame", memory_limit=memory_limit)
-    src = Path(source)
-    if not src.exists():
-        raise InputError(f"{src}: {role} file not found")
+    src = Path(source)  # existence already checked by read_names
     if src.is_dir() and (src / "zarr.json").exists():
         return ExpressionStore.open(src)
     previous = outdir / "zarr" / f"{role}.zarr"
@@ -99,10 +97,12 @@ def _store_for(
 
 
 def _digest(values: np.ndarray) -> str:
+    """A short content hash, for the keys that decide whether a stage can be resumed."""
     return hashlib.sha1(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
 def _names_array(group: zarr.Group, name: str, names: np.ndarray) -> None:
+    """Cell or gene names beside a stage's arrays, as the expression stores keep them."""
     arr = group.create_array(name, shape=(len(names),), dtype=str,
                              chunks=(max(1, len(names)),), overwrite=True)
     arr[:] = np.asarray(names, dtype=str)

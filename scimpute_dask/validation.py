@@ -156,6 +156,7 @@ def clusters_of(cells: np.ndarray, identities: pd.Series, matrix_label: str,
 # Parameters
 # --------------------------------------------------------------------------- #
 def check_positive_int(value: object, name: str) -> int:
+    """``value`` as an int, or an error naming the parameter."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
