@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import pandas as pd
 import zarr
 
 from . import plan, textio
+from .fsutil import remove_tree
 from .validation import InputError, check_unique_names, check_values
 
 Layout = Literal["genes_x_cells", "cells_x_genes"]
@@ -181,7 +181,7 @@ def convert(
         if group is not None and group.attrs.get("fingerprint") == source_fingerprint(
             src, layout, sep
         ):
-            shutil.rmtree(store)
+            remove_tree(store)
         raise
 
 
@@ -267,14 +267,14 @@ def file_fingerprint(path: Path, **options: object) -> dict:
 def _existing(store: Path, fingerprint: dict, restart: bool, label: str) -> zarr.Group | None:
     """Return the group to resume or reuse at ``store``, or ``None`` to start afresh."""
     if restart and store.exists():
-        shutil.rmtree(store)
+        remove_tree(store)
     if not (store / "zarr.json").exists():
         return None
     group = zarr.open_group(store, mode="r+")
     old = dict(group.attrs).get("fingerprint")
     if old is None:
         # killed before its first record: nothing to resume
-        shutil.rmtree(store)
+        remove_tree(store)
         return None
     if old != fingerprint:
         raise InputError(
@@ -495,7 +495,7 @@ def _convert_dataframe(frame: pd.DataFrame, store: Path, *, name: str, memory_li
     cells = np.asarray(frame.index.astype(str), dtype=object)
     genes = np.asarray(frame.columns.astype(str), dtype=object)
     if store.exists():
-        shutil.rmtree(store)
+        remove_tree(store)
     digest = hashlib.sha1(values.tobytes())
     for names in (cells, genes):
         digest.update("\t".join(names).encode())

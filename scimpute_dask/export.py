@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 
 from . import textio
+from .fsutil import remove_tree
 from .scoring import STAT_NAMES
 from .validation import InputError
 
@@ -65,6 +66,11 @@ def check_output_dir(outdir: Path) -> None:
         raise InputError(f"{outdir}: output path exists and is not a directory")
     if not outdir.is_dir():
         return
+    if os.path.ismount(outdir):
+        raise InputError(
+            f"{outdir}: is a mount point, which cannot be replaced atomically; write to a "
+            f"directory inside it (e.g. --out {outdir / 'imputation'})"
+        )
     entries = set(os.listdir(outdir))
     if not entries:
         return
@@ -85,36 +91,35 @@ def check_output_dir(outdir: Path) -> None:
 
 @contextlib.contextmanager
 def exclusive(work: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a work directory for the length of a run."""
+    """Hold an exclusive lock for a run into ``work``'s output, for the length of the run.
+
+    The lock file sits beside the work directory, not in it, so that it
+    survives the rename that publishes the run.
+    """
     work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".lock", "w") as fh:
+    lock = work.parent / f"{work.name}.lock"
+    with open(lock, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InputError(
                 f"another scimpute-dask run is writing to {work.parent}; wait for it to finish"
             ) from None
-        yield
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
 
 
 def clear_work_dir(work: Path, keep: set[str]) -> None:
     """Remove what an interrupted run left in ``work`` except the resumable stores."""
     for entry in work.iterdir():
-        if entry.name == ".lock":
-            continue
         if entry.name == "zarr" and entry.is_dir():
             for store in entry.iterdir():
                 if store.name not in keep:
-                    _remove(store)
+                    remove_tree(store)
         else:
-            _remove(entry)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+            remove_tree(entry)
 
 
 def publish(work: Path, outdir: Path) -> None:
@@ -128,8 +133,6 @@ def publish(work: Path, outdir: Path) -> None:
     if outdir.exists():
         old = outdir.parent / f".{outdir.name}.old-{os.getpid()}"
         os.replace(outdir, old)
-    with contextlib.suppress(FileNotFoundError):
-        (work / ".lock").unlink()
     os.replace(work, outdir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -152,6 +152,11 @@ def impute_graph(
     )
 
 
+#: Shared genes per block of the score stage: fixed, so that the per-cell sums
+#: (and so ``scores.txt``) are the same whatever the memory budget.
+SCORE_GENE_BLOCK = 512
+
+
 def scores_graph(
     indices: da.Array,
     weights: da.Array,
@@ -161,16 +166,16 @@ def scores_graph(
     """scimpute's per-cell validation score, computed without reading the full imputation.
 
     The shared genes are imputed again in float64 (a small ``k × n_shared`` job
-    per cell), rounded to 2 decimals as scimpute's table is, and compared with
-    the measured values by cosine similarity.
+    per cell), in blocks of :data:`SCORE_GENE_BLOCK` genes, rounded to 2
+    decimals as scimpute's table is, and compared with the measured values by
+    cosine similarity accumulated across the gene blocks.
     """
-    imputed = impute_graph(indices, weights, reference_shared)
+    imputed = impute_graph(indices, weights, reference_shared.rechunk((-1, SCORE_GENE_BLOCK)))
     imputed = imputed.map_blocks(scoring.round_like_scimpute, dtype=np.float64)
-    query_shared = _single_chunk_columns(query_shared.rechunk({0: indices.chunks[0]}))
-    return da.blockwise(
-        scoring.rowwise_cosine, "i",
-        _single_chunk_columns(imputed), "ig",
-        query_shared, "ig",
-        concatenate=True,
+    measured = query_shared.rechunk((indices.chunks[0], SCORE_GENE_BLOCK)).astype(np.float64)
+    return da.map_blocks(
+        scoring.cosine_from_sums,
+        (imputed * measured).sum(axis=1), (imputed * imputed).sum(axis=1),
+        (measured * measured).sum(axis=1),
         dtype=np.float64,
     )

@@ -162,7 +162,11 @@ def _tile_topk(q: Block, r: Block, rows: np.ndarray, k: int) -> np.ndarray:
     local = pre[..., 1].astype(np.int64)
     exact = np.empty(local.shape, dtype=np.float64)
     _cosine64(q.raw, r.raw, q.norms, r.norms, local, exact)
-    return topk(exact, np.where(local >= 0, rows[np.maximum(local, 0)], EMPTY), k)
+    # Mathematically equal cosines (e.g. cells expressing a single shared gene)
+    # differ in their last bits; on a 1e-12 grid they tie, and ties go to the
+    # lower reference row whatever the tiling.
+    return topk(np.round(exact, 12), np.where(local >= 0, rows[np.maximum(local, 0)], EMPTY),
+                k)
 
 
 def block_topk(

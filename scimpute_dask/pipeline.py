@@ -12,6 +12,7 @@ moved into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import logging
@@ -94,6 +95,13 @@ def _store_for(
                 export.link_tree(previous, target)
     return convert(src, target, layout=layout, restart=restart, progress=progress,
                    memory_limit=memory_limit)
+
+
+def _aligned(block: int, chunk: int) -> int:
+    """A gene block that covers whole store chunks, or divides one: no chunk read twice."""
+    if block >= chunk:
+        return block // chunk * chunk
+    return max(d for d in range(1, block + 1) if chunk % d == 0)
 
 
 def _digest(values: np.ndarray) -> str:
@@ -300,6 +308,8 @@ def run_imputation(
                                len(inputs.q_cols), len(inputs.r_genes), query_chunk=chunk_size,
                                reference_chunk=reference_chunk_size,
                                gene_chunk=gene_chunk_size)
+        blocks = dataclasses.replace(blocks,
+                                     gene_chunk=_aligned(blocks.gene_chunk, r_store.chunks[1]))
         with cluster.compute_on(client, scheduler, blocks.threads, progress):
             scores = _compute(work / "zarr", q_store, r_store, inputs, blocks, k,
                               consider_clusters, lap)
@@ -334,7 +344,7 @@ def run_imputation(
             "unimputable_cells": int(np.isnan(scores).sum()),
             "stats": stats,
             "timings_s": timings,
-            "outputs": sorted(p.name for p in work.iterdir() if p.name != ".lock"),
+            "outputs": sorted(p.name for p in work.iterdir()),
         })
         export.publish(work, outdir)
     files = {name: outdir / path.relative_to(work) for name, path in files.items()}

@@ -14,6 +14,12 @@ def round_like_scimpute(values: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(values, dtype=np.float64), 2)
 
 
+def cosine_from_sums(dot: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> np.ndarray:
+    """Cosine from ``Σab``, ``Σa²``, ``Σb²``; 0 when a row is all zero (as scikit-learn)."""
+    na, nb = np.sqrt(aa), np.sqrt(bb)
+    return dot / (np.where(na == 0, 1.0, na) * np.where(nb == 0, 1.0, nb))
+
+
 def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of matching rows; 0 when a row is all zero (as scikit-learn).
 
@@ -21,11 +27,8 @@ def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    na = np.sqrt(np.einsum("ij,ij->i", a, a))
-    nb = np.sqrt(np.einsum("ij,ij->i", b, b))
-    dot = np.einsum("ij,ij->i", a, b)
-    denom = np.where(na == 0, 1.0, na) * np.where(nb == 0, 1.0, nb)
-    return dot / denom
+    return cosine_from_sums(np.einsum("ij,ij->i", a, b), np.einsum("ij,ij->i", a, a),
+                            np.einsum("ij,ij->i", b, b))
 
 
 def summary_stats(scores: np.ndarray) -> dict[str, float]:

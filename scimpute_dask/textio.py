@@ -30,6 +30,18 @@ def _lower(c):  # pragma: no cover - compiled
     return c + 32 if 65 <= c <= 90 else c
 
 
+_INFINITY = np.frombuffer(b"infinity", dtype=np.uint8)
+
+
+@numba.njit(nogil=True, cache=True)
+def _matches(buf, start, n, word):  # pragma: no cover - compiled
+    """Case-insensitive: do the ``n`` bytes at ``start`` equal the start of ``word``?"""
+    for j in range(n):
+        if _lower(buf[start + j]) != word[j]:
+            return False
+    return True
+
+
 @numba.njit(nogil=True, cache=True)
 def _parse_field(buf, start, end, pow10):  # pragma: no cover - compiled
     """Parse ``buf[start:end]`` as a number; returns ``(value, ok)``."""
@@ -49,8 +61,7 @@ def _parse_field(buf, start, end, pow10):  # pragma: no cover - compiled
         return np.nan, True
     if n == 2 and _lower(buf[start]) == 110 and _lower(buf[start + 1]) == 97:  # na
         return np.nan, True
-    if (n == 3 or n == 8) and _lower(buf[start]) == 105 and _lower(buf[start + 1]) == 110 \
-            and _lower(buf[start + 2]) == 102:  # inf, infinity
+    if (n == 3 or n == 8) and _matches(buf, start, n, _INFINITY):  # inf, infinity
         return (-np.inf if neg else np.inf), True
     mant = np.int64(0)
     digits = 0
@@ -94,6 +105,8 @@ def _parse_field(buf, start, end, pow10):  # pragma: no cover - compiled
         exp10 += -e if eneg else e
     if i != end:
         return np.nan, False
+    if mant == 0:
+        return (-0.0 if neg else 0.0), True  # 0e400 is 0, not 0 * inf
     value = float(mant)
     if exp10 == 0:
         pass

@@ -91,3 +91,34 @@ def test_summary_stats_ignores_undefined_cells():
     stats = scoring.summary_stats(np.array([0.2, np.nan, 0.4, 0.9]))
     assert stats["Mean"] == pytest.approx(0.5)
     assert stats["Median"] == pytest.approx(0.4)
+
+
+def test_exact_ties_resolve_the_same_whatever_the_tiling():
+    """Cells expressing one shared gene are all equally similar: lowest rows win, always."""
+    rng = np.random.default_rng(5)
+    r = np.zeros((600, 4), dtype=np.float32)
+    r[:, 0] = rng.integers(1, 500, 600)  # only gene 0: cosine 1 with any gene-0 query
+    q = np.zeros((7, 4), dtype=np.float32)
+    q[:, 0] = rng.integers(1, 500, 7)
+    results = []
+    for br in (600, 256, 64, 37):
+        with dask.config.set(scheduler="sync"):
+            idx, _ = dask.compute(*graph.knn_graph(
+                da.from_array(q, chunks=(3, -1)), da.from_array(r, chunks=(br, -1)), 5))
+        results.append(idx)
+    for idx in results:
+        np.testing.assert_array_equal(idx, np.tile(np.arange(5), (7, 1)))
+
+
+def test_parser_reads_numbers_as_float_does():
+    from scimpute_dask import textio
+
+    fields = ["0e400", "0.0E+999", "1e-400", ".5", "5.", "-2.5e3", '"3"', " 12 ", "Infinity",
+              "-nan", "1e400"]
+    values, status = textio.parse_rows(("g\t" + "\t".join(fields) + "\n").encode(), "\t", 1,
+                                       len(fields))
+    assert status[0] == textio.OK
+    want = np.array([float(f.strip().strip('"')) for f in fields], dtype=np.float32)
+    np.testing.assert_array_equal(values[0], want)
+    for bad in ["infxxxxx", "1e", "-", "0x10", "1.2.3", "abc"]:
+        assert textio.parse_rows(f"g\t{bad}\n".encode(), "\t", 1, 1)[1][0] == textio.BAD_FIELD
