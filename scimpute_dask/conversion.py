@@ -164,7 +164,7 @@ def convert(
     label = name or str(src)
     if not src.exists():
         raise InputError(f"{label}: file not found")
-    if src.is_dir() and (src / "zarr.json").exists():
+    if is_store(src):
         return ExpressionStore.open(src)
     if src.suffix == ".gz":
         raise InputError(f"{label}: compressed text is not supported; decompress it first")
@@ -183,6 +183,11 @@ def convert(
         ):
             remove_tree(store)
         raise
+
+
+def is_store(path: Path) -> bool:
+    """Is ``path`` a Zarr store (to be used as it is) rather than a file to convert?"""
+    return path.is_dir() and (path / "zarr.json").exists()
 
 
 def read_names(

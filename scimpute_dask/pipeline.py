@@ -29,7 +29,14 @@ import pandas as pd
 import zarr
 
 from . import __version__, cluster, export, graph, plan
-from .conversion import ExpressionStore, Layout, convert, read_names, source_fingerprint
+from .conversion import (
+    ExpressionStore,
+    Layout,
+    convert,
+    is_store,
+    read_names,
+    source_fingerprint,
+)
 from .imputation import similarity_to_weight
 from .scoring import round_like_scimpute, summary_stats
 from .validation import (
@@ -84,7 +91,7 @@ def _store_for(
     if isinstance(source, pd.DataFrame):
         return convert(source, target, name=f"{role} DataFrame", memory_limit=memory_limit)
     src = Path(source)  # existence already checked by read_names
-    if src.is_dir() and (src / "zarr.json").exists():
+    if is_store(src):
         return ExpressionStore.open(src)
     previous = outdir / "zarr" / f"{role}.zarr"
     if not target.exists() and not restart and previous.exists():

@@ -76,10 +76,6 @@ class Plan:
     reference_chunk: int  # reference cells per similarity tile
     gene_chunk: int  # reference genes per imputation block
 
-    @property
-    def text_block_bytes(self) -> int:
-        return text_block_bytes(self.memory_limit)
-
 
 def available_bytes(memory_limit: int) -> int:
     return max(1, memory_limit - BASE_BYTES)

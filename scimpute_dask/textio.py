@@ -64,29 +64,28 @@ def _parse_field(buf, start, end, pow10):  # pragma: no cover - compiled
     if (n == 3 or n == 8) and _matches(buf, start, n, _INFINITY):  # inf, infinity
         return (-np.inf if neg else np.inf), True
     mant = np.int64(0)
-    digits = 0
+    digits = 0  # significant digits kept in mant (18 fit in an int64)
     exp10 = 0
     seen_digit = False
+    seen_dot = False
     i = start
-    while i < end and 48 <= buf[i] <= 57:
-        seen_digit = True
-        if digits < 18:
-            mant = mant * 10 + (buf[i] - 48)
-            if mant > 0:
-                digits += 1
-        else:
-            exp10 += 1
-        i += 1
-    if i < end and buf[i] == 46:  # .
-        i += 1
-        while i < end and 48 <= buf[i] <= 57:
+    while i < end:
+        c = buf[i]
+        if 48 <= c <= 57:
             seen_digit = True
             if digits < 18:
-                mant = mant * 10 + (buf[i] - 48)
+                mant = mant * 10 + (c - 48)
                 if mant > 0:
                     digits += 1
-                exp10 -= 1
-            i += 1
+                if seen_dot:
+                    exp10 -= 1
+            elif not seen_dot:
+                exp10 += 1  # an integer digit beyond what mant holds
+        elif c == 46 and not seen_dot:  # .
+            seen_dot = True
+        else:
+            break
+        i += 1
     if not seen_digit:
         return np.nan, False
     if i < end and (buf[i] == 101 or buf[i] == 69):  # e E
