@@ -38,15 +38,19 @@ def _parser() -> argparse.ArgumentParser:
         "sim_matrix.tsv, scores.txt, stats.txt and histogram, and the Zarr stores.",
     )
     run.add_argument("--query", required=True, metavar="PATH",
-                     help="spatial matrix to impute for (.tsv/.csv/.h5ad/.zarr)")
+                     help="spatial matrix to impute for (.tsv/.csv/.h5ad/.zarr; a path or an "
+                     "fsspec URL such as s3://bucket/query.zarr)")
     run.add_argument("--reference", required=True, metavar="PATH",
-                     help="single-cell matrix to impute from (.tsv/.csv/.h5ad/.zarr)")
+                     help="single-cell matrix to impute from (.tsv/.csv/.h5ad/.zarr; path or "
+                     "URL)")
     run.add_argument("--identities", metavar="TSV",
                      help="cell identity table with an 'id' cluster column for the cells of both "
                      "datasets (required unless --no-clusters)")
     run.add_argument("--name-column", type=int, default=0, metavar="IDX",
                      help="0-based position of the cell-name column of --identities (default 0)")
-    run.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    run.add_argument("--out", required=True, metavar="DIR",
+                     help="output directory: a path, or an fsspec URL (s3://bucket/run) that "
+                     "cluster workers write to directly")
     run.add_argument("--k", type=int, default=25, help="neighbours per query cell (default 25)")
     run.add_argument("--no-clusters", action="store_true",
                      help="search all reference cells, not only the query cell's cluster")
@@ -81,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         "An interrupted conversion resumes when rerun; a finished one is reused.",
     )
     conv.add_argument("input", metavar="IN", help="matrix file (.tsv/.txt/.csv/.h5ad)")
-    conv.add_argument("output", metavar="OUT.zarr", help="Zarr store to write")
+    conv.add_argument("output", metavar="OUT.zarr",
+                      help="Zarr store to write: a path or an fsspec URL (s3://bucket/x.zarr)")
     conv.add_argument("--layout", choices=LAYOUTS, default="genes_x_cells", help=LAYOUT_HELP)
     conv.add_argument("--sep", default=None,
                       help="field separator (default: ',' for .csv, tab otherwise)")

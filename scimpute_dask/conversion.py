@@ -33,7 +33,7 @@ import pandas as pd
 import zarr
 
 from . import plan, textio
-from .fsutil import remove_tree
+from .storage import Location, is_remote, location, remove_tree, zarr_store
 from .validation import InputError, check_unique_names, check_values
 
 Layout = Literal["genes_x_cells", "cells_x_genes"]
@@ -49,17 +49,17 @@ class ExpressionStore:
     Parameters
     ----------
     path
-        Directory of the Zarr group.
+        Directory of the Zarr group: a local path or an fsspec URL path.
     """
 
-    path: Path
+    path: Location
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ExpressionStore:
         """Open a complete store, refusing one whose conversion did not finish."""
-        path = Path(path)
+        path = location(path)
         try:
-            group = zarr.open_group(path, mode="r")
+            group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
             raise InputError(f"{path}: not a scimpute-dask Zarr store") from err
         attrs = dict(group.attrs)
@@ -73,7 +73,7 @@ class ExpressionStore:
 
     @property
     def group(self) -> zarr.Group:
-        return zarr.open_group(self.path, mode="r")
+        return zarr.open_group(zarr_store(self.path, read_only=True), mode="r")
 
     @property
     def cell_names(self) -> np.ndarray:
@@ -97,7 +97,8 @@ class ExpressionStore:
 
     def to_dask(self, chunks: tuple[int, int] | None = None) -> da.Array:
         """The matrix as a lazy Dask array read straight from Zarr."""
-        return da.from_zarr(str(self.path), component="X", chunks=chunks or self.chunks)
+        X = self.group["X"]
+        return da.from_zarr(X, chunks=chunks or X.chunks)
 
 
 # --------------------------------------------------------------------------- #
@@ -123,7 +124,8 @@ def convert(
         file, an existing scimpute-dask ``.zarr`` store (returned as is), or a
         :class:`pandas.DataFrame` with cells as rows and genes as columns.
     store
-        Directory of the Zarr group to write.
+        Directory of the Zarr group to write: a local path or an fsspec URL
+        (``s3://bucket/query.zarr``).
     layout
         Orientation of a text file: ``"genes_x_cells"`` is scimpute's layout
         (first row = cell names, first column = gene names);
@@ -156,11 +158,11 @@ def convert(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    store = Path(store)
+    store = location(store)
     limit = plan.parse_memory(memory_limit)
     if isinstance(source, pd.DataFrame):
         return _convert_dataframe(source, store, name=name or "DataFrame", memory_limit=limit)
-    src = Path(source)
+    src = location(source)
     label = name or str(src)
     if not src.exists():
         raise InputError(f"{label}: file not found")
@@ -185,7 +187,7 @@ def convert(
         raise
 
 
-def is_store(path: Path) -> bool:
+def is_store(path: Location) -> bool:
     """Is ``path`` a Zarr store (to be used as it is) rather than a file to convert?"""
     return path.is_dir() and (path / "zarr.json").exists()
 
@@ -207,7 +209,7 @@ def read_names(
         check_unique_names(cells, label, "cell")
         check_unique_names(genes, label, "gene")
         return cells.astype(object), genes.astype(object)
-    src = Path(source)
+    src = location(source)
     label = name or str(src)
     if not src.exists():
         raise InputError(f"{label}: file not found")
@@ -229,7 +231,7 @@ def read_names(
     return (scanned.columns, scanned.rows) if genes_rows else (scanned.rows, scanned.columns)
 
 
-def source_fingerprint(src: Path, layout: Layout = "genes_x_cells", sep: str | None = None
+def source_fingerprint(src: Location, layout: Layout = "genes_x_cells", sep: str | None = None
                        ) -> dict:
     """The fingerprint a conversion of ``src`` with these options records."""
     if src.suffix == ".h5ad":
@@ -237,11 +239,14 @@ def source_fingerprint(src: Path, layout: Layout = "genes_x_cells", sep: str | N
     return file_fingerprint(src, layout=layout, sep=_sep_for(src, sep))
 
 
-def _sep_for(src: Path, sep: str | None) -> str:
+def _sep_for(src: Location, sep: str | None) -> str:
     return sep if sep is not None else ("," if src.suffix.lower() == ".csv" else "\t")
 
 
-def _anndata(src: Path):
+def _anndata(src: Location):
+    if is_remote(src):
+        raise InputError(f"{src}: .h5ad inputs must be local files (h5py reads local files); "
+                         f"convert it to a store first: scimpute-dask convert FILE.h5ad URL.zarr")
     try:
         import anndata
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -251,8 +256,12 @@ def _anndata(src: Path):
     return anndata
 
 
-def file_fingerprint(path: Path, **options: object) -> dict:
+def file_fingerprint(path: Location, **options: object) -> dict:
     """What identifies a conversion: the file's identity and the reading options."""
+    if is_remote(path):
+        # the backend's unique key of the object's version (S3: its ETag)
+        return {"source": str(path), "size": path.fs.size(path.path),
+                "key": path.fs.ukey(path.path), "format_version": FORMAT_VERSION, **options}
     st = path.stat()
     # ctime cannot be set back by cp -p, rsync -a or tar, unlike mtime
     return {
@@ -269,13 +278,13 @@ def file_fingerprint(path: Path, **options: object) -> dict:
 # --------------------------------------------------------------------------- #
 # Store life cycle
 # --------------------------------------------------------------------------- #
-def _existing(store: Path, fingerprint: dict, restart: bool, label: str) -> zarr.Group | None:
+def _existing(store: Location, fingerprint: dict, restart: bool, label: str) -> zarr.Group | None:
     """Return the group to resume or reuse at ``store``, or ``None`` to start afresh."""
     if restart and store.exists():
         remove_tree(store)
     if not (store / "zarr.json").exists():
         return None
-    group = zarr.open_group(store, mode="r+")
+    group = zarr.open_group(zarr_store(store), mode="r+")
     old = dict(group.attrs).get("fingerprint")
     if old is None:
         # killed before its first record: nothing to resume
@@ -290,22 +299,23 @@ def _existing(store: Path, fingerprint: dict, restart: bool, label: str) -> zarr
     return group
 
 
-def _open_unfinished(store: Path) -> zarr.Group | None:
+def _open_unfinished(store: Location) -> zarr.Group | None:
     if not (store / "zarr.json").exists():
         return None
-    group = zarr.open_group(store, mode="r")
+    group = zarr.open_group(zarr_store(store, read_only=True), mode="r")
     return None if group.attrs.get("complete") else group
 
 
 def _create(
-    store: Path,
+    store: Location,
     fingerprint: dict,
     cell_names: np.ndarray,
     gene_names: np.ndarray,
     chunks: tuple[int, int],
 ) -> zarr.Group:
-    store.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(store, mode="w")
+    if not is_remote(store):  # object stores have no directories to make
+        store.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(zarr_store(store), mode="w")
     for key, names in (("obs_names", cell_names), ("var_names", gene_names)):
         arr = group.create_array(key, shape=(len(names),), dtype=str, chunks=(max(len(names), 1),))
         arr[:] = np.asarray(names, dtype=str)
@@ -339,7 +349,7 @@ class _TextLayout:
     header_bytes: int  # offset of the first data line
 
 
-def scan_text(path: Path, sep: str, label: str, row_kind: str, col_kind: str) -> _TextLayout:
+def scan_text(path: Location, sep: str, label: str, row_kind: str, col_kind: str) -> _TextLayout:
     """Read the names of a delimited matrix and check its shape, in one streaming pass.
 
     Every data line must hold one name plus one field per column; the names
@@ -347,7 +357,7 @@ def scan_text(path: Path, sep: str, label: str, row_kind: str, col_kind: str) ->
     """
     sep_b = sep.encode()
     rows: list[str] = []
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:
         header = fh.readline()
         header_bytes = fh.tell()
         if not header.strip():
@@ -423,7 +433,7 @@ def _parse_block(
 
 
 def _convert_text(
-    src: Path, store: Path, *, layout: Layout, sep: str, restart: bool, progress: bool,
+    src: Location, store: Location, *, layout: Layout, sep: str, restart: bool, progress: bool,
     memory_limit: int,
 ) -> ExpressionStore:
     label = str(src)
@@ -453,7 +463,7 @@ def _convert_text(
 
     done, offset = int(state["rows_done"]), int(state["offset"]) or text_layout.header_bytes
     bar = _progress_bar(progress, total=len(rows), initial=done, desc=f"convert {src.name}")
-    with open(src, "rb") as fh:
+    with src.open("rb") as fh:
         fh.seek(offset)
         while done < len(rows):
             text, n = _read_lines(fh, block_rows)
@@ -493,7 +503,7 @@ def check_frame(frame: pd.DataFrame, name: str) -> np.ndarray:
     return values
 
 
-def _convert_dataframe(frame: pd.DataFrame, store: Path, *, name: str, memory_limit: int
+def _convert_dataframe(frame: pd.DataFrame, store: Location, *, name: str, memory_limit: int
                        ) -> ExpressionStore:
     """Write a cells × genes DataFrame (scimpute's in-memory orientation)."""
     values = check_frame(frame, name)
@@ -521,7 +531,7 @@ def _iter_h5ad_blocks(adata, start: int, step: int) -> Iterator[tuple[int, np.nd
         yield lo, (block.toarray() if hasattr(block, "toarray") else np.asarray(block))
 
 
-def _convert_h5ad(src: Path, store: Path, *, restart: bool, progress: bool, memory_limit: int
+def _convert_h5ad(src: Path, store: Location, *, restart: bool, progress: bool, memory_limit: int
                   ) -> ExpressionStore:
     anndata = _anndata(src)
     label = str(src)

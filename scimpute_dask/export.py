@@ -1,8 +1,15 @@
 """Export: scimpute's output files, streamed from Zarr, and the atomic output directory.
 
-Every file is written under a temporary name and renamed into place, and a
-whole run is assembled in a hidden sibling directory that replaces the output
-directory only once everything in it is complete.
+On a local file system every file is written under a temporary name and
+renamed into place, and a whole run is assembled in a hidden sibling directory
+that replaces the output directory only once everything in it is complete.
+
+Object stores (``s3://`` …) cannot rename a prefix, so there the run is
+assembled in the output prefix itself, Hadoop/Spark style: a ``.partial``
+marker object goes in first and the old ``run.json`` is deleted, and the new
+``run.json`` is written last, after every other object is complete. A prefix
+is a finished output exactly when it holds ``run.json`` and no marker. Each
+object appears whole or not at all (an upload is committed when it closes).
 """
 
 from __future__ import annotations
@@ -13,6 +20,9 @@ import json
 import os
 import re
 import shutil
+import socket
+import tempfile
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -25,8 +35,8 @@ import numpy as np
 import zarr
 
 from . import textio
-from .fsutil import remove_tree
 from .scoring import STAT_NAMES
+from .storage import Location, is_remote, remove_tree
 from .validation import InputError
 
 T = TypeVar("T")
@@ -34,14 +44,29 @@ T = TypeVar("T")
 #: Written last into every output directory; marks it as ours (safe to replace).
 MANIFEST = "run.json"
 HISTOGRAM = "cosine_similarities.png"
+#: In an object-store output prefix while a run writes into it.
+PARTIAL_MARKER = ".partial"
 
 
 # --------------------------------------------------------------------------- #
 # Atomic files and directories
 # --------------------------------------------------------------------------- #
 @contextlib.contextmanager
-def atomic_file(path: Path, mode: str = "w") -> Iterator:
-    """Open a temporary sibling of ``path``; rename it to ``path`` only on success."""
+def atomic_file(path: Location, mode: str = "w") -> Iterator:
+    """Open a temporary sibling of ``path``; rename it to ``path`` only on success.
+
+    On an object store, where an upload is committed whole when it closes, the
+    object itself is written, and deleted again if writing fails.
+    """
+    if is_remote(path):
+        try:
+            with path.open(mode) as fh:
+                yield fh
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                path.fs.rm_file(path.path)
+            raise
+        return
     path = Path(path)
     # exclusive create of a unique name: the file gets the user's umask (mkstemp's 0600 would not)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
@@ -55,25 +80,31 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator:
         raise
 
 
-def work_dir_for(outdir: Path) -> Path:
-    """The hidden sibling where a run into ``outdir`` is assembled (and resumed)."""
+def work_dir_for(outdir: Location) -> Location:
+    """Where a run into ``outdir`` is assembled (and resumed).
+
+    A hidden sibling on a local file system; the output prefix itself on an
+    object store (see the module docstring).
+    """
+    if is_remote(outdir):
+        return outdir
     return outdir.parent / f".{outdir.name}.partial"
 
 
-def check_output_dir(outdir: Path) -> None:
+def check_output_dir(outdir: Location) -> None:
     """Refuse to replace a directory holding anything a previous run did not write."""
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"{outdir}: output path exists and is not a directory")
     if not outdir.is_dir():
         return
-    if os.path.ismount(outdir):
+    if not is_remote(outdir) and os.path.ismount(outdir):
         raise InputError(
             f"{outdir}: is a mount point, which cannot be replaced atomically; write to a "
             f"directory inside it (e.g. --out {outdir / 'imputation'})"
         )
-    entries = set(os.listdir(outdir))
-    if not entries:
-        return
+    entries = {entry.name for entry in outdir.iterdir()}
+    if not entries or (PARTIAL_MARKER in entries and is_remote(outdir)):
+        return  # empty, or an unfinished run of ours
     try:
         ours = set(json.loads((outdir / MANIFEST).read_text())["outputs"]) | {MANIFEST}
     except (OSError, ValueError, KeyError, TypeError):
@@ -90,12 +121,16 @@ def check_output_dir(outdir: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(work: Path) -> Iterator[None]:
+def exclusive(work: Location) -> Iterator[None]:
     """Hold an exclusive lock for a run into ``work``'s output, for the length of the run.
 
     The lock file sits beside the work directory, not in it, so that it
     survives the rename that publishes the run.
     """
+    if is_remote(work):
+        with _object_lock(work.parent / f".{work.name}.lock", work):
+            yield
+        return
     work.mkdir(parents=True, exist_ok=True)
     lock = work.parent / f"{work.name}.lock"
     with open(lock, "w") as fh:
@@ -111,9 +146,71 @@ def exclusive(work: Path) -> Iterator[None]:
             lock.unlink(missing_ok=True)
 
 
-def clear_work_dir(work: Path, keep: set[str]) -> None:
-    """Remove what an interrupted run left in ``work`` except the resumable stores."""
+@contextlib.contextmanager
+def _object_lock(lock: Location, work: Location) -> Iterator[None]:
+    """An object-store lock: an object created only if absent (a conditional write).
+
+    Unlike ``flock`` it outlives a killed run, so a lock left by a dead
+    process on this same host is taken over; one from another host must be
+    deleted by hand, and the message says which object.
+    """
+    fs, key = lock.fs, lock.path
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    for attempt in range(2):
+        try:
+            with fs.open(key, "xb") as fh:
+                fh.write(json.dumps(owner).encode())
+            break
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if attempt == 0 and _dead_here(holder):
+                fs.rm_file(key)
+                continue
+            raise InputError(
+                f"another scimpute-dask run ({holder or 'unknown'}) is writing to {work}; wait "
+                f"for it to finish, or delete {lock} if that run is no longer alive"
+            ) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(key)
+
+
+def _lock_holder(lock: Location) -> dict:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _dead_here(holder: dict) -> bool:
+    """Is the lock's holder a process of this host that no longer runs?"""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def clear_work_dir(work: Location, keep: set[str]) -> None:
+    """Remove what an interrupted run left in ``work`` except the resumable stores.
+
+    On an object store ``work`` is the output prefix: it is first marked as
+    unfinished and its ``run.json`` deleted, so that from now on nobody takes it
+    for a finished output.
+    """
+    if is_remote(work):
+        (work / PARTIAL_MARKER).write_bytes(b"")
+        with contextlib.suppress(FileNotFoundError):
+            work.fs.rm_file((work / MANIFEST).path)
     for entry in work.iterdir():
+        if entry.name == PARTIAL_MARKER and is_remote(work):
+            continue
         if entry.name == "zarr" and entry.is_dir():
             for store in entry.iterdir():
                 if store.name not in keep:
@@ -122,13 +219,22 @@ def clear_work_dir(work: Path, keep: set[str]) -> None:
             remove_tree(entry)
 
 
-def publish(work: Path, outdir: Path) -> None:
+def outputs(work: Location) -> list[str]:
+    """The names a run wrote into ``work``, for ``run.json``."""
+    return sorted(p.name for p in work.iterdir() if p.name != PARTIAL_MARKER)
+
+
+def publish(work: Location, outdir: Location) -> None:
     """Move a finished work directory to ``outdir``, replacing a previous output.
 
     Both renames are atomic; between them the previous output is kept aside
     under a hidden name, so ``outdir`` is either the old or the new run, never a
-    mixture.
+    mixture. On an object store the run is already in place, ``run.json``
+    written last; removing the marker finishes it.
     """
+    if is_remote(outdir):
+        outdir.fs.rm_file((outdir / PARTIAL_MARKER).path)
+        return
     old = None
     if outdir.exists():
         old = outdir.parent / f".{outdir.name}.old-{os.getpid()}"
@@ -287,7 +393,8 @@ def write_histogram(path: Path, scores: np.ndarray) -> None:
     plt.close(fig)
 
 
-def write_h5ad(path: Path, imputed: zarr.Array, cells: np.ndarray, genes: np.ndarray) -> None:
+def write_h5ad(path: Location, imputed: zarr.Array, cells: np.ndarray, genes: np.ndarray
+               ) -> None:
     """The imputed matrix as an AnnData ``.h5ad`` (float32 ``X``), streamed from Zarr."""
     import anndata
     import dask.array as da
@@ -296,6 +403,12 @@ def write_h5ad(path: Path, imputed: zarr.Array, cells: np.ndarray, genes: np.nda
     X = da.from_zarr(imputed).astype(np.float32)
     adata = anndata.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(cells, dtype=str)),
                             var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
+    if is_remote(path):
+        # HDF5 is written through a local file, then uploaded whole
+        with tempfile.TemporaryDirectory() as tmp:
+            adata.write_h5ad(Path(tmp) / path.name)
+            path.fs.put_file(str(Path(tmp) / path.name), path.path)
+        return
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         adata.write_h5ad(tmp)

@@ -6,7 +6,10 @@ stores (:mod:`.conversion`), the Dask graphs of :mod:`.graph` are stored to
 Zarr block by block on the scheduler :mod:`.cluster` chooses, and
 :mod:`.export` streams the scimpute files from those stores. The run is
 assembled in a hidden sibling of the output directory, resumable there, and
-moved into place only when complete.
+moved into place only when complete (on an object store: marked complete by
+its ``run.json``, written last; see :mod:`.export`). The output and its stores
+may live on any fsspec URL (``s3://…``), which Dask workers then read and
+write themselves; only the per-cell scores come back to the client.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import dask
 import dask.array as da
@@ -39,6 +41,7 @@ from .conversion import (
 )
 from .imputation import similarity_to_weight
 from .scoring import round_like_scimpute, summary_stats
+from .storage import Location, location, zarr_store
 from .validation import (
     InputError,
     check_k,
@@ -55,8 +58,8 @@ log = logging.getLogger("scimpute_dask")
 class RunResult:
     """What a run produced and where; ``str()`` gives a human summary."""
 
-    outdir: Path
-    files: dict[str, Path]
+    outdir: Location
+    files: dict[str, Location]
     n_query: int
     n_reference: int
     n_genes: int
@@ -83,14 +86,14 @@ class RunResult:
 # Input stores
 # --------------------------------------------------------------------------- #
 def _store_for(
-    source, role: str, work: Path, outdir: Path, layout: Layout, restart: bool, progress: bool,
-    memory_limit: int,
+    source, role: str, work: Location, outdir: Location, layout: Layout, restart: bool,
+    progress: bool, memory_limit: int,
 ) -> ExpressionStore:
     """The Zarr store of one input: an existing store, a reused conversion, or a new one."""
     target = work / "zarr" / f"{role}.zarr"
     if isinstance(source, pd.DataFrame):
         return convert(source, target, name=f"{role} DataFrame", memory_limit=memory_limit)
-    src = Path(source)  # existence already checked by read_names
+    src = location(source)  # existence already checked by read_names
     if is_store(src):
         return ExpressionStore.open(src)
     previous = outdir / "zarr" / f"{role}.zarr"
@@ -132,7 +135,7 @@ def _write_blocks(targets: list[zarr.Array], done: zarr.Array, index: tuple[int,
 
 
 def store_stage(
-    path: Path,
+    path: Location,
     arrays: dict[str, tuple[da.Array, object]],
     key: dict,
     attrs: dict,
@@ -156,9 +159,10 @@ def store_stage(
         Extra attributes for the group.
     """
     first = next(iter(arrays.values()))[0]
-    group = zarr.open_group(path, mode="a") if (path / "zarr.json").exists() else None
+    group = zarr.open_group(zarr_store(path), mode="a") if (path / "zarr.json").exists() \
+        else None
     if group is None or dict(group.attrs).get("key") != key:
-        group = zarr.open_group(path, mode="w")
+        group = zarr.open_group(zarr_store(path), mode="w")
         for name, (arr, fill) in arrays.items():
             group.create_array(name, shape=arr.shape, dtype=arr.dtype,
                                chunks=tuple(c[0] for c in arr.chunks), fill_value=fill)
@@ -221,6 +225,7 @@ def run_imputation(
     query, reference
         Paths (TSV/CSV/``.h5ad``/scimpute-dask ``.zarr``) or DataFrames
         (cells × genes) of the spatial query and the single-cell reference.
+        Text files and stores may also be fsspec URLs (``s3://…``).
     identities
         scimpute's cell identity table (path or DataFrame). Required when
         ``consider_clusters``; otherwise optional, used for the ``cluster``
@@ -228,8 +233,9 @@ def run_imputation(
     cell_name_column_idx
         0-based position of the cell-name column of ``identities``.
     outdir
-        Output directory. Replaced as a whole when the run completes, and only
-        if it is empty or holds a previous scimpute-dask output.
+        Output directory, a local path or an fsspec URL (``s3://bucket/run``).
+        Replaced as a whole when the run completes, and only if it is empty
+        or holds a previous scimpute-dask output.
     k
         Neighbours per query cell.
     consider_clusters
@@ -264,8 +270,8 @@ def run_imputation(
     scheduler
         Address of a Dask scheduler to run on (default: the
         ``DASK_SCHEDULER_ADDRESS`` environment variable, else this machine).
-        Workers must see the output directory's parent at the same path (a
-        shared volume).
+        Workers must reach the output: a shared volume at the same path, or
+        an object-store URL (they open its stores themselves).
     client
         A ``distributed.Client`` to run on instead.
 
@@ -290,7 +296,7 @@ def run_imputation(
         raise InputError("consider_clusters=True needs the cell identity table")
     if h5ad and importlib.util.find_spec("anndata") is None:
         raise InputError("h5ad output needs anndata: pip install 'scimpute-dask[h5ad]'")
-    outdir = Path(outdir).absolute()
+    outdir = location(outdir)
     export.check_output_dir(outdir)
     work = export.work_dir_for(outdir)
 
@@ -329,9 +335,9 @@ def run_imputation(
             files["h5ad"] = work / "imputed.h5ad"
             # h5py files cannot travel to workers: written from this process
             with dask.config.set(scheduler="threads", num_workers=blocks.threads):
-                export.write_h5ad(files["h5ad"], zarr.open_array(work / "zarr" / "imputed.zarr"
-                                                                 / "X", mode="r"),
-                                  inputs.q_cells, inputs.r_genes)
+                imputed = zarr.open_group(zarr_store(work / "zarr" / "imputed.zarr", True),
+                                          mode="r")["X"]
+                export.write_h5ad(files["h5ad"], imputed, inputs.q_cells, inputs.r_genes)
         lap("export")
         export.write_manifest(work / export.MANIFEST, {
             "scimpute_dask": __version__,
@@ -351,10 +357,11 @@ def run_imputation(
             "unimputable_cells": int(np.isnan(scores).sum()),
             "stats": stats,
             "timings_s": timings,
-            "outputs": sorted(p.name for p in work.iterdir()),
+            "outputs": export.outputs(work),
         })
         export.publish(work, outdir)
-    files = {name: outdir / path.relative_to(work) for name, path in files.items()}
+    files = {name: outdir / path.relative_to(work).as_posix()
+             for name, path in files.items()}
     return RunResult(outdir, files, len(inputs.q_cells), len(inputs.r_cells),
                      len(inputs.r_genes), len(inputs.q_cols),
                      list(inputs.q_cells[np.isnan(scores)]), stats, timings)
@@ -416,7 +423,7 @@ def _tsv_columns(tsv_genes, r_genes: np.ndarray, r_label: str) -> np.ndarray | N
     return pos
 
 
-def _compute(zarr_dir: Path, q_store: ExpressionStore, r_store: ExpressionStore,
+def _compute(zarr_dir: Location, q_store: ExpressionStore, r_store: ExpressionStore,
              inputs: _Inputs, blocks: plan.Plan, k: int, consider_clusters: bool,
              lap) -> np.ndarray:
     """Stages 3–5: kNN and imputation stored to Zarr (resumably), then the scores."""
@@ -430,7 +437,7 @@ def _compute(zarr_dir: Path, q_store: ExpressionStore, r_store: ExpressionStore,
     if consider_clusters:
         # through Zarr, not embedded in the graph: nothing large travels via the scheduler
         codes, _ = pd.factorize(np.concatenate([inputs.q_ids, inputs.r_ids]))
-        stored = zarr.create_array(zarr_dir / "clusters.zarr", shape=codes.shape,
+        stored = zarr.create_array(zarr_store(zarr_dir / "clusters.zarr"), shape=codes.shape,
                                    dtype="int32", chunks=(max(1, len(codes)),), overwrite=True)
         stored[:] = codes
         q_codes = da.from_zarr(stored)[:n_q].rechunk(bq)
@@ -466,15 +473,15 @@ def _compute(zarr_dir: Path, q_store: ExpressionStore, r_store: ExpressionStore,
     return scores
 
 
-def _export(work: Path, inputs: _Inputs, chunk_size: int, save_chunks: bool,
-            scores: np.ndarray, stats: dict[str, float], threads: int) -> dict[str, Path]:
+def _export(work: Location, inputs: _Inputs, chunk_size: int, save_chunks: bool,
+            scores: np.ndarray, stats: dict[str, float], threads: int) -> dict[str, Location]:
     """Write scimpute's files into the work directory, streaming from the stores."""
     zarr_dir = work / "zarr"
-    imputed = zarr.open_group(zarr_dir / "imputed.zarr", mode="r")["X"]
-    nbrs = zarr.open_group(zarr_dir / "neighbors.zarr", mode="r")
+    imputed = zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True), mode="r")["X"]
+    nbrs = zarr.open_group(zarr_store(zarr_dir / "neighbors.zarr", True), mode="r")
     q_cells = inputs.q_cells
     starts = range(0, len(q_cells), chunk_size)
-    files: dict[str, Path] = {}
+    files: dict[str, Location] = {}
 
     if inputs.tsv_cols is not None:
         cols = inputs.tsv_cols

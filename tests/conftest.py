@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import distributed
 import numpy as np
 import pandas as pd
 import pytest
@@ -87,3 +91,35 @@ def brute_force(query: pd.DataFrame, reference: pd.DataFrame, q_ids, r_ids, k: i
     s[undefined] = np.nan
     imputed[undefined] = np.nan
     return BruteForce(idx, s, imputed, ambiguous & ~undefined, sim)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dask_cluster():
+    """A scheduler and two single-threaded workers, each its own process (no nanny).
+
+    They inherit this process's environment (e.g. object-store credentials).
+    """
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port",
+         address.rsplit(":", 1)[1], "--no-dashboard"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
+         "--memory-limit", "2GB", "--no-dashboard"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    procs += workers
+    try:
+        with distributed.Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address, workers
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,35 +24,6 @@ CLI = [sys.executable, "-m", "scimpute_dask.cli"]
 OUTPUTS = ["imputation.tsv", "sim_matrix.tsv", "scores.txt", "stats.txt",
            "unimputable_cells.txt"]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def dask_cluster():
-    """A scheduler and two single-threaded workers, each its own process (no nanny)."""
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port",
-         address.rsplit(":", 1)[1], "--no-dashboard"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    workers = [subprocess.Popen(
-        [sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
-         "--memory-limit", "2GB", "--no-dashboard"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
-    procs += workers
-    try:
-        with distributed.Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=60)
-        yield address, workers
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
 
 
 @pytest.fixture

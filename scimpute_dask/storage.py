@@ -1,0 +1,92 @@
+"""Where data lives: local paths, or fsspec URLs (``s3://``, ``gs://``, ``abfs://``, …).
+
+Local paths stay :class:`pathlib.Path` and keep POSIX guarantees (atomic
+rename, ``flock``, hard links). A URL becomes a
+:class:`upath.UPath`, the pathlib API over fsspec, so the stages join, list
+and open paths the same way for both; only where object stores lack a POSIX
+guarantee (rename, locks) does the code branch on :func:`is_remote`.
+Credentials and endpoints come from the usual places of the backend (for
+S3: ``AWS_*`` variables, ``~/.aws``), on the client and on every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path, PurePath
+from typing import TypeAlias
+
+from upath import UPath
+
+#: A local path or a remote URL path.
+Location: TypeAlias = Path | UPath
+
+_METADATA = "zarr.json"
+
+
+def location(path: str | os.PathLike | UPath) -> Location:
+    """A local path (absolute) or, for a URL with a remote protocol, a :class:`UPath`."""
+    if isinstance(path, UPath) and is_remote(path):
+        return path
+    text = path if isinstance(path, str) else os.fspath(path)
+    if "://" in text:
+        # No listings cache: the stages list prefixes that Zarr (through its own
+        # file-system instance) and Dask workers write to, so a cached listing
+        # would be stale.
+        url = UPath(text, use_listings_cache=False)
+        return Path(url.path).absolute() if url.protocol in ("file", "local") else url
+    return Path(text).absolute()
+
+
+def is_remote(path: Location) -> bool:
+    """Is ``path`` on a remote file system (no atomic rename, no ``flock``)?"""
+    return not isinstance(path, PurePath)
+
+
+def zarr_store(path: Location, read_only: bool = False):
+    """What to hand ``zarr.open_*`` for ``path``: the path itself, or an fsspec store.
+
+    The store pickles with its file system's options, so a Zarr array opened
+    on it can be shipped to Dask workers, which then read and write the
+    object store themselves.
+    """
+    if not is_remote(path):
+        return path
+    import zarr
+
+    return zarr.storage.FsspecStore.from_url(
+        str(path), storage_options=dict(path.storage_options), read_only=read_only
+    )
+
+
+def remove_tree(path: Location) -> None:
+    """Delete a directory (or file) so that no half-deleted store is ever trusted.
+
+    ``rmtree`` deletes in no particular order: killed half-way, it could leave a
+    Zarr store whose metadata still says "complete" over missing chunks, which
+    read back as zeros. Locally, renaming first makes the removal
+    all-or-nothing for every reader of ``path``; on an object store, which
+    cannot rename a prefix, the Zarr metadata objects go first, outermost
+    first, so what is left is no longer a store.
+    """
+    if is_remote(path):
+        fs, root = path.fs, path.path
+        if not fs.exists(root):
+            return
+        if not fs.isdir(root):
+            fs.rm_file(root)
+            return
+        for meta in sorted((f for f in fs.find(root) if f.rsplit("/", 1)[-1] == _METADATA),
+                           key=len):
+            fs.rm_file(meta)
+        fs.rm(root, recursive=True)
+        return
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink():
+        trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex}")
+        path.rename(trash)
+        shutil.rmtree(trash)
+    else:
+        path.unlink()

@@ -1,0 +1,214 @@
+"""Stores and outputs on an object store (S3, served by moto on loopback).
+
+The local run is the reference: a run whose inputs, stores and outputs all
+live under ``s3://`` (on this machine's threads, or on a Dask cluster whose
+workers reach the data only through S3) must write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import distributed
+import numpy as np
+import pytest
+import zarr
+
+from scimpute_dask import export, run_imputation
+from scimpute_dask.storage import location, remove_tree, zarr_store
+from scimpute_dask.synthetic import make_pair
+from scimpute_dask.validation import InputError
+
+from .conftest import write_inputs
+
+s3fs = pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+CLI = [sys.executable, "-m", "scimpute_dask.cli"]
+TEXT_OUTPUTS = ["imputation.tsv", "sim_matrix.tsv", "scores.txt", "stats.txt",
+                "unimputable_cells.txt"]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on loopback; credentials and endpoint through the AWS variables."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield env["AWS_ENDPOINT_URL"]
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint) -> str:
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """Inputs on local disk, and the reference run written to local disk."""
+    tmp = tmp_path_factory.mktemp("remote")
+    pair = make_pair(n_query=700, n_reference=300, n_genes=150, n_panel=30, n_types=3, seed=11)
+    inputs = write_inputs(tmp / "in", pair, zero_cells=2)
+    args = ["--identities", str(inputs.identities), "--k", "7", "--chunk-size", "90", "-q"]
+    subprocess.run([*CLI, "run", "--query", str(inputs.query), "--reference",
+                    str(inputs.reference), *args, "--out", str(tmp / "local")], check=True)
+    return inputs, args, tmp / "local"
+
+
+def _fs():
+    return s3fs.S3FileSystem(use_listings_cache=False)
+
+
+def _same_as_local(url: str, local: Path) -> None:
+    fs = _fs()
+    for name in TEXT_OUTPUTS:
+        assert fs.cat_file(f"{url}/{name}") == (local / name).read_bytes(), name
+    for store, arrays in [("imputed.zarr", ["X"]), ("neighbors.zarr", ["indices", "weights"])]:
+        remote = zarr.open_group(zarr_store(location(f"{url}/zarr/{store}")), mode="r")
+        here = zarr.open_group(local / "zarr" / store, mode="r")
+        for arr in arrays:
+            np.testing.assert_array_equal(remote[arr][:], here[arr][:])
+
+
+def _finished(url: str) -> None:
+    """A finished output: run.json listing exactly what is there, no marker, no lock."""
+    fs = _fs()
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(url, refresh=True)}
+    manifest = json.loads(fs.cat_file(f"{url}/run.json"))
+    assert names == {*manifest["outputs"], "run.json"}
+    assert export.PARTIAL_MARKER not in names
+    parent, name = url.rsplit("/", 1)
+    assert not fs.exists(f"{parent}/.{name}.lock")
+
+
+def test_input_and_output_on_s3_match_the_local_run(bucket, local_run):
+    inputs, args, local = local_run
+    url = f"{bucket}/runs/a"
+    _fs().put_file(str(inputs.query), f"{bucket}/in/query.tsv")  # text read straight from S3
+    subprocess.run([*CLI, "run", "--query", f"{bucket}/in/query.tsv", "--reference",
+                    str(inputs.reference), *args, "--out", url], check=True)
+    _same_as_local(url, local)
+    _finished(url)
+    assert _fs().cat_file(f"{url}/cosine_similarities.png")[:4] == b"\x89PNG"
+
+
+def test_a_cluster_without_shared_disk_reads_and_writes_only_s3(bucket, local_run, tmp_path,
+                                                                 dask_cluster):
+    """Inputs converted to S3 stores, local copies deleted: workers can only use S3."""
+    inputs, args, local = local_run
+    address, _ = dask_cluster
+    ids = tmp_path / "ids.tsv"
+    ids.write_bytes(inputs.identities.read_bytes())
+    for role, src in (("query", inputs.query), ("reference", inputs.reference)):
+        copy = tmp_path / f"{role}.tsv"
+        copy.write_bytes(src.read_bytes())
+        subprocess.run([*CLI, "convert", str(copy), f"{bucket}/stores/{role}.zarr", "-q"],
+                       check=True)
+        copy.unlink()
+    args = [a if a != str(inputs.identities) else str(ids) for a in args]
+    url = f"{bucket}/runs/cluster"
+    subprocess.run([*CLI, "run", "--query", f"{bucket}/stores/query.zarr", "--reference",
+                    f"{bucket}/stores/reference.zarr", *args, "--out", url,
+                    "--scheduler", address], check=True, cwd=tmp_path)
+    _same_as_local(url, local)
+    _finished(url)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.tsv"]  # nothing written here
+    with distributed.Client(address) as client:
+        prefixes = client.run_on_scheduler(
+            lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert any("write_blocks" in p for p in prefixes), prefixes
+
+
+def test_rerun_replaces_a_finished_output_and_resumes_an_unfinished_one(bucket, local_run):
+    inputs, args, local = local_run
+    url = f"{bucket}/runs/again"
+    run = [*CLI, "run", "--query", str(inputs.query), "--reference", str(inputs.reference),
+           *args, "--out", url]
+    subprocess.run([*run, "--save-chunks"], check=True)
+    fs = _fs()
+    assert fs.ls(f"{url}/imputations")
+    # A run that died after its kNN stage: marker in, run.json gone, outputs half-there.
+    fs.pipe_file(f"{url}/{export.PARTIAL_MARKER}", b"")
+    fs.rm_file(f"{url}/run.json")
+    fs.pipe_file(f"{url}/imputation.tsv", b"cell\tgarbage\n")
+    knn_chunk = fs.info(f"{url}/zarr/neighbors.zarr/indices/c/0/0")["LastModified"]
+    time.sleep(1.1)  # a rewrite would show in the (1 s resolution) modification time
+    subprocess.run(run, check=True)
+    _same_as_local(url, local)
+    _finished(url)
+    assert not fs.exists(f"{url}/imputations")  # the old run's extra outputs are gone
+    # the finished kNN blocks were kept, not recomputed
+    assert fs.info(f"{url}/zarr/neighbors.zarr/indices/c/0/0")["LastModified"] == knn_chunk
+
+
+def test_foreign_prefix_is_refused_before_any_work(bucket, local_run):
+    inputs = local_run[0]
+    fs = _fs()
+    fs.pipe_file(f"{bucket}/theirs/notes.txt", b"keep me")
+    with pytest.raises(InputError, match="not written by scimpute-dask"):
+        run_imputation(str(inputs.query), str(inputs.reference), str(inputs.identities),
+                       outdir=f"{bucket}/theirs", k=7)
+    assert fs.ls(f"{bucket}/theirs", refresh=True) == [f"{bucket[5:]}/theirs/notes.txt"]
+
+
+def test_object_lock(bucket):
+    work = location(f"{bucket}/runs/locked")
+    lock = location(f"{bucket}/runs/.locked.lock")
+    with export.exclusive(work):
+        assert lock.exists()
+        with pytest.raises(InputError, match="another scimpute-dask run"), \
+                export.exclusive(work):
+            pass
+    assert not lock.exists()
+    # A lock left by a process of this host that has died is taken over...
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead)}))
+    with export.exclusive(work):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    # ...one from another host is not: the message names the object to delete.
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(InputError, match=r"delete s3://.*\.locked\.lock"), \
+            export.exclusive(work):
+        pass
+
+
+def test_remove_tree_drops_the_store_metadata_first(bucket):
+    store = location(f"{bucket}/s/x.zarr")
+    group = zarr.open_group(zarr_store(store), mode="w")
+    group.create_array("X", shape=(4, 4), chunks=(2, 2), dtype="f4")[:] = 1
+    group.attrs["complete"] = True
+    deleted: list[str] = []
+    fs = store.fs
+    original = fs.rm_file
+
+    def spy(path, *a, **kw):
+        deleted.append(path)
+        return original(path, *a, **kw)
+
+    fs.rm_file = spy
+    try:
+        remove_tree(store)
+    finally:
+        del fs.rm_file
+    assert deleted[0].endswith("x.zarr/zarr.json")
+    assert not fs.exists(store.path)
