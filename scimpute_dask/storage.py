@@ -19,6 +19,8 @@ from typing import TypeAlias
 
 from upath import UPath
 
+from .validation import InputError
+
 #: A local path or a remote URL path.
 Location: TypeAlias = Path | UPath
 
@@ -34,8 +36,14 @@ def location(path: str | os.PathLike | UPath) -> Location:
         # No listings cache: the stages list prefixes that Zarr (through its own
         # file-system instance) and Dask workers write to, so a cached listing
         # would be stale.
-        url = UPath(text, use_listings_cache=False)
-        return Path(url.path).absolute() if url.protocol in ("file", "local") else url
+        try:
+            url = UPath(text, use_listings_cache=False)
+            if url.protocol in ("file", "local"):
+                return Path(url.path).absolute()
+            url.fs  # noqa: B018 - fails now, not mid-run, if the backend is not installed
+        except (ImportError, ValueError) as err:
+            raise InputError(f"{text}: {err}") from None
+        return url
     return Path(text).absolute()
 
 

@@ -422,6 +422,18 @@ def test_cli_outdir_with_unrelated_files(inputs, out, capsys):
     _untouched(out, files)
 
 
+@pytest.mark.parametrize("role", ["--out", "--query"])
+def test_cli_url_of_an_unknown_file_system(inputs, capsys, role):
+    argv = {"--query": str(inputs.query), "--reference": str(inputs.reference),
+            "--identities": str(inputs.identities), "--out": str(inputs.query.parent / "o")}
+    argv[role] = "nosuchfs://bucket/x"
+    code = main(["run", *(x for kv in argv.items() for x in kv), "--k", str(K), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"^scimpute-dask: error: nosuchfs://bucket/x: .*nosuchfs", err), err
+    assert not (inputs.query.parent / "o").exists()
+
+
 # --------------------------------------------------------------------------- #
 # 10. metric
 # --------------------------------------------------------------------------- #
