@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import zarr
 
 from . import textio
 from .fsutil import remove_tree
@@ -285,25 +284,6 @@ def write_histogram(path: Path, scores: np.ndarray) -> None:
     with atomic_file(path, "wb") as fh:
         fig.savefig(fh, format="png", bbox_inches="tight")
     plt.close(fig)
-
-
-def write_h5ad(path: Path, imputed: zarr.Array, cells: np.ndarray, genes: np.ndarray) -> None:
-    """The imputed matrix as an AnnData ``.h5ad`` (float32 ``X``), streamed from Zarr."""
-    import anndata
-    import dask.array as da
-    import pandas as pd
-
-    X = da.from_zarr(imputed).astype(np.float32)
-    adata = anndata.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(cells, dtype=str)),
-                            var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_manifest(path: Path, record: dict) -> None:
