@@ -15,11 +15,13 @@ The pipeline, one module per stage::
     export      scimpute's files, streamed from Zarr; atomic output directory
     pipeline    the run, stage by stage
     compat      scimpute's Python API (expression_imputation and the steps)
+    api         the scanpy-style API: impute(adata_spatial, adata_ref, ...)
     cli         the ``scimpute-dask`` command
 """
 
 __version__ = "0.1.0"
 
+from .api import impute
 from .compat import (
     expression_imputation,
     impute_expression,
@@ -38,6 +40,7 @@ __all__ = [
     "RunResult",
     "convert",
     "expression_imputation",
+    "impute",
     "impute_expression",
     "merge_imputation_chunks",
     "read_inputs",

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -314,10 +315,28 @@ def write(adata, path: Path) -> None:
         if path.suffix == ".h5ad":
             adata.write_h5ad(tmp)
         else:
-            adata.write_zarr(tmp)
+            with _anndata().settings.override(zarr_write_format=3), warnings.catch_warnings():
+                # anndata's notices about its future Zarr defaults, not about this store
+                warnings.filterwarnings("ignore", "zarr v3 autosharding", UserWarning)
+                warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+                adata.write_zarr(tmp)
         os.replace(tmp, path)
     except BaseException:
         from .fsutil import remove_tree
 
         remove_tree(tmp)
         raise
+
+
+def read_lazy(path: Path):
+    """An AnnData-Zarr store with ``X`` as a lazy Dask array (everything else in memory)."""
+    anndata = _anndata()
+    import dask.array as da
+    import zarr
+
+    root = zarr.open_group(path, mode="r")
+    read_elem = anndata.io.read_elem
+    return anndata.AnnData(
+        X=da.from_zarr(root["X"]), obs=read_elem(root["obs"]), var=read_elem(root["var"]),
+        obsm=read_elem(root["obsm"]), uns=read_elem(root["uns"]),
+    )

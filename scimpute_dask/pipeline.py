@@ -311,6 +311,7 @@ def run_imputation(
         nonlocal clock
         now = time.perf_counter()
         timings[stage] = round(now - clock, 3)
+        log.debug("%s took %.2f s", stage, timings[stage])
         clock = now
 
     k = check_positive_int(k, "k_neighbors")
@@ -336,6 +337,8 @@ def run_imputation(
     inputs = _check_inputs(query, reference, identities, cell_name_column_idx, k,
                            consider_clusters, query_layout, reference_layout, tsv_genes,
                            layers, cluster_key)
+    if isinstance(plot_genes, str):
+        plot_genes = [plot_genes]
     _check_plot_genes(plot_genes, inputs.r_genes, inputs.r_label)
     obs, obsm = _query_annotations(query, inputs.q_cells, coords)
     checksums = provenance.checksums({"query": query, "reference": reference,
@@ -360,6 +363,7 @@ def run_imputation(
                                gene_chunk=gene_chunk_size)
         blocks = dataclasses.replace(blocks,
                                      gene_chunk=_aligned(blocks.gene_chunk, r_store.chunks[1]))
+        log.debug("block sizes: %s", blocks)
         with cluster.compute_on(client, scheduler, blocks.threads, progress):
             scores = _compute(work / "zarr", q_store, r_store, inputs, blocks, k,
                               consider_clusters, lap)

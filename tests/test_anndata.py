@@ -1,0 +1,185 @@
+"""AnnData in and out: .h5ad / AnnData-Zarr inputs, layers, cluster_key, the imputed AnnData."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from scipy import sparse
+
+import scimpute_dask
+from scimpute_dask import InputError, run_imputation
+from scimpute_dask.cli import main
+
+from .conftest import brute_force
+
+anndata = pytest.importorskip("anndata")
+
+TEXT_OUTPUTS = ["imputation.tsv", "sim_matrix.tsv", "scores.txt", "stats.txt",
+                "unimputable_cells.txt"]
+
+
+def _adata(frame: pd.DataFrame, ids: pd.DataFrame, as_sparse: bool, layer: str | None = None,
+           xy: np.ndarray | None = None):
+    """An AnnData of a cells × genes frame; with ``layer``, X holds junk and the layer the data."""
+    values = frame.to_numpy(np.float32)
+    matrix = sparse.csr_matrix(values) if as_sparse else values
+    cluster = ids.set_index("cell")["id"].astype(str).reindex(frame.index)
+    adata = anndata.AnnData(X=matrix, obs=pd.DataFrame({"cluster": cluster.to_numpy(),
+                                                        "batch": "b1"}, index=frame.index),
+                            var=pd.DataFrame(index=frame.columns))
+    if layer is not None:
+        adata.layers[layer] = adata.X
+        adata.X = np.full(values.shape, 7.0, dtype=np.float32)
+    if xy is not None:
+        adata.obsm["spatial"] = xy
+    return adata
+
+
+def _same_run(a, b) -> None:
+    for name in TEXT_OUTPUTS:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for store, arrays in [("imputed.zarr", ["X"]), ("neighbors.zarr", ["indices", "weights"])]:
+        for arr in arrays:
+            np.testing.assert_array_equal(zarr.open_group(a / "zarr" / store, mode="r")[arr][:],
+                                          zarr.open_group(b / "zarr" / store, mode="r")[arr][:])
+
+
+@pytest.fixture
+def tsv_run(tmp_path, small_inputs):
+    out = tmp_path / "tsv"
+    run_imputation(small_inputs.query, small_inputs.reference, small_inputs.identities, 0, out,
+                   k=5, chunk_size=100)
+    return out
+
+
+def test_h5ad_and_anndata_zarr_give_the_tsv_numbers(tmp_path, small_inputs, tsv_run):
+    ids = small_inputs.identities_df
+    q = _adata(small_inputs.query_df, ids, as_sparse=True)
+    r = _adata(small_inputs.reference_df, ids, as_sparse=False)
+    q.write_h5ad(tmp_path / "q.h5ad")
+    r.write_h5ad(tmp_path / "r.h5ad")
+    out = tmp_path / "h5ad"
+    assert main(["run", "--query", str(tmp_path / "q.h5ad"), "--reference",
+                 str(tmp_path / "r.h5ad"), "--identities", str(small_inputs.identities),
+                 "--out", str(out), "--k", "5", "--chunk-size", "100", "-q"]) == 0
+    _same_run(tsv_run, out)
+
+    # AnnData-Zarr (Zarr v2 and v3), expression in a layer, clusters from obs
+    for fmt in (2, 3):
+        path = tmp_path / f"q{fmt}.zarr"
+        with anndata.settings.override(zarr_write_format=fmt):
+            _adata(small_inputs.query_df, ids, True, layer="counts").write_zarr(path)
+            _adata(small_inputs.reference_df, ids, False, layer="counts").write_zarr(
+                tmp_path / f"r{fmt}.zarr")
+        out = tmp_path / f"zarr{fmt}"
+        assert main(["run", "--query", str(path), "--reference", str(tmp_path / f"r{fmt}.zarr"),
+                     "--cluster-key", "cluster", "--layer", "counts", "--out", str(out),
+                     "--k", "5", "--chunk-size", "100", "-q"]) == 0
+        _same_run(tsv_run, out)
+
+
+def test_cluster_key_equals_the_identity_table(tmp_path, small_inputs, tsv_run):
+    ids = small_inputs.identities_df
+    q = _adata(small_inputs.query_df, ids, as_sparse=True)
+    r = _adata(small_inputs.reference_df, ids, as_sparse=True)
+    out = tmp_path / "key"
+    run_imputation(q, r, None, 0, out, k=5, chunk_size=100, cluster_key="cluster")
+    _same_run(tsv_run, out)
+    # and it is really clustered: the brute force with clusters has the same neighbours
+    bf = brute_force(small_inputs.query_df, small_inputs.reference_df,
+                     q.obs["cluster"].to_numpy(), r.obs["cluster"].to_numpy(), 5, True)
+    got = zarr.open_group(out / "zarr" / "neighbors.zarr", mode="r")["indices"][:]
+    ok = ~bf.ambiguous
+    np.testing.assert_array_equal(np.sort(got[ok], axis=1), np.sort(bf.indices[ok], axis=1))
+
+
+def test_bad_anndata_inputs_are_named(tmp_path, small_inputs):
+    ids = small_inputs.identities_df
+    q = _adata(small_inputs.query_df, ids, as_sparse=True)
+    r = _adata(small_inputs.reference_df, ids, as_sparse=False)
+    q.write_h5ad(tmp_path / "q.h5ad")
+    r.write_h5ad(tmp_path / "r.h5ad")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"no layer 'spliced'; layers are \[\]"):
+        run_imputation(tmp_path / "q.h5ad", tmp_path / "r.h5ad", None, 0, out,
+                       consider_clusters=False, layer="spliced")
+    with pytest.raises(InputError, match=r"no obs column 'leiden'.*\['cluster', 'batch'\]"):
+        run_imputation(tmp_path / "q.h5ad", tmp_path / "r.h5ad", None, 0, out,
+                       cluster_key="leiden")
+    with pytest.raises(InputError, match="needs AnnData inputs"):
+        run_imputation(small_inputs.query, tmp_path / "r.h5ad", None, 0, out,
+                       cluster_key="cluster")
+    with pytest.raises(InputError, match="not both"):
+        run_imputation(tmp_path / "q.h5ad", tmp_path / "r.h5ad", small_inputs.identities, 0,
+                       out, cluster_key="cluster")
+    with pytest.raises(InputError, match="have no coordinates"):
+        pd.DataFrame({"cell": ["nope"], "x": [1.0], "y": [2.0]}).to_csv(tmp_path / "xy.csv",
+                                                                        index=False)
+        run_imputation(tmp_path / "q.h5ad", tmp_path / "r.h5ad", None, 0, out,
+                       consider_clusters=False, coords=tmp_path / "xy.csv")
+    assert not out.exists()
+
+
+def test_output_anndata_opens_in_anndata_and_scanpy(tmp_path, small_inputs):
+    sc = pytest.importorskip("scanpy")
+    ids = small_inputs.identities_df
+    xy = np.random.default_rng(0).uniform(0, 1000, (len(small_inputs.query_df), 2))
+    q = _adata(small_inputs.query_df, ids, as_sparse=True, xy=xy)
+    r = _adata(small_inputs.reference_df, ids, as_sparse=False)
+    q.write_h5ad(tmp_path / "q.h5ad")
+    r.write_h5ad(tmp_path / "r.h5ad")
+    out = tmp_path / "out"
+    result = run_imputation(tmp_path / "q.h5ad", tmp_path / "r.h5ad", None, 0, out, k=5,
+                            cluster_key="cluster", h5ad=True)
+    assert set(result.files) >= {"anndata", "h5ad", "report"}
+    X = zarr.open_group(out / "zarr" / "imputed.zarr", mode="r")["X"][:]
+    nbrs = zarr.open_group(out / "zarr" / "neighbors.zarr", mode="r")
+    scores = np.array((out / "scores.txt").read_text().split(), dtype=float)
+    for adata in (anndata.read_zarr(out / "adata.zarr"), anndata.read_h5ad(out / "imputed.h5ad")):
+        assert adata.shape == (257, 120)
+        assert adata.X.dtype == np.float32
+        np.testing.assert_array_equal(adata.X, X.astype(np.float32))
+        assert list(adata.obs_names) == list(q.obs_names)
+        assert list(adata.var_names) == list(r.var_names)
+        pd.testing.assert_frame_equal(adata.obs[["cluster", "batch"]], q.obs,
+                                      check_categorical=False)
+        np.testing.assert_array_equal(adata.obs["scimpute_score"], scores)
+        np.testing.assert_array_equal(adata.obsm["spatial"], xy)
+        np.testing.assert_array_equal(adata.obsm["scimpute_neighbors"], nbrs["indices"][:])
+        np.testing.assert_array_equal(adata.obsm["scimpute_weights"], nbrs["weights"][:])
+        assert adata.var["measured"].to_numpy().tolist() == \
+            r.var_names.isin(q.var_names).tolist()
+        params = adata.uns["scimpute"]["parameters"]
+        assert params["k"] == 5 and params["cluster_key"] == "cluster"
+        assert list(adata.uns["scimpute"]["reference_cells"]) == list(r.obs_names)
+        # scanpy works on it directly
+        sub = adata[~np.isnan(adata.X).any(axis=1)][:50, :20].copy()
+        expected = np.log1p(sub.X)
+        sc.pp.log1p(sub)
+        np.testing.assert_allclose(sub.X, expected, rtol=1e-6)
+        sc.pp.pca(sub, n_comps=5)
+        assert sub.obsm["X_pca"].shape == (50, 5)
+
+
+def test_scanpy_style_api(tmp_path, small_inputs, tsv_run):
+    ids = small_inputs.identities_df
+    q = _adata(small_inputs.query_df, ids, as_sparse=True)
+    r = _adata(small_inputs.reference_df, ids, as_sparse=False)
+    before = q.copy()
+    imputed = scimpute_dask.impute(q, r, k=5, cluster_key="cluster", copy=True)
+    X = zarr.open_group(tsv_run / "zarr" / "imputed.zarr", mode="r")["X"][:]
+    np.testing.assert_array_equal(imputed.X, X.astype(np.float32))
+    assert isinstance(imputed.X, np.ndarray)
+    assert "scimpute_neighbors" not in q.obsm and q.obs.equals(before.obs)
+
+    out = tmp_path / "kept"
+    lazy = scimpute_dask.impute(q, r, k=5, cluster_key="cluster", outdir=out)
+    assert type(lazy.X).__name__ == "Array"  # dask: out of core
+    np.testing.assert_array_equal(lazy.X.compute(), X.astype(np.float32))
+    np.testing.assert_array_equal(
+        q.obsm["scimpute_neighbors"],
+        zarr.open_group(tsv_run / "zarr" / "neighbors.zarr", mode="r")["indices"][:])
+    assert "scimpute_score" in q.obs and q.uns["scimpute"]["parameters"]["k"] == 5
+    assert (out / "report.html").exists() and (out / "adata.zarr").is_dir()
