@@ -216,12 +216,11 @@ def fingerprint(src: Path, layer: str | None) -> dict:
 
 def _blocks(matrix, start: int, step: int, by_columns: bool
             ) -> Iterator[tuple[int, np.ndarray]]:
-    """Dense float64 blocks of rows (or columns), starting at ``start``."""
+    """Dense blocks of rows (or columns), starting at ``start``, in the matrix's dtype."""
     n = matrix.shape[1 if by_columns else 0]
     for lo in range(start, n, step):
         block = matrix[:, lo : lo + step] if by_columns else matrix[lo : lo + step]
-        block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
-        yield lo, block.astype(np.float64, copy=False)
+        yield lo, block.toarray() if hasattr(block, "toarray") else np.asarray(block)
 
 
 def _is_csc(matrix) -> bool:
@@ -268,10 +267,10 @@ def convert_anndata(source, store: Path, *, layer: str | None, restart: bool, pr
             hi = lo + block.shape[1 if by_columns else 0]
             if by_columns:
                 check_values(block.T, genes[lo:hi], cells, label, "gene", "cell")
-                X[:, lo:hi] = block.astype(np.float32)
+                X[:, lo:hi] = block.astype(np.float32, copy=False)
             else:
                 check_values(block, cells[lo:hi], genes, label, "cell", "gene")
-                X[lo:hi, :] = block.astype(np.float32)
+                X[lo:hi, :] = block.astype(np.float32, copy=False)
             group.attrs["progress"] = {"rows_done": hi, "offset": 0}
             bar.update(hi - lo)
         bar.close()

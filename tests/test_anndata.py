@@ -183,3 +183,46 @@ def test_scanpy_style_api(tmp_path, small_inputs, tsv_run):
         zarr.open_group(tsv_run / "zarr" / "neighbors.zarr", mode="r")["indices"][:])
     assert "scimpute_score" in q.obs and q.uns["scimpute"]["parameters"]["k"] == 5
     assert (out / "report.html").exists() and (out / "adata.zarr").is_dir()
+
+
+def test_sparse_input_is_never_densified_whole(tmp_path):
+    """Peak RSS of converting a CSR .h5ad, measured from outside, vs. its dense size."""
+    import os
+    import subprocess
+    import sys
+
+    n_cells, n_genes, density = 120_000, 2_500, 0.005
+    rng = np.random.default_rng(0)
+    nnz = int(n_cells * n_genes * density)
+    X = sparse.csr_matrix((rng.integers(1, 20, nnz).astype(np.float32),
+                           (np.sort(rng.integers(0, n_cells, nnz)),
+                            rng.integers(0, n_genes, nnz))), shape=(n_cells, n_genes))
+    adata = anndata.AnnData(X=X, obs=pd.DataFrame(index=[f"c{i}" for i in range(n_cells)]),
+                            var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    adata.write_h5ad(tmp_path / "big.h5ad")
+    adata[:100].write_h5ad(tmp_path / "tiny.h5ad")  # the same, 100 cells: the baseline
+    probe = X[[0, 4_567, 119_999]].toarray()
+    del adata, X
+    dense_mib = n_cells * n_genes * 4 / 2**20
+    launcher = ("import os, subprocess, sys; "
+                "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+                "_, status, usage = os.wait4(p.pid, 0); "
+                "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)")
+
+    def peak_mib(name: str) -> float:
+        cmd = [sys.executable, "-m", "scimpute_dask.cli", "convert", str(tmp_path / name),
+               str(tmp_path / f"{name}.zarr"), "-q", "--memory-limit", "1GB"]
+        done = subprocess.run([sys.executable, "-c", launcher, *cmd], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              check=True)
+        code, peak_kib = map(int, done.stdout.split())
+        assert code == 0, done.stderr
+        return peak_kib / 1024
+
+    big, baseline = peak_mib("big.h5ad"), peak_mib("tiny.h5ad")
+    print(f"peak RSS {big:.0f} MiB, {baseline:.0f} MiB for 100 cells; dense float32 matrix "
+          f"{dense_mib:.0f} MiB")
+    assert big - baseline < dense_mib / 4
+    store = scimpute_dask.ExpressionStore.open(tmp_path / "big.h5ad.zarr")
+    np.testing.assert_array_equal(store.group["X"].get_orthogonal_selection(
+        ([0, 4_567, 119_999], slice(None))), probe)
