@@ -7,7 +7,8 @@ import importlib.metadata
 import os
 import platform
 import resource
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 #: Distributions whose versions decide the numbers a run produces.
@@ -43,16 +44,20 @@ def sha256(path: Path) -> str:
 def checksums(sources: dict[str, object]) -> Future:
     """Start hashing the input files in a background thread (hashlib releases the GIL).
 
-    Returns a future of ``{role: {"path", "sha256"}}``; in-memory inputs are skipped.
+    Returns a future of ``{role: {"path", "sha256"}}``; in-memory inputs are
+    skipped. The thread is a daemon: a run that fails does not wait for it.
     """
-    pool = ThreadPoolExecutor(1)
+    future: Future = Future()
 
-    def run() -> dict[str, dict[str, str]]:
-        return {role: {"path": str(Path(src).absolute()), "sha256": sha256(Path(src))}
-                for role, src in sources.items() if isinstance(src, str | os.PathLike)}
+    def run() -> None:
+        try:
+            future.set_result({
+                role: {"path": str(Path(src).absolute()), "sha256": sha256(Path(src))}
+                for role, src in sources.items() if isinstance(src, str | os.PathLike)})
+        except BaseException as err:  # handed to whoever asks for the result
+            future.set_exception(err)
 
-    future = pool.submit(run)
-    pool.shutdown(wait=False)
+    threading.Thread(target=run, name="scimpute-checksums", daemon=True).start()
     return future
 
 
