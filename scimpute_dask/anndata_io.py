@@ -262,7 +262,8 @@ def convert_anndata(source, store: Path, *, layer: str | None, restart: bool, pr
         step = X.chunks[1] if by_columns else X.chunks[0]
         total = len(genes) if by_columns else len(cells)
         done = int(group.attrs["progress"]["rows_done"])
-        bar = _progress_bar(progress, total=total, initial=done, desc=f"convert {label}")
+        bar = _progress_bar(progress, total=total, initial=done,
+                            desc=f"convert {label if in_memory else Path(source).name}")
         for lo, block in _blocks(matrix, done, step, by_columns):
             hi = lo + block.shape[1 if by_columns else 0]
             if by_columns:

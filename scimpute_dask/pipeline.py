@@ -409,12 +409,13 @@ def run_imputation(
                                    plot_genes)
             lap("figures")
             record["peak_memory_mib"] = provenance.peak_memory_mib()
-            record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            record["finished"] = _now()
             record["outputs"] = sorted([p.name for p in work.iterdir()] + [REPORT,
                                                                            export.MANIFEST])
             files["report"] = work / REPORT
             write_report(files["report"], record, figures)
         record["peak_memory_mib"] = provenance.peak_memory_mib()
+        record["finished"] = _now()
         record["outputs"] = sorted(p.name for p in work.iterdir())
         log.debug("timings (s): %s; peak memory (MiB): %s", timings, record["peak_memory_mib"])
         export.write_manifest(work / export.MANIFEST, record)
@@ -459,6 +460,10 @@ def _check_inputs(query, reference, identities, cell_name_column_idx, k, conside
     table = read_identities(identities, cell_name_column_idx) if identities is not None else None
     table_label = None if table is None else _label(identities, "identity table")
     q_label, r_label = _label(query, "query"), _label(reference, "reference")
+    for source, label, layer in ((query, q_label, layers[0]), (reference, r_label, layers[1])):
+        if layer not in (None, "X") and not anndata_io.is_anndata(source):
+            raise InputError(f"{label}: a layer ('{layer}') can only be chosen for AnnData "
+                             f"inputs (.h5ad or AnnData-Zarr)")
     q_cells, q_genes = read_names(query, query_layout, name=q_label, layer=layers[0])
     r_cells, r_genes = read_names(reference, reference_layout, name=r_label, layer=layers[1])
     q_cols, r_cols = shared_genes(q_genes, r_genes, q_label, r_label)
@@ -614,6 +619,10 @@ def _query_annotations(query, q_cells: np.ndarray, coords
         raise InputError(f"query: obsm['spatial'] must be cells × 2 coordinates, "
                          f"got shape {spatial.shape}")
     return obs, obsm
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
 def _measured(inputs: _Inputs) -> np.ndarray:

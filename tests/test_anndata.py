@@ -226,3 +226,21 @@ def test_sparse_input_is_never_densified_whole(tmp_path):
     store = scimpute_dask.ExpressionStore.open(tmp_path / "big.h5ad.zarr")
     np.testing.assert_array_equal(store.group["X"].get_orthogonal_selection(
         ([0, 4_567, 119_999], slice(None))), probe)
+
+
+def test_csc_and_integer_layers_convert_like_dense(tmp_path, small_inputs):
+    frame = small_inputs.reference_df.round(0)
+    dense = scimpute_dask.convert(frame, tmp_path / "dense.zarr")
+    obs, var = pd.DataFrame(index=frame.index), pd.DataFrame(index=frame.columns)
+    csc = anndata.AnnData(X=sparse.csc_matrix(frame.to_numpy(np.float32)), obs=obs, var=var)
+    csc.layers["counts"] = sparse.csr_matrix(frame.to_numpy(np.int64))
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    for layer in (None, "counts"):
+        store = scimpute_dask.convert(tmp_path / "csc.h5ad", tmp_path / f"{layer}.zarr",
+                                      layer=layer, memory_limit="700MB")
+        np.testing.assert_array_equal(store.group["X"][:], dense.group["X"][:])
+    in_memory = scimpute_dask.convert(csc, tmp_path / "mem.zarr")
+    np.testing.assert_array_equal(in_memory.group["X"][:], dense.group["X"][:])
+    with pytest.raises(InputError, match="only be chosen for AnnData"):
+        run_imputation(small_inputs.query, tmp_path / "csc.h5ad", None, 0, tmp_path / "o",
+                       consider_clusters=False, layer="counts")
