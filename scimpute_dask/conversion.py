@@ -171,9 +171,6 @@ def convert(
     label = name or str(src)
     if not src.exists():
         raise InputError(f"{label}: file not found")
-    if tenx.is_10x(src):
-        return tenx.convert_10x(src, store, restart=restart, progress=progress,
-                                memory_limit=limit, name=label)
     if is_store(src):
         return ExpressionStore.open(src)
     if src.suffix == ".gz":
@@ -183,6 +180,9 @@ def convert(
             return anndata_io.convert_anndata(src, store, layer=layer, restart=restart,
                                               progress=progress, memory_limit=limit,
                                               name=label)
+        if tenx.is_10x(src):
+            return tenx.convert_10x(src, store, restart=restart, progress=progress,
+                                    memory_limit=limit, name=label)
         return _convert_text(src, store, layout=layout, sep=_sep_for(src, sep),
                              restart=restart, progress=progress, memory_limit=limit)
     except InputError:

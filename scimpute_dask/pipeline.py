@@ -373,12 +373,12 @@ def run_imputation(
         files = _export(work, inputs, blocks.query_chunk, save_chunks, scores, stats,
                         blocks.threads)
         parameters = {"k": k, "consider_clusters": consider_clusters,
-                           "chunk_size": blocks.query_chunk, "memory_limit": limit,
-                           "threads": blocks.threads,
-                           "reference_chunk_size": blocks.reference_chunk,
-                           "gene_chunk_size": blocks.gene_chunk, "save_chunks": save_chunks,
-                           "tsv_genes": tsv_genes if isinstance(tsv_genes, str | None)
-                           else list(tsv_genes),
+                      "chunk_size": blocks.query_chunk, "memory_limit": limit,
+                      "threads": blocks.threads,
+                      "reference_chunk_size": blocks.reference_chunk,
+                      "gene_chunk_size": blocks.gene_chunk, "save_chunks": save_chunks,
+                      "tsv_genes": tsv_genes if isinstance(tsv_genes, str | None)
+                      else list(tsv_genes),
                       "layer": layers[0], "reference_layer": layers[1],
                       "cluster_key": cluster_key,
                       "coords": None if coords is None else str(coords)}
@@ -692,16 +692,16 @@ def _figures(work: Path, files: dict[str, Path], xy: np.ndarray | None,
         r_pos = genes.get_indexer(shared)
         q_of = dict(zip(inputs.r_cols.tolist(), inputs.q_cols.tolist(), strict=True))
         q_pos = np.array([q_of[p] for p in r_pos])
-        files["spatial_shared"] = work / plotting.SHARED_PNG
+        files["measured_map"] = work / plotting.SHARED_PNG
         plotting.spatial_measured_vs_imputed(
-            files["spatial_shared"], xy[rows], shared,
+            files["measured_map"], xy[rows], shared,
             q_store.group["X"].get_orthogonal_selection((rows, q_pos)),
             imputed.get_orthogonal_selection((rows, r_pos)))
         figures.append((plotting.SHARED_PNG, "Genes the query measured: measured (left) and "
                         "imputed (right) expression on the tissue"))
     if others:
-        files["spatial_imputed"] = work / plotting.IMPUTED_PNG
-        plotting.spatial_imputed(files["spatial_imputed"], xy[rows], others,
+        files["imputed_map"] = work / plotting.IMPUTED_PNG
+        plotting.spatial_imputed(files["imputed_map"], xy[rows], others,
                                  imputed.get_orthogonal_selection((rows, genes.get_indexer(
                                      others))))
         figures.append((plotting.IMPUTED_PNG, "Genes the query did not measure: imputed "

@@ -129,8 +129,8 @@ def test_tsv_query_with_a_coordinates_file(tmp_path, small_inputs):
     result = run_imputation(small_inputs.query, small_inputs.reference, small_inputs.identities,
                             0, out, k=5, coords=tmp_path / "xy.csv", plot_genes=genes)
     side = int(plotting.PANEL_INCHES * plotting.DPI)
-    _not_blank(result.files["spatial_shared"], (side, 2 * side))
-    _not_blank(result.files["spatial_imputed"], (side, 3 * side))
+    _not_blank(result.files["measured_map"], (side, 2 * side))
+    _not_blank(result.files["imputed_map"], (side, 3 * side))
     assert not (out / "adata.zarr").exists()  # a TSV query: no AnnData unless asked
     with pytest.raises(InputError, match="genes to plot are not in"):
         run_imputation(small_inputs.query, small_inputs.reference, small_inputs.identities, 0,

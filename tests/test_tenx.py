@@ -72,6 +72,7 @@ def test_10x_through_the_cli_and_bad_files(tmp_path, counts, capsys):
                                                *text[header + 2 :]]) + "\n")
     with pytest.raises(InputError, match=r"entry 1 refers to gene 999"):
         convert(bad, tmp_path / "bad.zarr")
+    assert not (tmp_path / "bad.zarr").exists()  # no unfinished store left behind
     (bad / "barcodes.tsv").write_text("only-one\n")
     with pytest.raises(InputError, match=r"311 cells, but there are 120 features and 1 barcodes"):
         convert(bad, tmp_path / "bad.zarr")
