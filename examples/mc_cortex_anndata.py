@@ -2,8 +2,8 @@
 
 Section A1 (all 100 genes) is the reference; section A2 with 60 of its genes
 (and its cell coordinates in ``obsm["spatial"]``) is the query. A joint
-Leiden-free clustering (k-means on the shared genes) goes into ``obs["cluster"]``
-of both. The run's directory gets ``report.html`` with spatial maps.
+clustering of both (k-means on the shared genes) goes into ``obs["cluster"]``.
+The run's directory gets ``report.html`` with spatial maps.
 
     python examples/mc_cortex_anndata.py [DATA_DIR] [OUT_DIR]
 """

@@ -89,7 +89,7 @@ def impute(
     --------
     >>> import scimpute_dask
     >>> imputed = scimpute_dask.impute(adata_spatial, adata_ref, k=25, cluster_key="leiden")
-    >>> sc.pl.spatial(imputed, color=["Gad1", "Slc17a7"])  # doctest: +SKIP
+    >>> sc.pl.embedding(imputed, basis="spatial", color=["Gad1"])  # doctest: +SKIP
     """
     with tempfile.TemporaryDirectory(prefix="scimpute-") as tmp:
         out = Path(outdir) if outdir is not None else Path(tmp) / "run"

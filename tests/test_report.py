@@ -141,3 +141,21 @@ def test_tsv_query_with_a_coordinates_file(tmp_path, small_inputs):
     assert not (plain / "report.html").exists()
     for name in ("imputation.tsv", "sim_matrix.tsv", "scores.txt"):
         assert (plain / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_verbose_logs_timings_and_quiet_logs_nothing(tmp_path, small_inputs, caplog, capsys):
+    argv = ["run", "--query", str(small_inputs.query), "--reference",
+            str(small_inputs.reference), "--identities", str(small_inputs.identities),
+            "--k", "5", "--no-report"]
+    with caplog.at_level("DEBUG", logger="scimpute_dask"):
+        assert main([*argv, "--out", str(tmp_path / "v"), "--verbose"]) == 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "scimpute_dask"]
+    assert any(m.startswith("knn took") for m in messages)
+    assert any(m.startswith("block sizes: Plan(") for m in messages)
+    assert any("peak memory (MiB)" in m for m in messages)
+    assert "%|" in capsys.readouterr().err  # progress bars
+    caplog.clear()
+    assert main([*argv, "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    assert not [r for r in caplog.records if r.name == "scimpute_dask"
+                and r.levelname in ("DEBUG", "INFO")]
+    assert "%|" not in capsys.readouterr().err  # no progress bars
