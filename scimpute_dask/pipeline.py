@@ -27,6 +27,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import zarr
+from dask.diagnostics import ProgressBar
 
 from . import __version__, anndata_io, cluster, export, graph, plan, plotting, provenance
 from .conversion import (
@@ -384,7 +385,8 @@ def run_imputation(
                       "coords": None if coords is None else str(coords)}
         if h5ad or anndata:
             # h5py files cannot travel to workers: written from this process
-            with dask.config.set(scheduler="threads", num_workers=blocks.threads):
+            with dask.config.set(scheduler="threads", num_workers=blocks.threads), \
+                    (ProgressBar(minimum=1.0) if progress else contextlib.nullcontext()):
                 files.update(_write_anndata(work, inputs, obs, obsm, scores, stats, parameters,
                                             h5ad, anndata))
         lap("export")

@@ -115,7 +115,7 @@ def fingerprint(directory: Path) -> dict:
 
 
 def _bucket(mtx: Path, n_genes: int, n_cells: int, nnz: int, skip: int, step: int,
-            buckets: Path, label: str) -> None:
+            buckets: Path, label: str, bar) -> None:
     """Pass 1: append every entry to the bucket file of its block of ``step`` cells."""
     n_blocks = -(-n_cells // step)
     seen = 0
@@ -136,6 +136,7 @@ def _bucket(mtx: Path, n_genes: int, n_cells: int, nnz: int, skip: int, step: in
                                      f"gene {entries['gene'][i] + 1}, cell "
                                      f"{entries['cell'][i] + 1}, outside {n_genes} × {n_cells}")
                 seen += len(entries)
+                bar.update(len(entries))
                 block = entries["cell"] // step
                 order = np.argsort(block, kind="stable")
                 entries, block = entries[order], block[order]
@@ -180,7 +181,10 @@ def convert_10x(directory: Path, store: Path, *, restart: bool, progress: bool,
     remove_tree(buckets)
     buckets.mkdir(parents=True)
     try:
-        _bucket(mtx, n_genes, n_cells, nnz, skip, step, buckets, label)
+        bar = _progress_bar(progress, total=nnz, desc=f"read {mtx.name}")
+        bar.unit = "entry"
+        _bucket(mtx, n_genes, n_cells, nnz, skip, step, buckets, label, bar)
+        bar.close()
         bar = _progress_bar(progress, total=len(cells), desc=f"convert {directory.name}")
         for lo in range(0, len(cells), step):
             hi = min(lo + step, len(cells))
