@@ -6,20 +6,27 @@ and average their full profiles, weighted by similarity + 1.
 
 The pipeline, one module per stage::
 
-    conversion  text / DataFrame / .h5ad  ->  chunked Zarr stores
+    conversion  text / DataFrame / AnnData / 10x  ->  chunked Zarr stores
+    anndata_io  AnnData in (.h5ad, AnnData-Zarr, layers, obs clusters) and out
+    tenx        10x matrix.mtx directories, streamed
     validation  every input check, before any output is written
     knn         exact cosine top-k kernels on blocks
     imputation  weighted-mean kernels on blocks
     scoring     scimpute's per-cell validation score
     graph       the Dask graphs tiling those kernels
     export      scimpute's files, streamed from Zarr; atomic output directory
+    plotting    spatial maps and per-gene score figures
+    report      report.html
+    provenance  versions, checksums and peak memory for run.json
     pipeline    the run, stage by stage
     compat      scimpute's Python API (expression_imputation and the steps)
+    api         the scanpy-style API: impute(adata_spatial, adata_ref, ...)
     cli         the ``scimpute-dask`` command
 """
 
 __version__ = "0.1.0"
 
+from .api import impute
 from .compat import (
     expression_imputation,
     impute_expression,
@@ -38,6 +45,7 @@ __all__ = [
     "RunResult",
     "convert",
     "expression_imputation",
+    "impute",
     "impute_expression",
     "merge_imputation_chunks",
     "read_inputs",

@@ -19,7 +19,11 @@ LAYOUT_HELP = (
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bars, only warnings and errors")
+    level.add_argument("-v", "--verbose", action="store_true",
+                       help="also log block sizes, stage timings and peak memory")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,14 +42,24 @@ def _parser() -> argparse.ArgumentParser:
         "sim_matrix.tsv, scores.txt, stats.txt and histogram, and the Zarr stores.",
     )
     run.add_argument("--query", required=True, metavar="PATH",
-                     help="spatial matrix to impute for (.tsv/.csv/.h5ad/.zarr; a path or an "
-                     "fsspec URL such as s3://bucket/query.zarr)")
+                     help="spatial matrix to impute for (.tsv/.csv/.h5ad/AnnData-Zarr/.zarr/"
+                     "10x matrix.mtx directory; a path, or an fsspec URL such as "
+                     "s3://bucket/query.zarr)")
     run.add_argument("--reference", required=True, metavar="PATH",
-                     help="single-cell matrix to impute from (.tsv/.csv/.h5ad/.zarr; path or "
-                     "URL)")
+                     help="single-cell matrix to impute from (same forms as --query)")
     run.add_argument("--identities", metavar="TSV",
                      help="cell identity table with an 'id' cluster column for the cells of both "
-                     "datasets (required unless --no-clusters)")
+                     "datasets (required unless --no-clusters or --cluster-key)")
+    run.add_argument("--cluster-key", metavar="KEY",
+                     help="AnnData inputs: take the clusters from obs[KEY] of the query and the "
+                     "reference instead of --identities")
+    run.add_argument("--layer", metavar="NAME", default=None,
+                     help="AnnData inputs: the layer holding the expression (default X)")
+    run.add_argument("--reference-layer", metavar="NAME", default=None,
+                     help="AnnData reference: its layer, if not the same as --layer")
+    run.add_argument("--coords", metavar="FILE",
+                     help="spatial coordinates of the query cells: a table of cell name, x, y "
+                     "(.csv or tab-separated; default: obsm['spatial'] of an AnnData query)")
     run.add_argument("--name-column", type=int, default=0, metavar="IDX",
                      help="0-based position of the cell-name column of --identities (default 0)")
     run.add_argument("--out", required=True, metavar="DIR",
@@ -64,7 +78,15 @@ def _parser() -> argparse.ArgumentParser:
                      "only: the scalable output), a comma-separated list, or @FILE with one "
                      "gene per line")
     run.add_argument("--h5ad", action="store_true",
-                     help="also write the imputed matrix as DIR/imputed.h5ad (AnnData)")
+                     help="also write the imputed AnnData as DIR/imputed.h5ad")
+    run.add_argument("--anndata", action=argparse.BooleanOptionalAction, default=None,
+                     help="write the imputed AnnData as the Zarr store DIR/adata.zarr (default: "
+                     "when the query is an AnnData)")
+    run.add_argument("--no-report", action="store_true",
+                     help="skip report.html and the spatial maps")
+    run.add_argument("--plot-genes", metavar="GENES", default=None,
+                     help="genes for the spatial maps, comma-separated or @FILE (default: the "
+                     "three most variable measured and unmeasured genes)")
     run.add_argument("--save-chunks", action="store_true",
                      help="also keep per-chunk imputation tables in DIR/imputations")
     run.add_argument("--query-layout", choices=LAYOUTS, default="genes_x_cells",
@@ -84,12 +106,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Stream a text matrix (or .h5ad) into a cells × genes float32 Zarr store. "
         "An interrupted conversion resumes when rerun; a finished one is reused.",
     )
-    conv.add_argument("input", metavar="IN", help="matrix file (.tsv/.txt/.csv/.h5ad)")
+    conv.add_argument("input", metavar="IN", help="matrix file (.tsv/.txt/.csv/.h5ad), "
+                      "AnnData-Zarr store or 10x matrix.mtx directory")
     conv.add_argument("output", metavar="OUT.zarr",
                       help="Zarr store to write: a path or an fsspec URL (s3://bucket/x.zarr)")
     conv.add_argument("--layout", choices=LAYOUTS, default="genes_x_cells", help=LAYOUT_HELP)
     conv.add_argument("--sep", default=None,
                       help="field separator (default: ',' for .csv, tab otherwise)")
+    conv.add_argument("--layer", default=None, metavar="NAME",
+                      help="AnnData input: the layer to convert (default X)")
     conv.add_argument("--restart", action="store_true", help="convert from scratch")
     conv.add_argument("--memory-limit", default=None, metavar="SIZE",
                       help="memory budget, e.g. 1GB (default: half the available memory)")
@@ -141,7 +166,10 @@ def _run(args: argparse.Namespace) -> None:
         memory_limit=args.memory_limit, tsv_genes=_gene_list(args.tsv_genes), h5ad=args.h5ad,
         save_chunks=args.save_chunks, query_layout=args.query_layout,
         reference_layout=args.reference_layout, restart=args.restart, progress=not args.quiet,
-        scheduler=args.scheduler,
+        scheduler=args.scheduler, layer=args.layer, reference_layer=args.reference_layer,
+        cluster_key=args.cluster_key, coords=args.coords, anndata=args.anndata,
+        report=not args.no_report,
+        plot_genes=None if args.plot_genes is None else _gene_list(args.plot_genes),
     )
     _report(result)
 
@@ -149,7 +177,7 @@ def _run(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     store = convert(args.input, args.output, layout=args.layout, sep=args.sep,
                     restart=args.restart, progress=not args.quiet,
-                    memory_limit=args.memory_limit)
+                    memory_limit=args.memory_limit, layer=args.layer)
     n_cells, n_genes = store.shape
     print(f"{store.path}: {n_cells} cells × {n_genes} genes, chunks {store.chunks}")
 
@@ -191,8 +219,10 @@ def _demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scimpute-dask`` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s")
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(format="%(message)s")
+    # only our logger: DEBUG on the root would also turn on every library's debug output
+    logging.getLogger("scimpute_dask").setLevel(level)
     try:
         {"run": _run, "convert": _convert, "demo": _demo}[args.command](args)
     except InputError as err:

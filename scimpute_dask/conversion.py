@@ -1,7 +1,8 @@
 """Reading and conversion: expression matrices in, chunked Zarr stores out.
 
 Every input the engine accepts (scimpute's genes-as-rows TSV, a cells-as-rows
-CSV/TSV, a pandas DataFrame, an AnnData ``.h5ad``) is converted once into an
+CSV/TSV, a pandas DataFrame, an AnnData — :mod:`.anndata_io` — or a 10x
+``matrix.mtx`` directory — :mod:`.tenx`) is converted once into an
 :class:`ExpressionStore`, a Zarr group laid out cells × genes:
 
 ``X``
@@ -22,9 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import dask.array as da
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from . import plan, textio
+from . import anndata_io, plan, tenx, textio
 from .storage import Location, is_remote, location, remove_tree, zarr_store
 from .validation import InputError, check_unique_names, check_values
 
@@ -114,15 +113,17 @@ def convert(
     progress: bool = False,
     name: str | None = None,
     memory_limit: int | str | None = None,
+    layer: str | None = None,
 ) -> ExpressionStore:
     """Convert an expression matrix to a chunked cells × genes Zarr store.
 
     Parameters
     ----------
     source
-        A delimited text file (``.tsv``/``.txt``/``.csv``), an AnnData ``.h5ad``
-        file, an existing scimpute-dask ``.zarr`` store (returned as is), or a
-        :class:`pandas.DataFrame` with cells as rows and genes as columns.
+        A delimited text file (``.tsv``/``.txt``/``.csv``), an AnnData (``.h5ad``
+        file, AnnData-Zarr store or in-memory object), a 10x ``matrix.mtx``
+        directory, an existing scimpute-dask ``.zarr`` store (returned as is),
+        or a :class:`pandas.DataFrame` with cells as rows and genes as columns.
     store
         Directory of the Zarr group to write: a local path or an fsspec URL
         (``s3://bucket/query.zarr``).
@@ -142,6 +143,8 @@ def convert(
     memory_limit
         Budget for the conversion (bytes or ``"2GB"``; default: half the
         available memory); sets the text block and the store's chunks.
+    layer
+        AnnData inputs: the layer to read (default ``X``).
 
     Returns
     -------
@@ -162,18 +165,26 @@ def convert(
     limit = plan.parse_memory(memory_limit)
     if isinstance(source, pd.DataFrame):
         return _convert_dataframe(source, store, name=name or "DataFrame", memory_limit=limit)
+    if anndata_io.is_anndata(source) and not isinstance(source, str | os.PathLike):
+        return anndata_io.convert_anndata(source, store, layer=layer, restart=restart,
+                                          progress=progress, memory_limit=limit, name=name)
     src = location(source)
     label = name or str(src)
     if not src.exists():
         raise InputError(f"{label}: file not found")
+    _check_url_format(src, label)
     if is_store(src):
         return ExpressionStore.open(src)
     if src.suffix == ".gz":
         raise InputError(f"{label}: compressed text is not supported; decompress it first")
     try:
-        if src.suffix == ".h5ad":
-            return _convert_h5ad(src, store, restart=restart, progress=progress,
-                                 memory_limit=limit)
+        if anndata_io.is_anndata(src):
+            return anndata_io.convert_anndata(src, store, layer=layer, restart=restart,
+                                              progress=progress, memory_limit=limit,
+                                              name=label)
+        if tenx.is_10x(src):
+            return tenx.convert_10x(src, store, restart=restart, progress=progress,
+                                    memory_limit=limit, name=label)
         return _convert_text(src, store, layout=layout, sep=_sep_for(src, sep),
                              restart=restart, progress=progress, memory_limit=limit)
     except InputError:
@@ -181,15 +192,26 @@ def convert(
         # it is fixed (it will have changed), so leave no unfinished store behind.
         group = _open_unfinished(store)
         if group is not None and group.attrs.get("fingerprint") == source_fingerprint(
-            src, layout, sep
+            src, layout, sep, layer
         ):
             remove_tree(store)
         raise
 
 
+def _check_url_format(src: Location, label: str) -> None:
+    """From a URL, read text and scimpute-dask stores; the rest needs local files."""
+    if is_remote(src) and (src.suffix == ".h5ad" or (src.is_dir() and not is_store(src))):
+        raise InputError(
+            f"{label}: only delimited text and scimpute-dask stores are read from URLs "
+            f"(HDF5, AnnData-Zarr and 10x inputs must be local); convert it first: "
+            f"scimpute-dask convert LOCAL_INPUT {src.parent}/NAME.zarr"
+        )
+
+
 def is_store(path: Location) -> bool:
     """Is ``path`` a Zarr store (to be used as it is) rather than a file to convert?"""
-    return path.is_dir() and (path / "zarr.json").exists()
+    return (path.is_dir() and (path / "zarr.json").exists()
+            and not anndata_io.is_anndata_zarr(path))
 
 
 def read_names(
@@ -197,6 +219,7 @@ def read_names(
     layout: Layout = "genes_x_cells",
     sep: str | None = None,
     name: str | None = None,
+    layer: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cell and gene names of an input, checked, without parsing a single value.
 
@@ -209,51 +232,38 @@ def read_names(
         check_unique_names(cells, label, "cell")
         check_unique_names(genes, label, "gene")
         return cells.astype(object), genes.astype(object)
+    if anndata_io.is_anndata(source) and not isinstance(source, str | os.PathLike):
+        return anndata_io.read_names(source, layer, name or "AnnData")
     src = location(source)
     label = name or str(src)
     if not src.exists():
         raise InputError(f"{label}: file not found")
+    _check_url_format(src, label)
+    if anndata_io.is_anndata(src):
+        return anndata_io.read_names(src, layer, label)
+    if tenx.is_10x(src):
+        return tenx.read_names(src, label)
     if src.is_dir():
         store = ExpressionStore.open(src)
         return store.cell_names, store.gene_names
-    if src.suffix == ".h5ad":
-        anndata = _anndata(src)
-        adata = anndata.read_h5ad(src, backed="r")
-        cells = np.asarray(adata.obs_names.astype(str), dtype=object)
-        genes = np.asarray(adata.var_names.astype(str), dtype=object)
-        adata.file.close()
-        check_unique_names(cells, label, "cell")
-        check_unique_names(genes, label, "gene")
-        return cells, genes
     genes_rows = layout == "genes_x_cells"
     kinds = ("gene", "cell") if genes_rows else ("cell", "gene")
     scanned = scan_text(src, _sep_for(src, sep), label, *kinds)
     return (scanned.columns, scanned.rows) if genes_rows else (scanned.rows, scanned.columns)
 
 
-def source_fingerprint(src: Location, layout: Layout = "genes_x_cells", sep: str | None = None
-                       ) -> dict:
+def source_fingerprint(src: Location, layout: Layout = "genes_x_cells", sep: str | None = None,
+                       layer: str | None = None) -> dict:
     """The fingerprint a conversion of ``src`` with these options records."""
-    if src.suffix == ".h5ad":
-        return file_fingerprint(src)
+    if anndata_io.is_anndata(src):
+        return anndata_io.fingerprint(src, layer)
+    if tenx.is_10x(src):
+        return tenx.fingerprint(src)
     return file_fingerprint(src, layout=layout, sep=_sep_for(src, sep))
 
 
 def _sep_for(src: Location, sep: str | None) -> str:
     return sep if sep is not None else ("," if src.suffix.lower() == ".csv" else "\t")
-
-
-def _anndata(src: Location):
-    if is_remote(src):
-        raise InputError(f"{src}: .h5ad inputs must be local files (h5py reads local files); "
-                         f"convert it to a store first: scimpute-dask convert FILE.h5ad URL.zarr")
-    try:
-        import anndata
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise InputError(
-            f"{src}: reading .h5ad needs anndata; install scimpute-dask[h5ad]"
-        ) from err
-    return anndata
 
 
 def file_fingerprint(path: Location, **options: object) -> dict:
@@ -486,7 +496,7 @@ def _convert_text(
 
 
 # --------------------------------------------------------------------------- #
-# In-memory and AnnData sources
+# In-memory sources
 # --------------------------------------------------------------------------- #
 def check_frame(frame: pd.DataFrame, name: str) -> np.ndarray:
     """Validate a cells × genes DataFrame; return its values as float64."""
@@ -520,45 +530,6 @@ def _convert_dataframe(frame: pd.DataFrame, store: Location, *, name: str, memor
         plan.store_chunks(len(cells), len(genes), False, 0, memory_limit),
     )
     group["X"][:] = values.astype(np.float32)
-    group.attrs["complete"] = True
-    return ExpressionStore(store)
-
-
-def _iter_h5ad_blocks(adata, start: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Dense row blocks of a backed AnnData's ``X``; sparse rows are densified per block."""
-    for lo in range(start, adata.n_obs, step):
-        block = adata.X[lo : lo + step]
-        yield lo, (block.toarray() if hasattr(block, "toarray") else np.asarray(block))
-
-
-def _convert_h5ad(src: Path, store: Location, *, restart: bool, progress: bool, memory_limit: int
-                  ) -> ExpressionStore:
-    anndata = _anndata(src)
-    label = str(src)
-    fingerprint = source_fingerprint(src)
-    group = _existing(store, fingerprint, restart, label)
-    if group is not None and group.attrs.get("complete"):
-        return ExpressionStore(store)
-    adata = anndata.read_h5ad(src, backed="r")
-    cells = np.asarray(adata.obs_names.astype(str), dtype=object)
-    genes = np.asarray(adata.var_names.astype(str), dtype=object)
-    check_unique_names(cells, label, "cell")
-    check_unique_names(genes, label, "gene")
-    if group is None:
-        chunks = plan.store_chunks(len(cells), len(genes), False, 0, memory_limit)
-        group = _create(store, fingerprint, cells, genes, chunks)
-    X = group["X"]
-    step = X.chunks[0]
-    done = int(group.attrs["progress"]["rows_done"])
-    bar = _progress_bar(progress, total=len(cells), initial=done, desc=f"convert {src.name}")
-    for lo, block in _iter_h5ad_blocks(adata, done, step):
-        block = block.astype(np.float64)
-        check_values(block, cells[lo : lo + len(block)], genes, label, "cell", "gene")
-        X[lo : lo + len(block), :] = block.astype(np.float32)
-        group.attrs["progress"] = {"rows_done": lo + len(block), "offset": 0}
-        bar.update(len(block))
-    bar.close()
-    adata.file.close()
     group.attrs["complete"] = True
     return ExpressionStore(store)
 

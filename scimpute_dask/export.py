@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import zarr
 
 from . import textio
 from .scoring import STAT_NAMES
@@ -391,32 +389,6 @@ def write_histogram(path: Path, scores: np.ndarray) -> None:
     with atomic_file(path, "wb") as fh:
         fig.savefig(fh, format="png", bbox_inches="tight")
     plt.close(fig)
-
-
-def write_h5ad(path: Location, imputed: zarr.Array, cells: np.ndarray, genes: np.ndarray
-               ) -> None:
-    """The imputed matrix as an AnnData ``.h5ad`` (float32 ``X``), streamed from Zarr."""
-    import anndata
-    import dask.array as da
-    import pandas as pd
-
-    X = da.from_zarr(imputed).astype(np.float32)
-    adata = anndata.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(cells, dtype=str)),
-                            var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
-    if is_remote(path):
-        # HDF5 is written through a local file, then uploaded whole
-        with tempfile.TemporaryDirectory() as tmp:
-            adata.write_h5ad(Path(tmp) / path.name)
-            path.fs.put_file(str(Path(tmp) / path.name), path.path)
-        return
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_manifest(path: Path, record: dict) -> None:

@@ -29,8 +29,9 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import zarr
+from dask.diagnostics import ProgressBar
 
-from . import __version__, cluster, export, graph, plan
+from . import __version__, anndata_io, cluster, export, graph, plan, plotting, provenance
 from .conversion import (
     ExpressionStore,
     Layout,
@@ -40,6 +41,7 @@ from .conversion import (
     source_fingerprint,
 )
 from .imputation import similarity_to_weight
+from .report import REPORT, write_report
 from .scoring import round_like_scimpute, summary_stats
 from .storage import Location, location, zarr_store
 from .validation import (
@@ -87,12 +89,13 @@ class RunResult:
 # --------------------------------------------------------------------------- #
 def _store_for(
     source, role: str, work: Location, outdir: Location, layout: Layout, restart: bool,
-    progress: bool, memory_limit: int,
+    progress: bool, memory_limit: int, layer: str | None = None,
 ) -> ExpressionStore:
     """The Zarr store of one input: an existing store, a reused conversion, or a new one."""
     target = work / "zarr" / f"{role}.zarr"
-    if isinstance(source, pd.DataFrame):
-        return convert(source, target, name=f"{role} DataFrame", memory_limit=memory_limit)
+    if not isinstance(source, str | os.PathLike):  # a DataFrame or an AnnData
+        return convert(source, target, name=_label(source, role), memory_limit=memory_limit,
+                       layer=layer, progress=progress)
     src = location(source)  # existence already checked by read_names
     if is_store(src):
         return ExpressionStore.open(src)
@@ -101,10 +104,11 @@ def _store_for(
         # A finished run into the same output converted this very file: hard-link
         # its store instead of converting again (the old output stays intact).
         with contextlib.suppress(InputError, OSError):
-            if ExpressionStore.open(previous).fingerprint == source_fingerprint(src, layout):
+            if ExpressionStore.open(previous).fingerprint == source_fingerprint(
+                    src, layout, layer=layer):
                 export.link_tree(previous, target)
     return convert(src, target, layout=layout, restart=restart, progress=progress,
-                   memory_limit=memory_limit)
+                   memory_limit=memory_limit, layer=layer)
 
 
 def _aligned(block: int, chunk: int) -> int:
@@ -217,6 +221,13 @@ def run_imputation(
     progress: bool = False,
     scheduler: str | None = None,
     client=None,
+    layer: str | None = None,
+    reference_layer: str | None = None,
+    cluster_key: str | None = None,
+    coords: str | os.PathLike | None = None,
+    anndata: bool | None = None,
+    report: bool = True,
+    plot_genes: list[str] | None = None,
 ) -> RunResult:
     """Impute every reference gene for every query cell, out of core.
 
@@ -260,8 +271,8 @@ def run_imputation(
         (the Zarr store always holds every gene; text is the slowest and
         largest output at scale).
     h5ad
-        Also write the imputed matrix as ``imputed.h5ad`` (AnnData; needs the
-        ``h5ad`` extra).
+        Also write the imputed AnnData as ``imputed.h5ad`` (needs the ``h5ad``
+        extra).
     restart
         Discard what an interrupted run left (conversions, finished kNN and
         imputation blocks) and start afresh.
@@ -274,6 +285,27 @@ def run_imputation(
         an object-store URL (they open its stores themselves).
     client
         A ``distributed.Client`` to run on instead.
+    layer, reference_layer
+        AnnData inputs: the layer holding the expression (default ``X``);
+        ``reference_layer`` defaults to ``layer``.
+    cluster_key
+        Take the clusters from this ``obs`` column of both AnnData inputs
+        instead of an identity table.
+    coords
+        Spatial coordinates of the query cells: a table of cell name, x, y
+        (``.csv`` or tab-separated). Default: ``obsm["spatial"]`` of an
+        AnnData query, if any.
+    anndata
+        Write the imputed AnnData as the Zarr store ``adata.zarr`` (the
+        query's ``obs``/``obsm``, ``var`` = reference genes with ``measured``,
+        the neighbours in ``obsm``, the run in ``uns["scimpute"]``). Default:
+        when the query is an AnnData.
+    report
+        Write ``report.html`` and the figures (spatial maps when there are
+        coordinates).
+    plot_genes
+        Genes for the spatial maps (default: the three most variable measured
+        and unmeasured genes of the reference).
 
     Returns
     -------
@@ -286,23 +318,38 @@ def run_imputation(
         nonlocal clock
         now = time.perf_counter()
         timings[stage] = round(now - clock, 3)
+        log.debug("%s took %.2f s", stage, timings[stage])
         clock = now
 
     k = check_positive_int(k, "k_neighbors")
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
     limit = plan.parse_memory(memory_limit)
-    if consider_clusters and identities is None:
-        raise InputError("consider_clusters=True needs the cell identity table")
-    if h5ad and importlib.util.find_spec("anndata") is None:
-        raise InputError("h5ad output needs anndata: pip install 'scimpute-dask[h5ad]'")
+    if identities is not None and cluster_key is not None:
+        raise InputError("give the clusters either as an identity table or as cluster_key "
+                         "(--cluster-key), not both")
+    if consider_clusters and identities is None and cluster_key is None:
+        raise InputError("consider_clusters=True needs the cell identity table (or "
+                         "cluster_key for AnnData inputs)")
+    if anndata is None:
+        anndata = anndata_io.is_anndata(query)
+    if (h5ad or anndata) and importlib.util.find_spec("anndata") is None:
+        raise InputError("AnnData output needs anndata: pip install 'scimpute-dask[h5ad]'")
+    layers = (layer, reference_layer if reference_layer is not None else layer)
     outdir = location(outdir)
     export.check_output_dir(outdir)
     work = export.work_dir_for(outdir)
 
     # 1. Every name-level check, in seconds, before any value is parsed.
     inputs = _check_inputs(query, reference, identities, cell_name_column_idx, k,
-                           consider_clusters, query_layout, reference_layout, tsv_genes)
+                           consider_clusters, query_layout, reference_layout, tsv_genes,
+                           layers, cluster_key)
+    if isinstance(plot_genes, str):
+        plot_genes = [plot_genes]
+    _check_plot_genes(plot_genes, inputs.r_genes, inputs.r_label)
+    obs, obsm = _query_annotations(query, inputs.q_cells, coords)
+    checksums = provenance.checksums({"query": query, "reference": reference,
+                                      "identities": identities, "coords": coords})
     lap("check")
 
     with export.exclusive(work):
@@ -312,9 +359,9 @@ def run_imputation(
             export.clear_work_dir(work, keep=set(RESUMABLE))
         # 2. Inputs to Zarr (checks every value; reuses finished conversions).
         q_store = _store_for(query, "query", work, outdir, query_layout, restart, progress,
-                             limit)
+                             limit, layers[0])
         r_store = _store_for(reference, "reference", work, outdir, reference_layout, restart,
-                             progress, limit)
+                             progress, limit, layers[1])
         lap("convert")
 
         blocks = plan.plan_run(limit, len(inputs.q_cells), len(inputs.r_cells),
@@ -323,6 +370,7 @@ def run_imputation(
                                gene_chunk=gene_chunk_size)
         blocks = dataclasses.replace(blocks,
                                      gene_chunk=_aligned(blocks.gene_chunk, r_store.chunks[1]))
+        log.debug("block sizes: %s", blocks)
         with cluster.compute_on(client, scheduler, blocks.threads, progress):
             scores = _compute(work / "zarr", q_store, r_store, inputs, blocks, k,
                               consider_clusters, lap)
@@ -331,25 +379,28 @@ def run_imputation(
         stats = summary_stats(scores)
         files = _export(work, inputs, blocks.query_chunk, save_chunks, scores, stats,
                         blocks.threads)
-        if h5ad:
-            files["h5ad"] = work / "imputed.h5ad"
+        parameters = {"k": k, "consider_clusters": consider_clusters,
+                      "chunk_size": blocks.query_chunk, "memory_limit": limit,
+                      "threads": blocks.threads,
+                      "reference_chunk_size": blocks.reference_chunk,
+                      "gene_chunk_size": blocks.gene_chunk, "save_chunks": save_chunks,
+                      "tsv_genes": tsv_genes if isinstance(tsv_genes, str | None)
+                      else list(tsv_genes),
+                      "layer": layers[0], "reference_layer": layers[1],
+                      "cluster_key": cluster_key,
+                      "coords": None if coords is None else str(coords)}
+        if h5ad or anndata:
             # h5py files cannot travel to workers: written from this process
-            with dask.config.set(scheduler="threads", num_workers=blocks.threads):
-                imputed = zarr.open_group(zarr_store(work / "zarr" / "imputed.zarr", True),
-                                          mode="r")["X"]
-                export.write_h5ad(files["h5ad"], imputed, inputs.q_cells, inputs.r_genes)
+            with dask.config.set(scheduler="threads", num_workers=blocks.threads), \
+                    (ProgressBar(minimum=1.0) if progress else contextlib.nullcontext()):
+                files.update(_write_anndata(work, inputs, obs, obsm, scores, stats, parameters,
+                                            h5ad, anndata))
         lap("export")
-        export.write_manifest(work / export.MANIFEST, {
+        record = {
             "scimpute_dask": __version__,
             "query": inputs.q_label, "reference": inputs.r_label,
             "identities": inputs.table_label,
-            "parameters": {"k": k, "consider_clusters": consider_clusters,
-                           "chunk_size": blocks.query_chunk, "memory_limit": limit,
-                           "threads": blocks.threads,
-                           "reference_chunk_size": blocks.reference_chunk,
-                           "gene_chunk_size": blocks.gene_chunk, "save_chunks": save_chunks,
-                           "tsv_genes": tsv_genes if isinstance(tsv_genes, str | None)
-                           else list(tsv_genes)},
+            "parameters": parameters,
             "shape": {"query_cells": len(inputs.q_cells),
                       "reference_cells": len(inputs.r_cells),
                       "reference_genes": len(inputs.r_genes),
@@ -357,8 +408,24 @@ def run_imputation(
             "unimputable_cells": int(np.isnan(scores).sum()),
             "stats": stats,
             "timings_s": timings,
-            "outputs": export.outputs(work),
-        })
+            "versions": provenance.versions(),
+            "input_checksums": checksums.result(),
+        }
+        if report:
+            with dask.config.set(scheduler="threads", num_workers=blocks.threads):
+                figures = _figures(work, files, obsm.get("spatial"), q_store, r_store, inputs,
+                                   plot_genes)
+            lap("figures")
+            record["peak_memory_mib"] = provenance.peak_memory_mib()
+            record["finished"] = _now()
+            record["outputs"] = sorted([*export.outputs(work), REPORT, export.MANIFEST])
+            files["report"] = work / REPORT
+            write_report(files["report"], record, figures)
+        record["peak_memory_mib"] = provenance.peak_memory_mib()
+        record["finished"] = _now()
+        record["outputs"] = export.outputs(work)
+        log.debug("timings (s): %s; peak memory (MiB): %s", timings, record["peak_memory_mib"])
+        export.write_manifest(work / export.MANIFEST, record)
         export.publish(work, outdir)
     files = {name: outdir / path.relative_to(work).as_posix()
              for name, path in files.items()}
@@ -389,18 +456,33 @@ class _Inputs:
 
 
 def _label(source, role: str) -> str:
-    return f"{role} DataFrame" if isinstance(source, pd.DataFrame) else str(source)
+    if isinstance(source, pd.DataFrame):
+        return f"{role} DataFrame"
+    return f"{role} AnnData" if anndata_io.is_anndata(source) and not isinstance(
+        source, str | os.PathLike) else str(source)
 
 
 def _check_inputs(query, reference, identities, cell_name_column_idx, k, consider_clusters,
-                  query_layout, reference_layout, tsv_genes) -> _Inputs:
+                  query_layout, reference_layout, tsv_genes, layers=(None, None),
+                  cluster_key=None) -> _Inputs:
     table = read_identities(identities, cell_name_column_idx) if identities is not None else None
     table_label = None if table is None else _label(identities, "identity table")
     q_label, r_label = _label(query, "query"), _label(reference, "reference")
-    q_cells, q_genes = read_names(query, query_layout, name=q_label)
-    r_cells, r_genes = read_names(reference, reference_layout, name=r_label)
+    for source, label, layer in ((query, q_label, layers[0]), (reference, r_label, layers[1])):
+        if layer not in (None, "X") and not anndata_io.is_anndata(source):
+            raise InputError(f"{label}: a layer ('{layer}') can only be chosen for AnnData "
+                             f"inputs (.h5ad or AnnData-Zarr)")
+    q_cells, q_genes = read_names(query, query_layout, name=q_label, layer=layers[0])
+    r_cells, r_genes = read_names(reference, reference_layout, name=r_label, layer=layers[1])
     q_cols, r_cols = shared_genes(q_genes, r_genes, q_label, r_label)
     q_ids = r_ids = None
+    if cluster_key is not None:
+        for source, label in ((query, q_label), (reference, r_label)):
+            if not anndata_io.is_anndata(source):
+                raise InputError(f"{label}: cluster_key (--cluster-key) needs AnnData inputs "
+                                 f"(.h5ad or AnnData-Zarr); give an identity table instead")
+        q_ids = anndata_io.obs_column(query, cluster_key, q_label)
+        r_ids = anndata_io.obs_column(reference, cluster_key, r_label)
     if table is not None:
         q_ids = clusters_of(q_cells, table, q_label, table_label)
         r_ids = clusters_of(r_cells, table, r_label, table_label)
@@ -526,3 +608,111 @@ def _export(work: Location, inputs: _Inputs, chunk_size: int, save_chunks: bool,
     export.write_names(files["unimputable"], q_cells[np.isnan(scores)])
     files["zarr"] = zarr_dir
     return files
+
+
+# --------------------------------------------------------------------------- #
+# AnnData output, figures
+# --------------------------------------------------------------------------- #
+def _query_annotations(query, q_cells: np.ndarray, coords
+                       ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The query's ``obs`` and ``obsm`` for the outputs; ``obsm["spatial"]`` from ``coords``."""
+    obs, obsm = pd.DataFrame(index=pd.Index(q_cells.astype(str))), {}
+    if anndata_io.is_anndata(query):
+        obs, obsm = anndata_io.read_annotations(query)
+        obs.index = pd.Index(q_cells.astype(str))
+    if coords is not None:
+        obsm["spatial"] = anndata_io.read_coords(coords, q_cells)
+    spatial = obsm.get("spatial")
+    if spatial is not None and (spatial.ndim != 2 or spatial.shape[1] < 2):
+        raise InputError(f"query: obsm['spatial'] must be cells × 2 coordinates, "
+                         f"got shape {spatial.shape}")
+    return obs, obsm
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+def _measured(inputs: _Inputs) -> np.ndarray:
+    """Per reference gene: was it measured in the query (a shared gene)?"""
+    measured = np.zeros(len(inputs.r_genes), dtype=bool)
+    measured[inputs.r_cols] = True
+    return measured
+
+
+def _write_anndata(work: Location, inputs: _Inputs, obs: pd.DataFrame, obsm: dict,
+                   scores: np.ndarray, stats: dict, parameters: dict, h5ad: bool,
+                   zarr_out: bool) -> dict[str, Location]:
+    """The imputed AnnData, streamed from the stores, as ``adata.zarr`` and/or ``imputed.h5ad``."""
+    zarr_dir = work / "zarr"
+    nbrs = zarr.open_group(zarr_store(zarr_dir / "neighbors.zarr", True), mode="r")
+    obs = obs.assign(scimpute_score=scores)
+    # per-gene columns (e.g. a reliability estimate) join this frame
+    var = pd.DataFrame({"measured": _measured(inputs)},
+                       index=pd.Index(inputs.r_genes.astype(str)))
+    uns = {"parameters": {k: v for k, v in parameters.items() if v is not None},
+           "stats": stats, "reference_cells": inputs.r_cells.astype(str),
+           "neighbors": {"indices": f"obsm/{anndata_io.NEIGHBORS_KEY}",
+                         "weights": f"obsm/{anndata_io.WEIGHTS_KEY}",
+                         "meaning": "rows of uns/scimpute/reference_cells (-1 = none); "
+                                    "weight = cosine similarity + 1"},
+           "version": __version__}
+    adata = anndata_io.imputed_anndata(
+        zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True), mode="r")["X"], obs, obsm,
+        var,
+        da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]), uns)
+    files = {}
+    if zarr_out:
+        files["anndata"] = work / "adata.zarr"
+        anndata_io.write(adata, files["anndata"])
+    if h5ad:
+        files["h5ad"] = work / "imputed.h5ad"
+        anndata_io.write(adata, files["h5ad"])
+    return files
+
+
+def _check_plot_genes(plot_genes, r_genes: np.ndarray, r_label: str) -> None:
+    if plot_genes is None:
+        return
+    missing = pd.Index(list(plot_genes)).difference(pd.Index(r_genes))
+    if len(missing):
+        raise InputError(f"genes to plot are not in {r_label}: "
+                         f"{', '.join(repr(g) for g in missing[:5])}")
+
+
+def _figures(work: Location, files: dict[str, Location], xy: np.ndarray | None,
+             q_store: ExpressionStore, r_store: ExpressionStore, inputs: _Inputs,
+             plot_genes: list[str] | None) -> list[tuple[str, str]]:
+    """Spatial maps of chosen genes (when there are coordinates); the report's figure list."""
+    figures = [(export.HISTOGRAM, "Validation score of each query cell (scimpute's histogram)")]
+    if xy is None:
+        return figures
+    measured = _measured(inputs)
+    genes = pd.Index(inputs.r_genes)
+    if plot_genes is None:
+        shared, others = plotting.choose_genes(r_store.to_dask(), inputs.r_genes, measured)
+    else:
+        pos = genes.get_indexer(list(plot_genes))
+        shared = [g for g, p in zip(plot_genes, pos, strict=True) if measured[p]]
+        others = [g for g, p in zip(plot_genes, pos, strict=True) if not measured[p]]
+    rows = plotting.sample_rows(len(inputs.q_cells))
+    imputed = zarr.open_group(zarr_store(work / "zarr" / "imputed.zarr", True), mode="r")["X"]
+    if shared:
+        r_pos = genes.get_indexer(shared)
+        q_of = dict(zip(inputs.r_cols.tolist(), inputs.q_cols.tolist(), strict=True))
+        q_pos = np.array([q_of[p] for p in r_pos])
+        files["measured_map"] = work / plotting.SHARED_PNG
+        plotting.spatial_measured_vs_imputed(
+            files["measured_map"], xy[rows], shared,
+            q_store.group["X"].get_orthogonal_selection((rows, q_pos)),
+            imputed.get_orthogonal_selection((rows, r_pos)))
+        figures.append((plotting.SHARED_PNG, "Genes the query measured: measured (left) and "
+                        "imputed (right) expression on the tissue"))
+    if others:
+        files["imputed_map"] = work / plotting.IMPUTED_PNG
+        plotting.spatial_imputed(files["imputed_map"], xy[rows], others,
+                                 imputed.get_orthogonal_selection((rows, genes.get_indexer(
+                                     others))))
+        figures.append((plotting.IMPUTED_PNG, "Genes the query did not measure: imputed "
+                        "expression on the tissue"))
+    return figures

@@ -212,3 +212,31 @@ def test_remove_tree_drops_the_store_metadata_first(bucket):
         del fs.rm_file
     assert deleted[0].endswith("x.zarr/zarr.json")
     assert not fs.exists(store.path)
+
+
+def test_anndata_outputs_to_s3_and_h5ad_from_s3_refused(bucket, local_run, tmp_path):
+    anndata = pytest.importorskip("anndata")
+    inputs = local_run[0]
+    query = anndata.AnnData(inputs.query_df)
+    query.obs["cluster"] = inputs.identities_df.set_index("cell").loc[query.obs_names, "id"]
+    query.obsm["spatial"] = np.random.default_rng(0).uniform(size=(query.n_obs, 2))
+    query.write_h5ad(tmp_path / "q.h5ad")
+    url = f"{bucket}/runs/anndata"
+    result = run_imputation(tmp_path / "q.h5ad", inputs.reference, inputs.identities, 0, url,
+                            k=7, chunk_size=90, h5ad=True)
+    assert {"anndata", "h5ad", "report"} <= set(result.files)
+    _finished(url)
+    fs = _fs()
+    fs.get(f"{url}/adata.zarr", str(tmp_path / "adata.zarr"), recursive=True)
+    fs.get(f"{url}/imputed.h5ad", str(tmp_path / "imputed.h5ad"))
+    local = zarr.open_group(local_run[2] / "zarr" / "imputed.zarr", mode="r")["X"][:]
+    for adata in (anndata.read_zarr(tmp_path / "adata.zarr"),
+                  anndata.read_h5ad(tmp_path / "imputed.h5ad")):
+        np.testing.assert_array_equal(np.asarray(adata.X), local.astype(np.float32))
+        np.testing.assert_array_equal(adata.obsm["spatial"], query.obsm["spatial"])
+    fs.put_file(str(tmp_path / "q.h5ad"), f"{bucket}/in/q.h5ad")
+    with pytest.raises(InputError, match=r"s3://.*q\.h5ad: only delimited text and "
+                       r"scimpute-dask stores are read from URLs"):
+        run_imputation(f"{bucket}/in/q.h5ad", inputs.reference, inputs.identities, 0,
+                       f"{bucket}/runs/never", k=7)
+    assert not fs.exists(f"{bucket}/runs/never")

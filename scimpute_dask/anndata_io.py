@@ -1,0 +1,348 @@
+"""AnnData in and out: ``.h5ad`` and AnnData-Zarr inputs, read in blocks; the imputed AnnData.
+
+Inputs are read element by element with :mod:`anndata.io` (``read_elem``,
+``sparse_dataset``), never loaded whole: the matrix (``X`` or a layer) is
+streamed into an :class:`~.conversion.ExpressionStore` one block of rows
+(CSR, dense) or of columns (CSC) at a time, so a sparse matrix is only ever
+densified one block at a time. ``obs`` columns give the cluster ids
+(``cluster_key``) and ``obsm["spatial"]`` the coordinates.
+
+The output is an AnnData whose ``X`` is a Dask array read from the imputed
+Zarr store, written by anndata chunk by chunk: the imputed matrix never has
+to fit in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .storage import Location, is_remote, remove_tree
+from .validation import InputError, check_unique_names, check_values
+
+#: Where the run's neighbours and parameters go in the output AnnData.
+NEIGHBORS_KEY = "scimpute_neighbors"
+WEIGHTS_KEY = "scimpute_weights"
+UNS_KEY = "scimpute"
+
+
+def _anndata():
+    try:
+        import anndata
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise InputError(
+            "reading or writing AnnData needs anndata; install scimpute-dask[h5ad]"
+        ) from err
+    return anndata
+
+
+def is_anndata_zarr(path: Location) -> bool:
+    """Is ``path`` a Zarr store written by anndata (v2 or v3 Zarr format)?"""
+    for meta in (path / "zarr.json", path / ".zattrs"):
+        if meta.is_file():
+            try:
+                attrs = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                return False
+            attrs = attrs.get("attributes", {}) if meta.name == "zarr.json" else attrs
+            return isinstance(attrs, dict) and attrs.get("encoding-type") == "anndata"
+    return False
+
+
+def is_anndata(source: object) -> bool:
+    """An in-memory AnnData, an ``.h5ad`` file or an AnnData-Zarr store."""
+    if type(source).__name__ == "AnnData":
+        return True
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        return path.suffix == ".h5ad" or (path.is_dir() and is_anndata_zarr(path))
+    return False
+
+
+@contextlib.contextmanager
+def _opened(source) -> Iterator:
+    """The root group of an AnnData file or store (or the AnnData object itself)."""
+    if not isinstance(source, str | os.PathLike):
+        yield source
+        return
+    path = Path(source)
+    if path.suffix == ".h5ad":
+        _anndata()
+        import h5py
+
+        try:
+            fh = h5py.File(path, "r")
+        except OSError as err:
+            raise InputError(f"{path}: not a readable .h5ad file ({err})") from err
+        with fh:
+            yield fh
+    else:
+        import zarr
+
+        yield zarr.open_group(path, mode="r")
+
+
+def _layer_name(layer: str | None) -> str:
+    return "X" if layer in (None, "X") else layer
+
+
+def _matrix(root, layer: str | None, label: str):
+    """The element holding the expression: ``X`` or ``layers/<layer>``."""
+    name = _layer_name(layer)
+    if type(root).__name__ == "AnnData":
+        if name == "X":
+            matrix = root.X
+        elif name in root.layers:
+            matrix = root.layers[name]
+        else:
+            raise InputError(f"{label}: no layer '{name}'; layers are {list(root.layers)}")
+        if matrix is None:
+            raise InputError(f"{label}: X is empty")
+        return matrix
+    if name == "X":
+        if "X" not in root:
+            raise InputError(f"{label}: X is empty")
+        elem = root["X"]
+    else:
+        layers = list(root["layers"].keys()) if "layers" in root else []
+        if name not in layers:
+            raise InputError(f"{label}: no layer '{name}'; layers are {layers}")
+        elem = root["layers"][name]
+    encoding = dict(elem.attrs).get("encoding-type", "array")
+    if encoding in ("csr_matrix", "csc_matrix"):
+        return _anndata().io.sparse_dataset(elem)
+    if encoding != "array":
+        raise InputError(f"{label}: {name} is a '{encoding}', not a matrix")
+    return elem
+
+
+def _axis_names(root, axis: str) -> np.ndarray:
+    if type(root).__name__ == "AnnData":
+        index = root.obs_names if axis == "obs" else root.var_names
+    else:
+        index = _anndata().io.read_elem(root[axis]).index
+    return np.asarray(index.astype(str), dtype=object)
+
+
+def read_names(source, layer: str | None = None, label: str | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Cell and gene names of an AnnData input, checked; the layer must exist."""
+    label = label or str(source)
+    with _opened(source) as root:
+        cells, genes = _axis_names(root, "obs"), _axis_names(root, "var")
+        shape = tuple(_matrix(root, layer, label).shape)
+    check_unique_names(cells, label, "cell")
+    check_unique_names(genes, label, "gene")
+    if shape != (len(cells), len(genes)):
+        raise InputError(f"{label}: {_layer_name(layer)} has shape {shape}, but there are "
+                         f"{len(cells)} cells and {len(genes)} genes")
+    return cells, genes
+
+
+def obs_column(source, key: str, label: str | None = None) -> np.ndarray:
+    """The values of ``obs[key]`` as strings (e.g. the cluster of every cell)."""
+    label = label or str(source)
+    with _opened(source) as root:
+        if type(root).__name__ == "AnnData":
+            obs = root.obs
+        else:
+            obs = _anndata().io.read_elem(root["obs"])
+    if key not in obs.columns:
+        raise InputError(f"{label}: no obs column '{key}' (cluster_key); obs columns are "
+                         f"{list(map(str, obs.columns))}")
+    values = obs[key]
+    missing = obs.index[values.isna().to_numpy()]
+    if len(missing):
+        shown = ", ".join(f"'{c}'" for c in missing[:5])
+        raise InputError(f"{label}: cells without a value in obs['{key}']: {shown}")
+    return np.asarray(values.astype(str), dtype=object)
+
+
+def read_annotations(source) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """``obs`` and ``obsm`` of an AnnData input (small: one row per cell)."""
+    with _opened(source) as root:
+        if type(root).__name__ == "AnnData":
+            return root.obs.copy(), {k: np.asarray(v) for k, v in root.obsm.items()}
+        read_elem = _anndata().io.read_elem
+        obs = read_elem(root["obs"])
+        obsm = read_elem(root["obsm"]) if "obsm" in root else {}
+    return obs, {k: v for k, v in obsm.items() if isinstance(v, np.ndarray)}
+
+
+def read_coords(path: str | os.PathLike, cells: np.ndarray) -> np.ndarray:
+    """Spatial coordinates of ``cells`` from a table: cell name, then x and y columns.
+
+    A ``.csv`` is comma-separated, anything else tab-separated; extra columns
+    are ignored. Every cell must be present.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: coordinates file not found")
+    table = pd.read_csv(path, sep="," if path.suffix.lower() == ".csv" else "\t", index_col=0)
+    if table.shape[1] < 2:
+        raise InputError(f"{path}: needs a cell-name column and two coordinate columns")
+    table.index = table.index.astype(str)
+    pos = table.index.get_indexer(pd.Index(cells).astype(str))
+    if (pos < 0).any():
+        missing = ", ".join(f"'{c}'" for c in np.asarray(cells)[pos < 0][:5])
+        raise InputError(f"{path}: {(pos < 0).sum()} query cells have no coordinates: {missing}")
+    xy = table.iloc[pos, :2].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    if not np.isfinite(xy).all():
+        raise InputError(f"{path}: coordinates must be numbers")
+    return xy
+
+
+def fingerprint(src: Path, layer: str | None) -> dict:
+    """What identifies a conversion of an ``.h5ad`` file or AnnData-Zarr store."""
+    from .conversion import file_fingerprint
+
+    options = {} if _layer_name(layer) == "X" else {"layer": layer}
+    if src.is_dir():
+        # the element's metadata is rewritten (a new inode) when the store is rewritten
+        name = "X" if _layer_name(layer) == "X" else f"layers/{layer}"
+        meta = next((m for m in (src / name / "zarr.json", src / name / ".zattrs",
+                                 src / name / ".zarray") if m.exists()), src)
+        return {**file_fingerprint(meta, **options), "source": str(src.resolve())}
+    return file_fingerprint(src, **options)
+
+
+def _blocks(matrix, start: int, step: int, by_columns: bool
+            ) -> Iterator[tuple[int, np.ndarray]]:
+    """Dense blocks of rows (or columns), starting at ``start``, in the matrix's dtype."""
+    n = matrix.shape[1 if by_columns else 0]
+    for lo in range(start, n, step):
+        block = matrix[:, lo : lo + step] if by_columns else matrix[lo : lo + step]
+        yield lo, block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+
+
+def _is_csc(matrix) -> bool:
+    fmt = getattr(matrix, "format", None)
+    return fmt == "csc" or type(matrix).__name__ == "_CSCDataset"
+
+
+def convert_anndata(source, store: Path, *, layer: str | None, restart: bool, progress: bool,
+                    memory_limit: int, name: str | None = None):
+    """Stream an AnnData's ``X`` (or a layer) into an ExpressionStore, resumably.
+
+    CSR and dense matrices are read one block of rows at a time, CSC one block
+    of genes at a time; neither is ever densified whole.
+    """
+    from . import plan
+    from .conversion import ExpressionStore, _create, _existing, _progress_bar
+    in_memory = not isinstance(source, str | os.PathLike)
+    label = name or ("AnnData" if in_memory else str(source))
+    cells, genes = read_names(source, layer, label)
+    if in_memory:
+        if store.exists():
+            remove_tree(store)
+        fp = {"source": label, "id": uuid.uuid4().hex}  # never reused
+        group = None
+    else:
+        fp = fingerprint(Path(source), layer)
+        group = _existing(store, fp, restart, label)
+        if group is not None and group.attrs.get("complete"):
+            return ExpressionStore(store)
+    with _opened(source) as root:
+        matrix = _matrix(root, layer, label)
+        by_columns = _is_csc(matrix)
+        if group is None:
+            chunks = plan.store_chunks(len(cells), len(genes), by_columns, 0, memory_limit)
+            group = _create(store, fp, cells, genes, chunks)
+        X = group["X"]
+        step = X.chunks[1] if by_columns else X.chunks[0]
+        total = len(genes) if by_columns else len(cells)
+        done = int(group.attrs["progress"]["rows_done"])
+        bar = _progress_bar(progress, total=total, initial=done,
+                            desc=f"convert {label if in_memory else Path(source).name}")
+        for lo, block in _blocks(matrix, done, step, by_columns):
+            hi = lo + block.shape[1 if by_columns else 0]
+            if by_columns:
+                check_values(block.T, genes[lo:hi], cells, label, "gene", "cell")
+                X[:, lo:hi] = block.astype(np.float32, copy=False)
+            else:
+                check_values(block, cells[lo:hi], genes, label, "cell", "gene")
+                X[lo:hi, :] = block.astype(np.float32, copy=False)
+            group.attrs["progress"] = {"rows_done": hi, "offset": 0}
+            bar.update(hi - lo)
+        bar.close()
+    group.attrs["complete"] = True
+    return ExpressionStore(store)
+
+
+# --------------------------------------------------------------------------- #
+# Output
+# --------------------------------------------------------------------------- #
+def imputed_anndata(imputed, obs: pd.DataFrame, obsm: dict[str, np.ndarray],
+                    var: pd.DataFrame, neighbors: np.ndarray, weights: np.ndarray,
+                    uns: dict):
+    """The imputed AnnData, ``X`` a lazy float32 Dask array over the imputed Zarr array.
+
+    Parameters
+    ----------
+    imputed
+        The imputed matrix (``zarr.Array``, query cells × reference genes).
+    obs, obsm
+        The query's annotations, in query order.
+    var
+        One row per reference gene (``measured`` and any per-gene columns).
+    neighbors, weights
+        Reference rows (−1 = none) and weights (cosine + 1), query cells × k.
+    uns
+        Stored as ``uns["scimpute"]``.
+    """
+    anndata = _anndata()
+    import dask.array as da
+
+    X = da.from_zarr(imputed).astype(np.float32)
+    obsm = {**obsm, NEIGHBORS_KEY: neighbors, WEIGHTS_KEY: weights}
+    return anndata.AnnData(X=X, obs=obs, var=var, obsm=obsm, uns={UNS_KEY: uns})
+
+
+def write(adata, path: Location) -> None:
+    """Write an AnnData to ``path`` (``.h5ad`` file, else a Zarr store), atomically.
+
+    To an object store, through a local temporary copy uploaded whole (HDF5
+    writes local files, and the upload is what commits it).
+    """
+    if is_remote(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            write(adata, Path(tmp) / path.name)
+            path.fs.put(str(Path(tmp) / path.name), path.path, recursive=True)
+        return
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        if path.suffix == ".h5ad":
+            adata.write_h5ad(tmp)
+        else:
+            with _anndata().settings.override(zarr_write_format=3), warnings.catch_warnings():
+                # anndata's notices about its future Zarr defaults, not about this store
+                warnings.filterwarnings("ignore", "zarr v3 autosharding", UserWarning)
+                warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+                adata.write_zarr(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
+def read_lazy(path: Path):
+    """An AnnData-Zarr store with ``X`` as a lazy Dask array (everything else in memory)."""
+    anndata = _anndata()
+    import dask.array as da
+    import zarr
+
+    root = zarr.open_group(path, mode="r")
+    read_elem = anndata.io.read_elem
+    return anndata.AnnData(
+        X=da.from_zarr(root["X"]), obs=read_elem(root["obs"]), var=read_elem(root["var"]),
+        obsm=read_elem(root["obsm"]), uns=read_elem(root["uns"]),
+    )

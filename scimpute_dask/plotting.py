@@ -1,0 +1,137 @@
+"""Figures written next to the outputs: spatial maps of genes and per-gene scores.
+
+Every figure has a fixed pixel size (``figsize`` × ``DPI``, no tight bounding
+box), is drawn with matplotlib's Agg backend and written atomically. The
+validation histogram is :func:`scimpute_dask.export.write_histogram`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from .export import atomic_file
+
+DPI = 100
+PANEL_INCHES = 4.0
+#: Cells drawn per spatial panel at most (evenly spaced in query order beyond that).
+MAX_POINTS = 200_000
+SHARED_PNG = "spatial_measured_vs_imputed.png"
+IMPUTED_PNG = "spatial_imputed.png"
+SCORE_PNG = "gene_score_vs_sparsity.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=DPI)
+    _pyplot().close(fig)
+
+
+def choose_genes(reference: da.Array, genes: np.ndarray, measured: np.ndarray, n: int = 3
+                 ) -> tuple[list[str], list[str]]:
+    """The ``n`` most variable measured and unmeasured genes (variance of log1p in the reference).
+
+    One blockwise pass over the reference; the imputed matrix, which can be far
+    larger, is not read.
+    """
+    variance = da.log1p(reference.astype(np.float64)).var(axis=0).compute()
+    order = np.argsort(-variance, kind="stable")
+    shared = [str(genes[i]) for i in order if measured[i]][:n]
+    others = [str(genes[i]) for i in order if not measured[i]][:n]
+    return shared, others
+
+
+def sample_rows(n_cells: int, max_points: int = MAX_POINTS) -> np.ndarray:
+    """Rows drawn in spatial maps: all, or evenly spaced ones beyond ``max_points``."""
+    if n_cells <= max_points:
+        return np.arange(n_cells)
+    return np.unique(np.linspace(0, n_cells - 1, max_points).astype(np.int64))
+
+
+def _panel(ax, xy: np.ndarray, values: np.ndarray, title: str) -> None:
+    ok = np.isfinite(values)
+    lo, hi = np.percentile(values[ok], [1, 99]) if ok.any() else (0.0, 1.0)
+    size = max(0.2, min(8.0, 2e4 / max(1, len(values))))
+    ax.scatter(xy[~ok, 0], xy[~ok, 1], s=size, c="lightgrey", linewidths=0, rasterized=True)
+    art = ax.scatter(xy[ok, 0], xy[ok, 1], c=values[ok], s=size, cmap="viridis",
+                     vmin=lo, vmax=hi if hi > lo else lo + 1, linewidths=0, rasterized=True)
+    ax.set_title(title, fontsize=10)
+    ax.set_aspect("equal")
+    ax.invert_yaxis()  # image coordinates: y grows downwards
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.figure.colorbar(art, ax=ax, fraction=0.046, pad=0.02)
+
+
+def spatial_measured_vs_imputed(path: Path, xy: np.ndarray, genes: list[str],
+                                measured: np.ndarray, imputed: np.ndarray) -> None:
+    """Shared genes, one row each: measured (left) and imputed (right) on the tissue.
+
+    Parameters
+    ----------
+    path
+        PNG to write; ``2 × PANEL_INCHES`` by ``len(genes) × PANEL_INCHES`` inches.
+    xy
+        Cell coordinates, cells × 2.
+    genes
+        Gene names, one per column of ``measured`` and ``imputed`` (cells × genes).
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(genes), 2, squeeze=False,
+                             figsize=(2 * PANEL_INCHES, len(genes) * PANEL_INCHES))
+    for i, gene in enumerate(genes):
+        _panel(axes[i, 0], xy, measured[:, i], f"{gene} measured")
+        _panel(axes[i, 1], xy, imputed[:, i], f"{gene} imputed")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def spatial_imputed(path: Path, xy: np.ndarray, genes: list[str], imputed: np.ndarray,
+                    columns: int = 3) -> None:
+    """Genes the query did not measure: their imputed expression on the tissue, a grid."""
+    plt = _pyplot()
+    rows = -(-len(genes) // columns)
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(columns * PANEL_INCHES, rows * PANEL_INCHES))
+    for ax in axes.flat[len(genes):]:
+        ax.axis("off")
+    for i, gene in enumerate(genes):
+        _panel(axes.flat[i], xy, imputed[:, i], f"{gene} imputed")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def score_vs_sparsity(path: Path, score: np.ndarray, sparsity: np.ndarray,
+                      label: str = "held-out score") -> None:
+    """Per-gene held-out score against the gene's sparsity (fraction of zero cells).
+
+    Parameters
+    ----------
+    score
+        One score per gene (e.g. the correlation of imputed and measured values
+        of a gene hidden from the kNN search).
+    sparsity
+        Fraction of query cells in which the gene was measured as zero.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.5 * PANEL_INCHES, PANEL_INCHES))
+    ok = np.isfinite(score) & np.isfinite(sparsity)
+    ax.scatter(sparsity[ok], score[ok], s=12, alpha=0.7)
+    ax.set_xlabel("sparsity (fraction of cells with zero counts)")
+    ax.set_ylabel(label)
+    ax.set_xlim(0, 1)
+    ax.spines["top"].set_visible(False)
+    ax.spines["right"].set_visible(False)
+    fig.tight_layout()
+    _save(fig, path)

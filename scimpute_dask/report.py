@@ -1,0 +1,118 @@
+"""``report.html``: one static page with the run's figures, statistics, parameters and timings.
+
+No server, no scripts, no external resources: the figures are embedded as
+base64 PNGs (and linked to their files beside the report), so the page can be
+mailed or archived on its own and opens in any browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from .export import atomic_file
+
+REPORT = "report.html"
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto;
+       max-width: 1100px; color: #222; line-height: 1.4; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { font-size: 1.2rem; margin-top: 2rem;
+  border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; }
+table { border-collapse: collapse; margin: 0.5rem 0; }
+td, th { padding: 0.2rem 0.8rem; border-bottom: 1px solid #eee; text-align: left;
+         vertical-align: top; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1rem 0; } img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9rem; } .muted { color: #777; }
+.cards { display: flex; gap: 1rem; flex-wrap: wrap; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 0.6rem 1rem; min-width: 9rem; }
+.card b { display: block; font-size: 1.4rem; }
+"""
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value)) if len(value) <= 20 else f"{len(value)} items"
+    return str(value)
+
+
+def _table(rows: dict, header: tuple[str, str] | None = None) -> str:
+    head = f"<tr><th>{_esc(header[0])}</th><th>{_esc(header[1])}</th></tr>" if header else ""
+    body = "".join(
+        f"<tr><td>{_esc(k)}</td><td class='num'>{_esc(_fmt(v))}</td></tr>"
+        for k, v in rows.items() if v is not None
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def _figure(directory: Path, name: str, caption: str) -> str:
+    data = base64.b64encode((directory / name).read_bytes()).decode()
+    return (f"<figure><a href='{_esc(name)}'><img alt='{_esc(caption)}' "
+            f"src='data:image/png;base64,{data}'></a>"
+            f"<figcaption>{_esc(caption)} (<a href='{_esc(name)}'>{_esc(name)}</a>)"
+            f"</figcaption></figure>")
+
+
+def write_report(path: Path, record: dict, figures: list[tuple[str, str]]) -> None:
+    """Write ``report.html`` for a run.
+
+    Parameters
+    ----------
+    path
+        The HTML file; the figures are read from its directory.
+    record
+        What ``run.json`` records (parameters, shape, stats, timings, ...).
+    figures
+        ``(file name, caption)`` of each PNG beside ``path``, in page order.
+    """
+    shape = record.get("shape", {})
+    stats = record.get("stats", {})
+    cards = "".join(
+        f"<div class='card'><b>{_esc(_fmt(v))}</b>{_esc(k)}</div>"
+        for k, v in (("query cells", shape.get("query_cells")),
+                     ("reference cells", shape.get("reference_cells")),
+                     ("genes imputed", shape.get("reference_genes")),
+                     ("shared genes", shape.get("shared_genes")),
+                     ("median score", stats.get("Median")),
+                     ("unimputable cells", record.get("unimputable_cells")))
+        if v is not None
+    )
+    inputs = {"query": record.get("query"), "reference": record.get("reference"),
+              "identity table": record.get("identities")}
+    for role, item in record.get("input_checksums", {}).items():
+        kind = "sha256" if "sha256" in item else "key"  # remote inputs: the backend's key
+        inputs[f"{role} {kind}"] = item[kind]
+    timings = dict(record.get("timings_s", {}))
+    timings["total"] = round(sum(timings.values()), 3)
+    memory = record.get("peak_memory_mib", {})
+    sections = [
+        f"<h1>scimpute-dask imputation report</h1><p class='muted'>scimpute-dask "
+        f"{_esc(record.get('scimpute_dask', ''))}, finished {_esc(record.get('finished', ''))}"
+        f"</p><div class='cards'>{cards}</div>",
+        "<h2>Figures</h2>" + ("".join(_figure(path.parent, n, c) for n, c in figures)
+                              or "<p>No figures.</p>"),
+        "<h2>Validation score</h2><p>Per query cell: cosine similarity of the imputed and the "
+        "measured expression of the shared genes (scimpute's score; optimistic, since these "
+        "genes chose the neighbours).</p>" + _table(stats),
+        "<h2>Inputs</h2>" + _table(inputs),
+        "<h2>Parameters</h2>" + _table(record.get("parameters", {})),
+        "<h2>Timings (s)</h2>" + _table(timings, ("stage", "seconds")),
+        "<h2>Peak memory (MiB)</h2>" + _table(memory),
+        "<h2>Software</h2>" + _table(record.get("versions", {})),
+        "<h2>Outputs</h2><ul>" + "".join(
+            f"<li><a href='{_esc(n)}'>{_esc(n)}</a></li>" for n in record.get("outputs", [])
+        ) + "</ul>",
+    ]
+    page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            "<title>scimpute-dask report</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+    with atomic_file(path) as fh:
+        fh.write(page)

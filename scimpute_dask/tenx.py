@@ -1,0 +1,206 @@
+"""10x Genomics ``matrix.mtx`` directories (Cell Ranger's filtered/raw feature-barcode matrix).
+
+A directory holds ``matrix.mtx``, ``barcodes.tsv`` and ``features.tsv`` (or
+the older ``genes.tsv``), each optionally gzipped. The MatrixMarket file is
+genes × cells in coordinate format, in no guaranteed order, so it is streamed
+in two passes that never hold it whole: the entries are read in fixed-size
+batches and appended to one bucket file per block of cells on disk, then each
+bucket becomes one dense block of rows of the cells × genes store. Memory is
+bounded by a batch plus one block, whatever the file size.
+
+Gene names are the feature symbols (the second column), made unique as
+anndata's ``var_names_make_unique`` does (``Gene``, ``Gene-1``, ...), as
+``scanpy.read_10x_mtx`` returns them by default.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from .validation import InputError, check_unique_names, check_values
+
+_MATRIX = ("matrix.mtx", "matrix.mtx.gz")
+_BARCODES = ("barcodes.tsv", "barcodes.tsv.gz")
+_FEATURES = ("features.tsv", "features.tsv.gz", "genes.tsv", "genes.tsv.gz")
+#: MatrixMarket entries parsed per batch (~16 bytes each in the buckets).
+BATCH = 2_000_000
+_ENTRY = np.dtype([("cell", "<i8"), ("gene", "<i8"), ("value", "<f8")])
+
+
+def _find(directory: Path, names: tuple[str, ...]) -> Path | None:
+    return next((directory / n for n in names if (directory / n).is_file()), None)
+
+
+def is_10x(path: Path) -> bool:
+    """Is ``path`` a directory holding a 10x ``matrix.mtx``?"""
+    return path.is_dir() and _find(path, _MATRIX) is not None
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _files(directory: Path, label: str) -> tuple[Path, Path, Path]:
+    found = [_find(directory, n) for n in (_MATRIX, _BARCODES, _FEATURES)]
+    for path, names in zip(found, (_MATRIX, _BARCODES, _FEATURES), strict=True):
+        if path is None:
+            raise InputError(f"{label}: a 10x directory needs one of {', '.join(names)}")
+    return found[0], found[1], found[2]
+
+
+def make_unique(names: np.ndarray) -> np.ndarray:
+    """Suffix repeated names ``-1``, ``-2``, ... (anndata's ``var_names_make_unique``)."""
+    names = pd.Series(np.asarray(names, dtype=object))
+    n = names.groupby(names).cumcount()
+    return np.where(n > 0, names + "-" + n.astype(str), names).astype(object)
+
+
+def _column(path: Path, index: int) -> np.ndarray:
+    table = pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False)
+    return np.asarray(table.iloc[:, min(index, table.shape[1] - 1)], dtype=object)
+
+
+def read_names(directory: Path, label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cell barcodes and gene names of a 10x directory, checked against the matrix header."""
+    label = label or str(directory)
+    mtx, barcodes, features = _files(directory, label)
+    cells = _column(barcodes, 0)
+    genes = make_unique(_column(features, 1))
+    check_unique_names(cells, f"{label}/{barcodes.name}", "cell")
+    check_unique_names(genes, f"{label}/{features.name}", "gene")
+    n_genes, n_cells, _, _ = _header(mtx, label)
+    if (n_genes, n_cells) != (len(genes), len(cells)):
+        raise InputError(f"{label}: {mtx.name} is {n_genes} genes × {n_cells} cells, but there "
+                         f"are {len(genes)} features and {len(cells)} barcodes")
+    return cells, genes
+
+
+def _header(mtx: Path, label: str) -> tuple[int, int, int, int]:
+    """Rows, columns, entries and the number of header lines of a coordinate MatrixMarket."""
+    with _open(mtx) as fh:
+        banner = fh.readline().decode(errors="replace").lower().split()
+        if banner[:3] != ["%%matrixmarket", "matrix", "coordinate"] or \
+                (len(banner) > 4 and banner[4] != "general") or \
+                (len(banner) > 3 and banner[3] not in ("real", "integer")):
+            raise InputError(f"{label}/{mtx.name}: not a general real/integer coordinate "
+                             f"MatrixMarket file")
+        lines = 1
+        for raw in fh:
+            lines += 1
+            line = raw.strip()
+            if line and not line.startswith(b"%"):
+                try:
+                    rows, cols, nnz = map(int, line.split())
+                except ValueError:
+                    raise InputError(f"{label}/{mtx.name}: bad size line {line!r}") from None
+                return rows, cols, nnz, lines
+    raise InputError(f"{label}/{mtx.name}: no size line")
+
+
+def fingerprint(directory: Path) -> dict:
+    """What identifies a conversion of a 10x directory: its three files."""
+    from .conversion import FORMAT_VERSION
+
+    parts = {}
+    for path in _files(directory, str(directory)):
+        st = path.stat()
+        parts[path.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return {"source": str(directory.resolve()), "files": parts,
+            "format_version": FORMAT_VERSION, "layout": "10x"}
+
+
+def _bucket(mtx: Path, n_genes: int, n_cells: int, nnz: int, skip: int, step: int,
+            buckets: Path, label: str, bar) -> None:
+    """Pass 1: append every entry to the bucket file of its block of ``step`` cells."""
+    n_blocks = -(-n_cells // step)
+    seen = 0
+    with pd.read_csv(mtx, sep=r"\s+", header=None, skiprows=skip, comment="%",
+                     names=["gene", "cell", "value"], chunksize=BATCH,
+                     dtype={"gene": np.int64, "cell": np.int64, "value": np.float64}) as reader:
+        try:
+            for batch in reader:
+                entries = np.empty(len(batch), dtype=_ENTRY)
+                entries["gene"] = batch["gene"].to_numpy() - 1
+                entries["cell"] = batch["cell"].to_numpy() - 1
+                entries["value"] = batch["value"].to_numpy()
+                bad = ((entries["gene"] < 0) | (entries["gene"] >= n_genes)
+                       | (entries["cell"] < 0) | (entries["cell"] >= n_cells))
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    raise InputError(f"{label}/{mtx.name}: entry {seen + i + 1} refers to "
+                                     f"gene {entries['gene'][i] + 1}, cell "
+                                     f"{entries['cell'][i] + 1}, outside {n_genes} × {n_cells}")
+                seen += len(entries)
+                bar.update(len(entries))
+                block = entries["cell"] // step
+                order = np.argsort(block, kind="stable")
+                entries, block = entries[order], block[order]
+                bounds = np.searchsorted(block, np.arange(n_blocks + 1))
+                for b in np.flatnonzero(np.diff(bounds)):
+                    with open(buckets / f"{b}.bin", "ab") as out:
+                        entries[bounds[b] : bounds[b + 1]].tofile(out)
+        except (ValueError, TypeError) as err:
+            if isinstance(err, InputError):
+                raise
+            raise InputError(f"{label}/{mtx.name}: unreadable entry ({err})") from None
+    if seen != nnz:
+        raise InputError(f"{label}/{mtx.name}: the header announces {nnz} entries, the file "
+                         f"holds {seen}")
+
+
+def convert_10x(directory: Path, store: Path, *, restart: bool, progress: bool,
+                memory_limit: int, name: str | None = None):
+    """Stream a 10x directory into a cells × genes ExpressionStore (two passes, on disk).
+
+    An interrupted conversion starts again from the beginning.
+    """
+    from . import plan
+    from .conversion import ExpressionStore, _create, _existing, _progress_bar
+    from .storage import remove_tree
+
+    label = name or str(directory)
+    cells, genes = read_names(directory, label)
+    mtx = _files(directory, label)[0]
+    n_genes, n_cells, nnz, skip = _header(mtx, label)
+    fp = fingerprint(directory)
+    group = _existing(store, fp, restart, label)
+    if group is not None and group.attrs.get("complete"):
+        return ExpressionStore(store)
+    if group is not None:
+        remove_tree(store)
+    chunks = plan.store_chunks(len(cells), len(genes), False, 0, memory_limit)
+    group = _create(store, fp, cells, genes, chunks)
+    X = group["X"]
+    step = X.chunks[0]
+    buckets = store.parent / f".{store.name}.buckets"
+    remove_tree(buckets)
+    buckets.mkdir(parents=True)
+    try:
+        bar = _progress_bar(progress, total=nnz, desc=f"read {mtx.name}")
+        bar.unit = "entry"
+        _bucket(mtx, n_genes, n_cells, nnz, skip, step, buckets, label, bar)
+        bar.close()
+        bar = _progress_bar(progress, total=len(cells), desc=f"convert {directory.name}")
+        for lo in range(0, len(cells), step):
+            hi = min(lo + step, len(cells))
+            part = buckets / f"{lo // step}.bin"
+            entries = np.fromfile(part, dtype=_ENTRY) if part.exists() else \
+                np.empty(0, dtype=_ENTRY)
+            # duplicated coordinates are summed, as scipy.io.mmread + tocsr does
+            block = sparse.coo_matrix(
+                (entries["value"], (entries["cell"] - lo, entries["gene"])),
+                shape=(hi - lo, len(genes))).toarray()
+            check_values(block, cells[lo:hi], genes, label, "cell", "gene")
+            X[lo:hi, :] = block.astype(np.float32)
+            group.attrs["progress"] = {"rows_done": hi, "offset": 0}
+            bar.update(hi - lo)
+        bar.close()
+    finally:
+        remove_tree(buckets)
+    group.attrs["complete"] = True
+    return ExpressionStore(store)
