@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,6 +39,7 @@ from .storage import Location, is_remote, remove_tree
 from .validation import InputError
 
 T = TypeVar("T")
+log = logging.getLogger("scimpute_dask")
 
 #: Written last into every output directory; marks it as ours (safe to replace).
 MANIFEST = "run.json"
@@ -89,8 +91,13 @@ def work_dir_for(outdir: Location) -> Location:
     return outdir.parent / f".{outdir.name}.partial"
 
 
-def check_output_dir(outdir: Location) -> None:
-    """Refuse to replace a directory holding anything a previous run did not write."""
+def check_output_dir(outdir: Location, may_write: frozenset[str] = frozenset()) -> None:
+    """Refuse to replace a directory holding anything a previous run did not write.
+
+    ``may_write`` are the names a run can write: an object-store prefix left by
+    an interrupted run (no ``run.json`` yet, only the ``.partial`` marker) may
+    hold any of them, and nothing else.
+    """
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"{outdir}: output path exists and is not a directory")
     if not outdir.is_dir():
@@ -101,10 +108,13 @@ def check_output_dir(outdir: Location) -> None:
             f"directory inside it (e.g. --out {outdir / 'imputation'})"
         )
     entries = {entry.name for entry in outdir.iterdir()}
-    if not entries or (PARTIAL_MARKER in entries and is_remote(outdir)):
-        return  # empty, or an unfinished run of ours
+    if not entries:
+        return
     try:
-        ours = set(json.loads((outdir / MANIFEST).read_text())["outputs"]) | {MANIFEST}
+        if PARTIAL_MARKER in entries and is_remote(outdir):
+            ours = set(may_write) | {PARTIAL_MARKER, MANIFEST}
+        else:
+            ours = set(json.loads((outdir / MANIFEST).read_text())["outputs"]) | {MANIFEST}
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(
             f"{outdir}: output directory exists and was not written by scimpute-dask; "
@@ -150,29 +160,49 @@ def _object_lock(lock: Location, work: Location) -> Iterator[None]:
 
     Unlike ``flock`` it outlives a killed run, so a lock left by a dead
     process on this same host is taken over; one from another host must be
-    deleted by hand, and the message says which object.
+    deleted by hand, and the message says which object. Every holder writes a
+    token of its own and reads it back, so of two processes taking over the
+    same dead lock only one goes on; the lock is released only while it still
+    holds our token.
     """
     fs, key = lock.fs, lock.path
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+             "token": uuid.uuid4().hex}
     for attempt in range(2):
         try:
             with fs.open(key, "xb") as fh:
                 fh.write(json.dumps(owner).encode())
-            break
         except FileExistsError:
             holder = _lock_holder(lock)
             if attempt == 0 and _dead_here(holder):
-                fs.rm_file(key)
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(key)
                 continue
-            raise InputError(
-                f"another scimpute-dask run ({holder or 'unknown'}) is writing to {work}; wait "
-                f"for it to finish, or delete {lock} if that run is no longer alive"
-            ) from None
+            raise _locked(holder, lock, work) from None
+        except (ValueError, NotImplementedError):
+            # this backend cannot create exclusively: a best-effort lock
+            log.warning("%s cannot be created exclusively on this file system; concurrent "
+                        "runs into %s are not excluded", lock, work)
+            if lock.exists() and not _dead_here(_lock_holder(lock)):
+                raise _locked(_lock_holder(lock), lock, work) from None
+            lock.write_text(json.dumps(owner))
+        if _lock_holder(lock).get("token") != owner["token"]:
+            raise _locked(_lock_holder(lock), lock, work)
+        break
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(key)
+        if _lock_holder(lock).get("token") == owner["token"]:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(key)
+
+
+def _locked(holder: dict, lock: Location, work: Location) -> InputError:
+    who = {k: v for k, v in holder.items() if k != "token"} or "unknown"
+    return InputError(
+        f"another scimpute-dask run ({who}) is writing to {work}; wait for it to finish, or "
+        f"delete {lock} if that run is no longer alive"
+    )
 
 
 def _lock_holder(lock: Location) -> dict:
@@ -215,6 +245,11 @@ def clear_work_dir(work: Location, keep: set[str]) -> None:
                     remove_tree(store)
         else:
             remove_tree(entry)
+
+
+def is_finished(outdir: Location) -> bool:
+    """Does ``outdir`` hold a finished run (its ``run.json``, and no ``.partial`` marker)?"""
+    return (outdir / MANIFEST).exists() and not (outdir / PARTIAL_MARKER).exists()
 
 
 def outputs(work: Location) -> list[str]:

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import zarr
 from dask.diagnostics import ProgressBar
+from upath import UPath
 
 from . import __version__, anndata_io, cluster, export, graph, plan, plotting, provenance
 from .conversion import (
@@ -43,7 +44,7 @@ from .conversion import (
 from .imputation import similarity_to_weight
 from .report import REPORT, write_report
 from .scoring import round_like_scimpute, summary_stats
-from .storage import Location, location, zarr_store
+from .storage import Location, location, remove_tree, zarr_store
 from .validation import (
     InputError,
     check_k,
@@ -89,26 +90,46 @@ class RunResult:
 # --------------------------------------------------------------------------- #
 def _store_for(
     source, role: str, work: Location, outdir: Location, layout: Layout, restart: bool,
-    progress: bool, memory_limit: int, layer: str | None = None,
+    progress: bool, memory_limit: int, layer: str | None = None, finished: bool = False,
 ) -> ExpressionStore:
-    """The Zarr store of one input: an existing store, a reused conversion, or a new one."""
+    """The Zarr store of one input: an existing store, a reused conversion, or a new one.
+
+    ``finished``: the output held a finished run when this one began.
+    """
     target = work / "zarr" / f"{role}.zarr"
-    if not isinstance(source, str | os.PathLike):  # a DataFrame or an AnnData
+    if not isinstance(source, str | os.PathLike | UPath):  # a DataFrame or an AnnData
         return convert(source, target, name=_label(source, role), memory_limit=memory_limit,
                        layer=layer, progress=progress)
     src = location(source)  # existence already checked by read_names
     if is_store(src):
+        if src != target:  # a conversion kept from another input is not published with it
+            remove_tree(target)
         return ExpressionStore.open(src)
     previous = outdir / "zarr" / f"{role}.zarr"
-    if not target.exists() and not restart and previous.exists():
+    if previous == target:
+        # An object-store output is its own work directory, so the finished run's
+        # stores are the ones kept for resuming: one converted from another input
+        # is dropped (on disk it would simply not be linked), not refused as an
+        # interrupted conversion of a changed file.
+        if finished and not _converted_from(target, src, layout, layer):
+            remove_tree(target)
+    elif not target.exists() and not restart and previous.exists() \
+            and _converted_from(previous, src, layout, layer):
         # A finished run into the same output converted this very file: hard-link
         # its store instead of converting again (the old output stays intact).
-        with contextlib.suppress(InputError, OSError):
-            if ExpressionStore.open(previous).fingerprint == source_fingerprint(
-                    src, layout, layer=layer):
-                export.link_tree(previous, target)
+        with contextlib.suppress(OSError):
+            export.link_tree(previous, target)
     return convert(src, target, layout=layout, restart=restart, progress=progress,
                    memory_limit=memory_limit, layer=layer)
+
+
+def _converted_from(store: Location, src: Location, layout: Layout, layer: str | None) -> bool:
+    """Is ``store`` a complete conversion of ``src`` as it is now?"""
+    try:
+        return ExpressionStore.open(store).fingerprint == source_fingerprint(src, layout,
+                                                                              layer=layer)
+    except (InputError, OSError):
+        return False
 
 
 def _aligned(block: int, chunk: int) -> int:
@@ -166,6 +187,8 @@ def store_stage(
     group = zarr.open_group(zarr_store(path), mode="a") if (path / "zarr.json").exists() \
         else None
     if group is None or dict(group.attrs).get("key") != key:
+        # metadata first: a removal cut short must not leave the old key marked complete
+        remove_tree(path)
         group = zarr.open_group(zarr_store(path), mode="w")
         for name, (arr, fill) in arrays.items():
             group.create_array(name, shape=arr.shape, dtype=arr.dtype,
@@ -337,7 +360,7 @@ def run_imputation(
         raise InputError("AnnData output needs anndata: pip install 'scimpute-dask[h5ad]'")
     layers = (layer, reference_layer if reference_layer is not None else layer)
     outdir = location(outdir)
-    export.check_output_dir(outdir)
+    export.check_output_dir(outdir, OUTPUT_NAMES)
     work = export.work_dir_for(outdir)
 
     # 1. Every name-level check, in seconds, before any value is parsed.
@@ -353,15 +376,16 @@ def run_imputation(
     lap("check")
 
     with export.exclusive(work):
+        finished = export.is_finished(outdir)
         if restart:
             export.clear_work_dir(work, keep=set())
         else:
             export.clear_work_dir(work, keep=set(RESUMABLE))
         # 2. Inputs to Zarr (checks every value; reuses finished conversions).
         q_store = _store_for(query, "query", work, outdir, query_layout, restart, progress,
-                             limit, layers[0])
+                             limit, layers[0], finished)
         r_store = _store_for(reference, "reference", work, outdir, reference_layout, restart,
-                             progress, limit, layers[1])
+                             progress, limit, layers[1], finished)
         lap("convert")
 
         blocks = plan.plan_run(limit, len(inputs.q_cells), len(inputs.r_cells),
@@ -436,6 +460,13 @@ def run_imputation(
 
 #: Stores of the work directory that a rerun resumes rather than rebuilds.
 RESUMABLE = ("query.zarr", "reference.zarr", "neighbors.zarr", "imputed.zarr")
+
+#: Every name a run can write into its output directory.
+OUTPUT_NAMES = frozenset({
+    "imputation.tsv", "imputations", "sim_matrix.tsv", "scores.txt", "stats.txt",
+    export.HISTOGRAM, "unimputable_cells.txt", "zarr", "adata.zarr", "imputed.h5ad", REPORT,
+    plotting.SHARED_PNG, plotting.IMPUTED_PNG, export.MANIFEST,
+})
 
 
 @dataclass(frozen=True)

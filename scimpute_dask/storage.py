@@ -49,7 +49,7 @@ def location(path: str | os.PathLike | UPath) -> Location:
 
 def is_remote(path: Location) -> bool:
     """Is ``path`` on a remote file system (no atomic rename, no ``flock``)?"""
-    return not isinstance(path, PurePath)
+    return isinstance(path, UPath) and not isinstance(path, PurePath)
 
 
 def zarr_store(path: Location, read_only: bool = False):

@@ -238,3 +238,51 @@ def test_anndata_outputs_to_s3_and_h5ad_from_s3_refused(bucket, local_run, tmp_p
         run_imputation(f"{bucket}/in/q.h5ad", inputs.reference, inputs.identities, 0,
                        f"{bucket}/runs/never", k=7)
     assert not fs.exists(f"{bucket}/runs/never")
+
+
+def test_rerun_with_changed_or_other_inputs_into_a_finished_prefix(bucket, local_run, tmp_path):
+    """The finished run's stores are dropped when they were converted from another input."""
+    inputs, args, _ = local_run
+    url = f"{bucket}/runs/changed"
+    run_imputation(str(inputs.query), str(inputs.reference), str(inputs.identities), 0, url,
+                   k=7, chunk_size=90)
+    changed = tmp_path / "query.tsv"
+    text = inputs.query.read_text().splitlines()
+    cells = text[1].split("\t")
+    text[1] = "\t".join([cells[0], *("7.5" for _ in cells[1:])])  # one gene, every cell
+    changed.write_text("\n".join(text) + "\n")
+    subprocess.run([*CLI, "run", "--query", str(changed), "--reference",
+                    str(inputs.reference), *args, "--out", str(tmp_path / "local")], check=True)
+    run_imputation(str(changed), str(inputs.reference), str(inputs.identities), 0, url,
+                   k=7, chunk_size=90)
+    _same_as_local(url, tmp_path / "local")
+    _finished(url)
+    # A store given as input: the prefix's own conversion of the earlier file goes.
+    subprocess.run([*CLI, "convert", str(changed), f"{bucket}/stores/q.zarr", "-q"], check=True)
+    run_imputation(f"{bucket}/stores/q.zarr", str(inputs.reference), str(inputs.identities), 0,
+                   url, k=7, chunk_size=90)
+    _same_as_local(url, tmp_path / "local")
+    _finished(url)
+    assert not _fs().exists(f"{url}/zarr/query.zarr")
+
+
+def test_unfinished_prefix_with_a_foreign_object_is_refused(bucket, local_run):
+    inputs = local_run[0]
+    fs = _fs()
+    url = f"{bucket}/runs/mixed"
+    fs.pipe_file(f"{url}/{export.PARTIAL_MARKER}", b"")
+    fs.pipe_file(f"{url}/scores.txt", b"0.5")
+    fs.pipe_file(f"{url}/their_notes.txt", b"keep me")
+    with pytest.raises(InputError, match=r"their_notes\.txt"):
+        run_imputation(str(inputs.query), str(inputs.reference), str(inputs.identities), 0,
+                       url, k=7)
+    assert fs.cat_file(f"{url}/their_notes.txt") == b"keep me"
+
+
+def test_object_lock_is_released_only_while_it_is_ours(bucket):
+    work = location(f"{bucket}/runs/raced")
+    lock = location(f"{bucket}/runs/.raced.lock")
+    with export.exclusive(work):
+        # another process took the lock over meanwhile (wrongly judging us dead)
+        lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "theirs"}))
+    assert json.loads(lock.read_text())["token"] == "theirs"  # not released by us

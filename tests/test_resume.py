@@ -146,3 +146,29 @@ def test_outputs_do_not_depend_on_chunking(tmp_path):
     for name in ["imputation.tsv", "sim_matrix.tsv", "scores.txt", "stats.txt"]:
         texts = {(o / name).read_bytes() for o in outs}
         assert len(texts) == 1, name
+
+
+def test_stage_rebuilt_for_a_new_key_never_leaves_the_old_key_trusted(tmp_path, monkeypatch):
+    """A rebuild cut short after the old store went must not resume as the old stage."""
+    import dask.array as da
+
+    from scimpute_dask import pipeline
+
+    path = tmp_path / "stage.zarr"
+    x = da.arange(24, dtype="f8").reshape(6, 4).rechunk((3, 4))
+    pipeline.store_stage(path, {"X": (x, np.nan)}, {"k": 1}, {})
+    assert zarr.open_group(path, mode="r").attrs["complete"]
+    real = zarr.open_group
+
+    def dies_creating(store, mode="a", **kw):
+        if mode == "w":
+            raise KeyboardInterrupt  # killed between removing the old stage and the new one
+        return real(store, mode=mode, **kw)
+
+    monkeypatch.setattr(pipeline.zarr, "open_group", dies_creating)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.store_stage(path, {"X": (x + 1, np.nan)}, {"k": 2}, {})
+    monkeypatch.undo()
+    assert not (path / "zarr.json").exists()  # nothing left claims to be the k=1 stage
+    group = pipeline.store_stage(path, {"X": (x, np.nan)}, {"k": 1}, {})
+    np.testing.assert_array_equal(group["X"][:], x.compute())
