@@ -28,6 +28,7 @@ from scimpute_dask.synthetic import make_pair
 from scimpute_dask.validation import InputError
 
 from .conftest import write_inputs
+from .test_tenx import _write_10x
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -238,3 +239,18 @@ def test_anndata_outputs_to_s3_and_h5ad_from_s3_refused(bucket, local_run, tmp_p
         run_imputation(f"{bucket}/in/q.h5ad", inputs.reference, inputs.identities, 0,
                        f"{bucket}/runs/never", k=7)
     assert not fs.exists(f"{bucket}/runs/never")
+
+
+def test_local_10x_input_with_an_s3_output(bucket, local_run, tmp_path):
+    """The 10x buckets are local scratch files, wherever the store goes."""
+    inputs, _, local = local_run
+    reference = inputs.reference_df
+    _write_10x(tmp_path / "10x", reference, list(reference.columns), gz=False)
+    url = f"{bucket}/runs/10x"
+    run_imputation(inputs.query, tmp_path / "10x", inputs.identities, 0, url, k=7,
+                   chunk_size=90, report=False)
+    _finished(url)
+    got = zarr.open_group(zarr_store(location(f"{url}/zarr/imputed.zarr")), mode="r")["X"][:]
+    expected = zarr.open_group(local / "zarr" / "imputed.zarr", mode="r")["X"][:]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert not list(tmp_path.glob(".*buckets*"))
