@@ -254,3 +254,30 @@ def test_local_10x_input_with_an_s3_output(bucket, local_run, tmp_path):
     expected = zarr.open_group(local / "zarr" / "imputed.zarr", mode="r")["X"][:]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert not list(tmp_path.glob(".*buckets*"))
+
+
+def test_impute_outdir_and_coordinates_on_s3(bucket, local_run, tmp_path, monkeypatch):
+    anndata = pytest.importorskip("anndata")
+    from scimpute_dask import anndata_io, impute
+
+    inputs, _, local = local_run
+    query, reference = anndata.AnnData(inputs.query_df), anndata.AnnData(inputs.reference_df)
+    ids = inputs.identities_df.set_index("cell")["id"].astype(str)
+    for adata in (query, reference):
+        adata.obs["cluster"] = ids.loc[adata.obs_names].to_numpy()
+    monkeypatch.chdir(tmp_path)  # where a URL taken for a local path would land
+    url = f"{bucket}/api/run"
+    table = tmp_path / "xy.tsv"
+    xy = np.random.default_rng(1).uniform(size=(query.n_obs, 2))
+    table.write_text("cell\tx\ty\n" + "".join(
+        f"{c}\t{x}\t{y}\n" for c, (x, y) in zip(query.obs_names, xy, strict=True)))
+    _fs().put_file(str(table), f"{bucket}/in/xy.tsv")
+    np.testing.assert_array_equal(
+        anndata_io.read_coords(f"{bucket}/in/xy.tsv", query.obs_names.to_numpy()), xy)
+
+    result = impute(query, reference, k=7, cluster_key="cluster", outdir=url, copy=True)
+    assert not (tmp_path / "s3:").exists()
+    _finished(url)
+    assert type(result.X).__name__ == "Array"  # lazy, over s3
+    expected = zarr.open_group(local / "zarr" / "imputed.zarr", mode="r")["X"][:]
+    np.testing.assert_array_equal(result.X.compute(), expected.astype(np.float32))
