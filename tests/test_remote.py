@@ -281,3 +281,17 @@ def test_impute_outdir_and_coordinates_on_s3(bucket, local_run, tmp_path, monkey
     assert type(result.X).__name__ == "Array"  # lazy, over s3
     expected = zarr.open_group(local / "zarr" / "imputed.zarr", mode="r")["X"][:]
     np.testing.assert_array_equal(result.X.compute(), expected.astype(np.float32))
+
+
+def test_remote_inputs_are_identified_without_reading_them(bucket, local_run):
+    from scimpute_dask import ExpressionStore, convert, provenance
+
+    inputs = local_run[0]
+    convert(inputs.query, f"{bucket}/in/q.zarr")
+    _fs().put_file(str(inputs.query), f"{bucket}/in/q.tsv")
+    store, text = location(f"{bucket}/in/q.zarr"), location(f"{bucket}/in/q.tsv")
+    found = provenance.checksums({"store": store, "text": text}).result()  # UPath objects
+    # a directory has no key of its own: the store's record of its source identifies it
+    assert found["store"] == {"path": str(store),
+                              "fingerprint": ExpressionStore.open(store).fingerprint}
+    assert found["text"] == {"path": str(text), "key": text.fs.ukey(text.path)}
