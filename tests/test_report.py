@@ -181,3 +181,16 @@ def test_inputs_are_identified_cheaply_and_never_fail_the_run(tmp_path, small_pa
     report.write_report(tmp_path / "report.html", {"input_checksums": found}, [])
     page = (tmp_path / "report.html").read_text()
     assert "store fingerprint" in page and "moved error" in page
+
+
+def test_plot_genes_none_draws_no_maps(tmp_path, small_inputs, capsys):
+    pd.DataFrame({"cell": small_inputs.query_df.index, "x": np.arange(257) % 16,
+                  "y": np.arange(257) // 16}).to_csv(tmp_path / "xy.csv", index=False)
+    args = ["run", "--query", str(small_inputs.query), "--reference",
+            str(small_inputs.reference), "--identities", str(small_inputs.identities),
+            "--k", "5", "--coords", str(tmp_path / "xy.csv"), "-q"]
+    assert main([*args, "--out", str(tmp_path / "all"), "--plot-genes", "all"]) == 2
+    assert "--plot-genes all" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "out"), "--plot-genes", "none"]) == 0
+    assert (tmp_path / "out" / "report.html").exists()
+    assert not list((tmp_path / "out").glob("spatial_*.png"))
