@@ -215,6 +215,7 @@ def read_annotations(source, label: str | None = None
     obs.columns = names
     kept = {}
     for key, value in obsm.items():
+        given = type(value).__name__
         if isinstance(value, pd.DataFrame):
             value = value.to_numpy()
         if key == "spatial" and sparse.issparse(value):
@@ -225,7 +226,7 @@ def read_annotations(source, label: str | None = None
             kept[str(key)] = value
         else:
             log.warning("%s: obsm['%s'] (%s) is not a numeric cells × n array: left out of "
-                        "the output", label, key, type(value).__name__)
+                        "the output", label, key, given)
     return obs, kept
 
 

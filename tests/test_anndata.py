@@ -289,7 +289,7 @@ def test_obsm_that_cannot_be_written_is_dropped_with_a_warning(small_inputs, cap
     q.obsm["labels"] = pd.DataFrame({"name": "x"}, index=q.obs_names)
     _, obsm = anndata_io.read_annotations(q)
     assert "labels" not in obsm
-    assert "obsm['labels'] (ndarray) is not a numeric" in caplog.text
+    assert "obsm['labels'] (DataFrame) is not a numeric" in caplog.text
 
 
 def test_coordinates_table(tmp_path):
