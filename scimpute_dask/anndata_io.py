@@ -16,23 +16,32 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
+from upath import UPath
 
-from .storage import Location, is_remote, remove_tree
+from .storage import Location, is_remote, location, remove_tree, zarr_store
 from .validation import InputError, check_unique_names, check_values
 
 #: Where the run's neighbours and parameters go in the output AnnData.
 NEIGHBORS_KEY = "scimpute_neighbors"
 WEIGHTS_KEY = "scimpute_weights"
 UNS_KEY = "scimpute"
+
+log = logging.getLogger("scimpute_dask")
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 
 def _anndata():
@@ -167,35 +176,91 @@ def obs_column(source, key: str, label: str | None = None) -> np.ndarray:
     return np.asarray(values.astype(str), dtype=object)
 
 
-def read_annotations(source) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """``obs`` and ``obsm`` of an AnnData input (small: one row per cell)."""
+def read_annotations(source, label: str | None = None
+                     ) -> tuple[pd.DataFrame, dict[str, np.ndarray | sparse.spmatrix]]:
+    """``obs`` and ``obsm`` of an AnnData input (small: one row per cell), ready to write.
+
+    Read before any work, and normalised so that in-memory and file inputs
+    give the same output and the output AnnData can always be written:
+    ``obs`` column names become strings, ``obsm`` keeps numeric arrays
+    (dense or scipy-sparse; a DataFrame gives its values) with one row per
+    cell, and drops anything else with a warning.
+
+    Parameters
+    ----------
+    source
+        An in-memory AnnData, or the path of an ``.h5ad`` file or AnnData-Zarr store.
+    label
+        How to name the input in messages (default: ``str(source)``).
+
+    Returns
+    -------
+    obs : pandas.DataFrame
+        One row per cell.
+    obsm : dict
+        Per-cell arrays by key.
+    """
+    label = label or (str(source) if isinstance(source, str | os.PathLike) else "AnnData")
     with _opened(source) as root:
         if type(root).__name__ == "AnnData":
-            return root.obs.copy(), {k: np.asarray(v) for k, v in root.obsm.items()}
-        read_elem = _anndata().io.read_elem
-        obs = read_elem(root["obs"])
-        obsm = read_elem(root["obsm"]) if "obsm" in root else {}
-    return obs, {k: v for k, v in obsm.items() if isinstance(v, np.ndarray)}
+            obs, obsm = root.obs.copy(), dict(root.obsm.items())
+        else:
+            read_elem = _anndata().io.read_elem
+            obs = read_elem(root["obs"])
+            obsm = read_elem(root["obsm"]) if "obsm" in root else {}
+    names = obs.columns.map(str)
+    if names.has_duplicates:
+        raise InputError(f"{label}: obs columns named alike once written as strings: "
+                         f"{sorted(set(names[names.duplicated()]))}")
+    obs.columns = names
+    kept = {}
+    for key, value in obsm.items():
+        given = type(value).__name__
+        if isinstance(value, pd.DataFrame):
+            value = value.to_numpy()
+        if key == "spatial" and sparse.issparse(value):
+            value = value.toarray()  # cells × 2, and plotted as an array
+        numeric = (sparse.issparse(value) or isinstance(value, np.ndarray)) \
+            and value.dtype.kind in "biuf"
+        if numeric and value.ndim == 2 and value.shape[0] == len(obs):
+            kept[str(key)] = value
+        else:
+            log.warning("%s: obsm['%s'] (%s) is not a numeric cells × n array: left out of "
+                        "the output", label, key, given)
+    return obs, kept
 
 
-def read_coords(path: str | os.PathLike, cells: np.ndarray) -> np.ndarray:
+def read_coords(path: str | os.PathLike | UPath, cells: np.ndarray) -> np.ndarray:
     """Spatial coordinates of ``cells`` from a table: cell name, then x and y columns.
 
     A ``.csv`` is comma-separated, anything else tab-separated; extra columns
-    are ignored. Every cell must be present.
+    are ignored. Every cell must be present, once. The table may be local or
+    at a URL.
     """
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise InputError(f"{path}: coordinates file not found")
-    table = pd.read_csv(path, sep="," if path.suffix.lower() == ".csv" else "\t", index_col=0)
-    if table.shape[1] < 2:
+    with path.open("rb") as fh:
+        # as text: cell names such as "001" must not become numbers
+        # (index_col would infer the names' type whatever dtype says)
+        table = pd.read_csv(fh, sep="," if path.suffix.lower() == ".csv" else "\t",
+                            dtype=str, keep_default_na=False)
+    if table.shape[1] < 3:
         raise InputError(f"{path}: needs a cell-name column and two coordinate columns")
-    table.index = table.index.astype(str)
+    table = table.set_index(table.columns[0])
+    repeated = table.index[table.index.duplicated()].unique()
+    if len(repeated):
+        shown = ", ".join(f"'{c}'" for c in repeated[:5])
+        raise InputError(f"{path}: cells listed more than once: {shown}")
     pos = table.index.get_indexer(pd.Index(cells).astype(str))
     if (pos < 0).any():
         missing = ", ".join(f"'{c}'" for c in np.asarray(cells)[pos < 0][:5])
         raise InputError(f"{path}: {(pos < 0).sum()} query cells have no coordinates: {missing}")
-    xy = table.iloc[pos, :2].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    try:
+        # the exact parse of each number (pd.to_numeric may round the last digit)
+        xy = table.iloc[pos, :2].to_numpy(str).astype(np.float64)
+    except ValueError:
+        raise InputError(f"{path}: coordinates must be numbers") from None
     if not np.isfinite(xy).all():
         raise InputError(f"{path}: coordinates must be numbers")
     return xy
@@ -229,7 +294,7 @@ def _is_csc(matrix) -> bool:
     return fmt == "csc" or type(matrix).__name__ == "_CSCDataset"
 
 
-def convert_anndata(source, store: Path, *, layer: str | None, restart: bool, progress: bool,
+def convert_anndata(source, store: Location, *, layer: str | None, restart: bool, progress: bool,
                     memory_limit: int, name: str | None = None):
     """Stream an AnnData's ``X`` (or a layer) into an ExpressionStore, resumably.
 
@@ -281,8 +346,8 @@ def convert_anndata(source, store: Path, *, layer: str | None, restart: bool, pr
 # --------------------------------------------------------------------------- #
 # Output
 # --------------------------------------------------------------------------- #
-def imputed_anndata(imputed, obs: pd.DataFrame, obsm: dict[str, np.ndarray],
-                    var: pd.DataFrame, neighbors: np.ndarray, weights: np.ndarray,
+def imputed_anndata(imputed, obs: pd.DataFrame, obsm: dict,
+                    var: pd.DataFrame, neighbors: da.Array, weights: da.Array,
                     uns: dict):
     """The imputed AnnData, ``X`` a lazy float32 Dask array over the imputed Zarr array.
 
@@ -295,7 +360,8 @@ def imputed_anndata(imputed, obs: pd.DataFrame, obsm: dict[str, np.ndarray],
     var
         One row per reference gene (``measured`` and any per-gene columns).
     neighbors, weights
-        Reference rows (−1 = none) and weights (cosine + 1), query cells × k.
+        Lazy Dask arrays (query cells × k) of the reference rows (−1 = none)
+        and the weights (cosine + 1), written chunk by chunk with the rest.
     uns
         Stored as ``uns["scimpute"]``.
     """
@@ -334,13 +400,16 @@ def write(adata, path: Location) -> None:
         raise
 
 
-def read_lazy(path: Path):
-    """An AnnData-Zarr store with ``X`` as a lazy Dask array (everything else in memory)."""
+def read_lazy(path: Location):
+    """An AnnData-Zarr store, local or remote, with ``X`` as a lazy Dask array.
+
+    Everything but ``X`` is read into memory.
+    """
     anndata = _anndata()
     import dask.array as da
     import zarr
 
-    root = zarr.open_group(path, mode="r")
+    root = zarr.open_group(zarr_store(path, read_only=True), mode="r")
     read_elem = anndata.io.read_elem
     return anndata.AnnData(
         X=da.from_zarr(root["X"]), obs=read_elem(root["obs"]), var=read_elem(root["var"]),

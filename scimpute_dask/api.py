@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import anndata_io
 from .pipeline import run_imputation
+from .storage import location
 
 OUTPUT = "adata.zarr"
 
@@ -65,7 +66,8 @@ def impute(
         ``obs["scimpute_score"]`` and ``uns["scimpute"]``. If ``True``, leave it
         untouched. The imputed AnnData is returned either way.
     outdir
-        Keep the run's output directory here (scimpute's files, ``report.html``
+        Keep the run's output directory here, a local path or a URL such as
+        ``s3://bucket/run`` (scimpute's files, ``report.html``
         and ``adata.zarr``); the returned AnnData's ``X`` is then a lazy Dask
         array over ``adata.zarr``, so it need not fit in memory. By default the
         run goes to a temporary directory and ``X`` is loaded into memory.
@@ -92,7 +94,7 @@ def impute(
     >>> sc.pl.embedding(imputed, basis="spatial", color=["Gad1"])  # doctest: +SKIP
     """
     with tempfile.TemporaryDirectory(prefix="scimpute-") as tmp:
-        out = Path(outdir) if outdir is not None else Path(tmp) / "run"
+        out = location(outdir) if outdir is not None else Path(tmp) / "run"
         run_imputation(
             adata_spatial, adata_ref, None, 0, out, k=k,
             consider_clusters=cluster_key is not None, cluster_key=cluster_key,

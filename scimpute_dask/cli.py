@@ -85,8 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true",
                      help="skip report.html and the spatial maps")
     run.add_argument("--plot-genes", metavar="GENES", default=None,
-                     help="genes for the spatial maps, comma-separated or @FILE (default: the "
-                     "three most variable measured and unmeasured genes)")
+                     help="genes for the spatial maps, comma-separated or @FILE; 'none' for no "
+                     "maps (default: the three most variable measured and unmeasured genes)")
     run.add_argument("--save-chunks", action="store_true",
                      help="also keep per-chunk imputation tables in DIR/imputations")
     run.add_argument("--query-layout", choices=LAYOUTS, default="genes_x_cells",
@@ -159,6 +159,15 @@ def _gene_list(value: str) -> str | list[str]:
     return [g for g in value.split(",") if g]
 
 
+def _plot_genes(value: str) -> list[str]:
+    """``--plot-genes``: ``none`` draws no maps; ``all`` is refused (one map per gene)."""
+    genes = _gene_list(value)
+    if genes == "all":
+        raise InputError("--plot-genes all: the maps show a few genes; name them, or give "
+                         "'none' for no maps")
+    return [] if genes == "none" else genes
+
+
 def _run(args: argparse.Namespace) -> None:
     result = run_imputation(
         args.query, args.reference, args.identities, args.name_column, args.out,
@@ -169,7 +178,7 @@ def _run(args: argparse.Namespace) -> None:
         scheduler=args.scheduler, layer=args.layer, reference_layer=args.reference_layer,
         cluster_key=args.cluster_key, coords=args.coords, anndata=args.anndata,
         report=not args.no_report,
-        plot_genes=None if args.plot_genes is None else _gene_list(args.plot_genes),
+        plot_genes=None if args.plot_genes is None else _plot_genes(args.plot_genes),
     )
     _report(result)
 

@@ -7,12 +7,11 @@ validation histogram is :func:`scimpute_dask.export.write_histogram`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dask.array as da
 import numpy as np
 
 from .export import atomic_file
+from .storage import Location
 
 DPI = 100
 PANEL_INCHES = 4.0
@@ -32,7 +31,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Location) -> None:
     with atomic_file(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=DPI)
     _pyplot().close(fig)
@@ -74,7 +73,7 @@ def _panel(ax, xy: np.ndarray, values: np.ndarray, title: str) -> None:
     ax.figure.colorbar(art, ax=ax, fraction=0.046, pad=0.02)
 
 
-def spatial_measured_vs_imputed(path: Path, xy: np.ndarray, genes: list[str],
+def spatial_measured_vs_imputed(path: Location, xy: np.ndarray, genes: list[str],
                                 measured: np.ndarray, imputed: np.ndarray) -> None:
     """Shared genes, one row each: measured (left) and imputed (right) on the tissue.
 
@@ -97,7 +96,7 @@ def spatial_measured_vs_imputed(path: Path, xy: np.ndarray, genes: list[str],
     _save(fig, path)
 
 
-def spatial_imputed(path: Path, xy: np.ndarray, genes: list[str], imputed: np.ndarray,
+def spatial_imputed(path: Location, xy: np.ndarray, genes: list[str], imputed: np.ndarray,
                     columns: int = 3) -> None:
     """Genes the query did not measure: their imputed expression on the tissue, a grid."""
     plt = _pyplot()
@@ -112,7 +111,7 @@ def spatial_imputed(path: Path, xy: np.ndarray, genes: list[str], imputed: np.nd
     _save(fig, path)
 
 
-def score_vs_sparsity(path: Path, score: np.ndarray, sparsity: np.ndarray,
+def score_vs_sparsity(path: Location, score: np.ndarray, sparsity: np.ndarray,
                       label: str = "held-out score") -> None:
     """Per-gene held-out score against the gene's sparsity (fraction of zero cells).
 

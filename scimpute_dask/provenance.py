@@ -1,4 +1,10 @@
-"""Provenance for ``run.json``: library versions, input checksums, peak memory."""
+"""Provenance for ``run.json``: library versions, input identities, peak memory.
+
+An input is identified by what is cheap and still unambiguous: a local file
+by its SHA-256, a remote file by its backend's version key (S3: the ETag), a
+scimpute-dask store by the fingerprint of what it was converted from (hashing
+its chunks would read it all again; an object-store directory has no key).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import resource
 import threading
 from concurrent.futures import Future
 from pathlib import Path
+
+from upath import UPath
 
 from .storage import is_remote, location
 
@@ -43,27 +51,37 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _identity(src: str | os.PathLike) -> dict:
-    path = location(src)
-    if is_remote(path):
-        # hashing would download the input a second time: the backend's version key
-        # (S3: the ETag) identifies it instead
-        return {"path": str(path), "key": path.fs.ukey(path.path)}
-    return {"path": str(path), "sha256": sha256(path)}
+def _identity(src: str | os.PathLike | UPath) -> dict:
+    """``{"path"}`` and one of ``sha256``, ``key``, ``fingerprint`` or ``error``."""
+    from .conversion import ExpressionStore, is_store
+
+    try:
+        path = location(src)
+        if is_store(path):
+            return {"path": str(path), "fingerprint": ExpressionStore.open(path).fingerprint}
+        if is_remote(path):
+            # hashing would download the input a second time
+            return {"path": str(path), "key": path.fs.ukey(path.path)}
+        return {"path": str(path), "sha256": sha256(path)}
+    except Exception as err:  # a record of the inputs must not fail a finished run
+        return {"path": str(src), "error": f"{type(err).__name__}: {err}"}
 
 
 def checksums(sources: dict[str, object]) -> Future:
-    """Start hashing the input files in a background thread (hashlib releases the GIL).
+    """Start identifying the input files in a background thread (hashlib releases the GIL).
 
-    Returns a future of ``{role: {"path", "sha256"}}``; in-memory inputs are
-    skipped. The thread is a daemon: a run that fails does not wait for it.
+    Returns a future of ``{role: {"path", and "sha256", "key", "fingerprint"
+    or "error"}}`` (see :func:`_identity`); in-memory inputs are skipped. An
+    input that cannot be identified (e.g. moved during the run) is recorded
+    with the error rather than failing the run. The thread is a daemon: a run
+    that fails does not wait for it.
     """
     future: Future = Future()
 
     def run() -> None:
         try:
             future.set_result({role: _identity(src) for role, src in sources.items()
-                               if isinstance(src, str | os.PathLike)})
+                               if isinstance(src, str | os.PathLike | UPath)})
         except BaseException as err:  # handed to whoever asks for the result
             future.set_exception(err)
 

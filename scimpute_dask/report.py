@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import base64
 import html
-from pathlib import Path
+import json
 
 from .export import atomic_file
+from .storage import Location
 
 REPORT = "report.html"
 
@@ -53,7 +54,7 @@ def _table(rows: dict, header: tuple[str, str] | None = None) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def _figure(directory: Path, name: str, caption: str) -> str:
+def _figure(directory: Location, name: str, caption: str) -> str:
     data = base64.b64encode((directory / name).read_bytes()).decode()
     return (f"<figure><a href='{_esc(name)}'><img alt='{_esc(caption)}' "
             f"src='data:image/png;base64,{data}'></a>"
@@ -61,7 +62,7 @@ def _figure(directory: Path, name: str, caption: str) -> str:
             f"</figcaption></figure>")
 
 
-def write_report(path: Path, record: dict, figures: list[tuple[str, str]]) -> None:
+def write_report(path: Location, record: dict, figures: list[tuple[str, str]]) -> None:
     """Write ``report.html`` for a run.
 
     Parameters
@@ -88,8 +89,10 @@ def write_report(path: Path, record: dict, figures: list[tuple[str, str]]) -> No
     inputs = {"query": record.get("query"), "reference": record.get("reference"),
               "identity table": record.get("identities")}
     for role, item in record.get("input_checksums", {}).items():
-        kind = "sha256" if "sha256" in item else "key"  # remote inputs: the backend's key
-        inputs[f"{role} {kind}"] = item[kind]
+        # one of these, by the kind of input (see provenance._identity)
+        kind = next(k for k in ("sha256", "key", "fingerprint", "error") if k in item)
+        inputs[f"{role} {kind}"] = json.dumps(item[kind], sort_keys=True) \
+            if kind == "fingerprint" else item[kind]
     timings = dict(record.get("timings_s", {}))
     timings["total"] = round(sum(timings.values()), 3)
     memory = record.get("peak_memory_mib", {})

@@ -16,18 +16,21 @@ anndata's ``var_names_make_unique`` does (``Gene``, ``Gene-1``, ...), as
 from __future__ import annotations
 
 import gzip
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .storage import Location, is_remote
 from .validation import InputError, check_unique_names, check_values
 
 _MATRIX = ("matrix.mtx", "matrix.mtx.gz")
 _BARCODES = ("barcodes.tsv", "barcodes.tsv.gz")
 _FEATURES = ("features.tsv", "features.tsv.gz", "genes.tsv", "genes.tsv.gz")
-#: MatrixMarket entries parsed per batch (~16 bytes each in the buckets).
+#: MatrixMarket entries parsed per batch (24 bytes each in the buckets: see ``_ENTRY``).
 BATCH = 2_000_000
 _ENTRY = np.dtype([("cell", "<i8"), ("gene", "<i8"), ("value", "<f8")])
 
@@ -54,10 +57,36 @@ def _files(directory: Path, label: str) -> tuple[Path, Path, Path]:
 
 
 def make_unique(names: np.ndarray) -> np.ndarray:
-    """Suffix repeated names ``-1``, ``-2``, ... (anndata's ``var_names_make_unique``)."""
-    names = pd.Series(np.asarray(names, dtype=object))
-    n = names.groupby(names).cumcount()
-    return np.where(n > 0, names + "-" + n.astype(str), names).astype(object)
+    """Suffix repeated names ``-1``, ``-2``, ... (anndata's ``var_names_make_unique``).
+
+    The algorithm of ``anndata.utils.make_index_unique``: every repeat after
+    the first takes the next suffix that collides with no name, original or
+    already given, so ``A, A, A-1`` becomes ``A, A-2, A-1``.
+
+    Parameters
+    ----------
+    names : numpy.ndarray
+        Names, possibly repeated.
+
+    Returns
+    -------
+    numpy.ndarray
+        Unique names (object dtype), in the same order.
+    """
+    names = np.asarray(names, dtype=object).copy()
+    repeats = np.flatnonzero(pd.Index(names).duplicated(keep="first"))
+    taken = set(names)
+    counter: Counter[str] = Counter()
+    for i in repeats:
+        name = names[i]
+        while True:
+            counter[name] += 1
+            candidate = f"{name}-{counter[name]}"
+            if candidate not in taken:
+                break
+        taken.add(candidate)
+        names[i] = candidate
+    return names
 
 
 def _column(path: Path, index: int) -> np.ndarray:
@@ -144,7 +173,7 @@ def _bucket(mtx: Path, n_genes: int, n_cells: int, nnz: int, skip: int, step: in
                 for b in np.flatnonzero(np.diff(bounds)):
                     with open(buckets / f"{b}.bin", "ab") as out:
                         entries[bounds[b] : bounds[b + 1]].tofile(out)
-        except (ValueError, TypeError) as err:
+        except ValueError as err:  # pandas' parse errors; anything else is a bug
             if isinstance(err, InputError):
                 raise
             raise InputError(f"{label}/{mtx.name}: unreadable entry ({err})") from None
@@ -153,7 +182,7 @@ def _bucket(mtx: Path, n_genes: int, n_cells: int, nnz: int, skip: int, step: in
                          f"holds {seen}")
 
 
-def convert_10x(directory: Path, store: Path, *, restart: bool, progress: bool,
+def convert_10x(directory: Path, store: Location, *, restart: bool, progress: bool,
                 memory_limit: int, name: str | None = None):
     """Stream a 10x directory into a cells × genes ExpressionStore (two passes, on disk).
 
@@ -177,10 +206,12 @@ def convert_10x(directory: Path, store: Path, *, restart: bool, progress: bool,
     group = _create(store, fp, cells, genes, chunks)
     X = group["X"]
     step = X.chunks[0]
-    buckets = store.parent / f".{store.name}.buckets"
-    remove_tree(buckets)
-    buckets.mkdir(parents=True)
-    try:
+    # The buckets are local files (appended to, read back with numpy): beside a
+    # local store, on the disk chosen for the data; for a store on an object
+    # store, in the local temporary directory.
+    with tempfile.TemporaryDirectory(prefix=f".{store.name}.buckets-",
+                                     dir=None if is_remote(store) else store.parent) as tmp:
+        buckets = Path(tmp)
         bar = _progress_bar(progress, total=nnz, desc=f"read {mtx.name}")
         bar.unit = "entry"
         _bucket(mtx, n_genes, n_cells, nnz, skip, step, buckets, label, bar)
@@ -200,7 +231,5 @@ def convert_10x(directory: Path, store: Path, *, restart: bool, progress: bool,
             group.attrs["progress"] = {"rows_done": hi, "offset": 0}
             bar.update(hi - lo)
         bar.close()
-    finally:
-        remove_tree(buckets)
     group.attrs["complete"] = True
     return ExpressionStore(store)

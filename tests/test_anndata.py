@@ -244,3 +244,61 @@ def test_csc_and_integer_layers_convert_like_dense(tmp_path, small_inputs):
     with pytest.raises(InputError, match="only be chosen for AnnData"):
         run_imputation(small_inputs.query, tmp_path / "csc.h5ad", None, 0, tmp_path / "o",
                        consider_clusters=False, layer="counts")
+
+
+def _annotated(small_inputs):
+    """A query AnnData with valid annotations the output must carry: sparse and DataFrame
+    obsm entries and (in memory only: files cannot hold it) a non-string obs column name."""
+    q = _adata(small_inputs.query_df, small_inputs.identities_df, as_sparse=True)
+    n = q.n_obs
+    q.obsm["X_sparse"] = sparse.random(n, 3, density=0.5, format="csr", random_state=0)
+    q.obsm["X_frame"] = pd.DataFrame({"a": np.arange(n, dtype=float), "b": 1.0},
+                                     index=q.obs_names)
+    q.obs[0] = np.arange(n)
+    return q
+
+
+@pytest.mark.filterwarnings("ignore:Writing zarr v2 data:UserWarning")
+def test_annotations_are_normalised_alike_in_memory_and_from_files(tmp_path, small_inputs):
+    from scimpute_dask import anndata_io
+
+    q = _annotated(small_inputs)
+    del q.obs[0]
+    q.write_zarr(tmp_path / "q.zarr")
+    for source in (q, tmp_path / "q.zarr"):
+        obs, obsm = anndata_io.read_annotations(source)
+        assert list(obs.columns) == ["cluster", "batch"]
+        assert sorted(obsm) == ["X_frame", "X_sparse"]
+        assert sparse.issparse(obsm["X_sparse"]) and obsm["X_sparse"].shape == (q.n_obs, 3)
+        np.testing.assert_array_equal(obsm["X_frame"], q.obsm["X_frame"].to_numpy())
+
+
+def test_annotated_query_writes_its_annotations(small_inputs, caplog):
+    q = _annotated(small_inputs)
+    r = _adata(small_inputs.reference_df, small_inputs.identities_df, as_sparse=False)
+    imputed = scimpute_dask.impute(q, r, k=5, cluster_key="cluster", copy=True)
+    assert sparse.issparse(imputed.obsm["X_sparse"])
+    np.testing.assert_array_equal(imputed.obs["0"], np.arange(q.n_obs))
+    np.testing.assert_array_equal(imputed.obsm["X_frame"], q.obsm["X_frame"].to_numpy())
+
+
+def test_obsm_that_cannot_be_written_is_dropped_with_a_warning(small_inputs, caplog):
+    from scimpute_dask import anndata_io
+
+    q = _annotated(small_inputs)
+    q.obsm["labels"] = pd.DataFrame({"name": "x"}, index=q.obs_names)
+    _, obsm = anndata_io.read_annotations(q)
+    assert "labels" not in obsm
+    assert "obsm['labels'] (DataFrame) is not a numeric" in caplog.text
+
+
+def test_coordinates_table(tmp_path):
+    from scimpute_dask import anndata_io
+
+    cells = np.array(["001", "002"], dtype=object)
+    path = tmp_path / "xy.csv"
+    path.write_text("cell,x,y\n002,3,4\n001,1,2\n")
+    np.testing.assert_array_equal(anndata_io.read_coords(path, cells), [[1, 2], [3, 4]])
+    path.write_text("cell,x,y\n002,3,4\n001,1,2\n002,5,6\n")
+    with pytest.raises(InputError, match=r"xy\.csv: cells listed more than once: '002'"):
+        anndata_io.read_coords(path, cells)

@@ -28,6 +28,7 @@ from scimpute_dask.synthetic import make_pair
 from scimpute_dask.validation import InputError
 
 from .conftest import write_inputs
+from .test_tenx import _write_10x
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -286,3 +287,59 @@ def test_object_lock_is_released_only_while_it_is_ours(bucket):
         # another process took the lock over meanwhile (wrongly judging us dead)
         lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "theirs"}))
     assert json.loads(lock.read_text())["token"] == "theirs"  # not released by us
+
+
+def test_local_10x_input_with_an_s3_output(bucket, local_run, tmp_path):
+    """The 10x buckets are local scratch files, wherever the store goes."""
+    inputs, _, local = local_run
+    reference = inputs.reference_df
+    _write_10x(tmp_path / "10x", reference, list(reference.columns), gz=False)
+    url = f"{bucket}/runs/10x"
+    run_imputation(inputs.query, tmp_path / "10x", inputs.identities, 0, url, k=7,
+                   chunk_size=90, report=False)
+    _finished(url)
+    got = zarr.open_group(zarr_store(location(f"{url}/zarr/imputed.zarr")), mode="r")["X"][:]
+    expected = zarr.open_group(local / "zarr" / "imputed.zarr", mode="r")["X"][:]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert not list(tmp_path.glob(".*buckets*"))
+
+
+def test_impute_outdir_and_coordinates_on_s3(bucket, local_run, tmp_path, monkeypatch):
+    anndata = pytest.importorskip("anndata")
+    from scimpute_dask import anndata_io, impute
+
+    inputs, _, local = local_run
+    query, reference = anndata.AnnData(inputs.query_df), anndata.AnnData(inputs.reference_df)
+    ids = inputs.identities_df.set_index("cell")["id"].astype(str)
+    for adata in (query, reference):
+        adata.obs["cluster"] = ids.loc[adata.obs_names].to_numpy()
+    monkeypatch.chdir(tmp_path)  # where a URL taken for a local path would land
+    url = f"{bucket}/api/run"
+    table = tmp_path / "xy.tsv"
+    xy = np.random.default_rng(1).uniform(size=(query.n_obs, 2))
+    table.write_text("cell\tx\ty\n" + "".join(
+        f"{c}\t{x}\t{y}\n" for c, (x, y) in zip(query.obs_names, xy, strict=True)))
+    _fs().put_file(str(table), f"{bucket}/in/xy.tsv")
+    np.testing.assert_array_equal(
+        anndata_io.read_coords(f"{bucket}/in/xy.tsv", query.obs_names.to_numpy()), xy)
+
+    result = impute(query, reference, k=7, cluster_key="cluster", outdir=url, copy=True)
+    assert not (tmp_path / "s3:").exists()
+    _finished(url)
+    assert type(result.X).__name__ == "Array"  # lazy, over s3
+    expected = zarr.open_group(local / "zarr" / "imputed.zarr", mode="r")["X"][:]
+    np.testing.assert_array_equal(result.X.compute(), expected.astype(np.float32))
+
+
+def test_remote_inputs_are_identified_without_reading_them(bucket, local_run):
+    from scimpute_dask import ExpressionStore, convert, provenance
+
+    inputs = local_run[0]
+    convert(inputs.query, f"{bucket}/in/q.zarr")
+    _fs().put_file(str(inputs.query), f"{bucket}/in/q.tsv")
+    store, text = location(f"{bucket}/in/q.zarr"), location(f"{bucket}/in/q.tsv")
+    found = provenance.checksums({"store": store, "text": text}).result()  # UPath objects
+    # a directory has no key of its own: the store's record of its source identifies it
+    assert found["store"] == {"path": str(store),
+                              "fingerprint": ExpressionStore.open(store).fingerprint}
+    assert found["text"] == {"path": str(text), "key": text.fs.ukey(text.path)}

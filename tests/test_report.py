@@ -159,3 +159,38 @@ def test_verbose_logs_timings_and_quiet_logs_nothing(tmp_path, small_inputs, cap
     assert not [r for r in caplog.records if r.name == "scimpute_dask"
                 and r.levelname in ("DEBUG", "INFO")]
     assert "%|" not in capsys.readouterr().err  # no progress bars
+
+
+def test_inputs_are_identified_cheaply_and_never_fail_the_run(tmp_path, small_pair,
+                                                              monkeypatch):
+    from scimpute_dask import convert, provenance, report
+
+    text = tmp_path / "q.tsv"
+    small_pair.query.T.to_csv(text, sep="\t")
+    store = convert(small_pair.query, tmp_path / "q.zarr", memory_limit="700MB")
+    # a store is identified by what it was converted from, never by re-reading its chunks
+    monkeypatch.setattr(provenance, "sha256", lambda path: pytest.fail(f"hashed {path}"))
+    found = provenance.checksums({"store": tmp_path / "q.zarr",
+                                  "memory": small_pair.query}).result()
+    assert found == {"store": {"path": str(tmp_path / "q.zarr"),
+                               "fingerprint": store.fingerprint}}
+    monkeypatch.undo()
+    found.update(provenance.checksums({"text": text, "moved": tmp_path / "gone.tsv"}).result())
+    assert found["text"]["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert set(found["moved"]) == {"path", "error"} and "gone.tsv" in found["moved"]["error"]
+    report.write_report(tmp_path / "report.html", {"input_checksums": found}, [])
+    page = (tmp_path / "report.html").read_text()
+    assert "store fingerprint" in page and "moved error" in page
+
+
+def test_plot_genes_none_draws_no_maps(tmp_path, small_inputs, capsys):
+    pd.DataFrame({"cell": small_inputs.query_df.index, "x": np.arange(257) % 16,
+                  "y": np.arange(257) // 16}).to_csv(tmp_path / "xy.csv", index=False)
+    args = ["run", "--query", str(small_inputs.query), "--reference",
+            str(small_inputs.reference), "--identities", str(small_inputs.identities),
+            "--k", "5", "--coords", str(tmp_path / "xy.csv"), "-q"]
+    assert main([*args, "--out", str(tmp_path / "all"), "--plot-genes", "all"]) == 2
+    assert "--plot-genes all" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "out"), "--plot-genes", "none"]) == 0
+    assert (tmp_path / "out" / "report.html").exists()
+    assert not list((tmp_path / "out").glob("spatial_*.png"))

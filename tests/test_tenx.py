@@ -56,7 +56,19 @@ def test_10x_directory_equals_the_dense_path(tmp_path, counts, gz, monkeypatch):
     assert list(store.gene_names) == list(dense.gene_names)
     np.testing.assert_array_equal(store.group["X"][:], dense.group["X"][:])
     np.testing.assert_array_equal(store.group["X"][:], counts.to_numpy(np.float32))
-    assert not list(tmp_path.glob(".*buckets"))
+    assert not list(tmp_path.glob(".*buckets*"))
+
+
+@pytest.mark.filterwarnings("ignore:Suffix used:UserWarning")  # anndata's, on collisions
+@pytest.mark.parametrize("names", [
+    ["A", "A", "A-1"], ["A-1", "A", "A"], ["A", "A", "A-1", "A-2", "A"], ["B", "A", "B-1", "B"],
+])
+def test_make_unique_matches_anndata(names):
+    anndata = pytest.importorskip("anndata")
+    expected = list(anndata.utils.make_index_unique(pd.Index(names)))
+    got = list(tenx.make_unique(np.array(names, dtype=object)))
+    assert got == expected
+    assert len(set(got)) == len(got)
 
 
 def test_10x_through_the_cli_and_bad_files(tmp_path, counts, capsys):
