@@ -9,6 +9,8 @@ from pathlib import Path
 
 from . import __version__
 from .conversion import LAYOUTS, convert
+from .imputation import DEFAULT_TEMPERATURE, WEIGHTINGS
+from .normalization import NORMALIZATIONS
 from .pipeline import RunResult, run_imputation
 from .validation import InputError
 
@@ -20,6 +22,18 @@ LAYOUT_HELP = (
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
+                   help="transform of the shared genes for the neighbour search only: none "
+                   "(default, scimpute), cpm, log1p_cpm, or scale (each gene divided by its "
+                   "standard deviation in its dataset)")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="cosine+1",
+                   help="neighbour weights: cosine+1 (default, scimpute), cosine, softmax "
+                   "(see --temperature) or uniform")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"softmax temperature (default {DEFAULT_TEMPERATURE})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                      "see --out's parent directory at the same path")
     run.add_argument("--restart", action="store_true",
                      help="discard the conversions of an interrupted run and start over")
+    _add_search_options(run)
     _add_common(run)
 
     conv = sub.add_parser(
@@ -136,7 +151,8 @@ def _run(args: argparse.Namespace) -> None:
         memory_limit=args.memory_limit, tsv_genes=_gene_list(args.tsv_genes), h5ad=args.h5ad,
         save_chunks=args.save_chunks, query_layout=args.query_layout,
         reference_layout=args.reference_layout, restart=args.restart, progress=not args.quiet,
-        scheduler=args.scheduler,
+        scheduler=args.scheduler, normalize=args.normalize, weighting=args.weighting,
+        temperature=args.temperature,
     )
     _report(result)
 
