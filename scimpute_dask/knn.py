@@ -127,7 +127,8 @@ def _cosine64(query, reference, query_norms, reference_norms, candidates, out
                 continue
             acc = 0.0
             for t in range(g):
-                acc += float(query[i, t]) * float(reference[c, t])
+                # np.float64, not float(): numba keeps float32 through float()
+                acc += np.float64(query[i, t]) * np.float64(reference[c, t])
             out[i, j] = acc / denom
 
 
