@@ -1,4 +1,4 @@
-"""The ``scimpute-dask`` command: ``run``, ``convert`` and ``demo``."""
+"""The ``scimpute-dask`` command: ``run``, ``validate``, ``convert`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -105,6 +105,41 @@ def _parser() -> argparse.ArgumentParser:
                       help="memory budget, e.g. 1GB (default: half the available memory)")
     _add_common(conv)
 
+    val = sub.add_parser(
+        "validate", help="held-out accuracy: k-fold cross-validation over the shared genes",
+        description="Split the shared genes into folds; for each fold find the neighbours on "
+        "the other shared genes only, impute the fold's genes and score them against their "
+        "measured values (CSS, Pearson, Spearman, MSE, RMSE per gene and per cell). Writes "
+        "genes.tsv, cells.tsv, summary.tsv, reliability.tsv (predicted accuracy of every "
+        "reference gene) and genes_vs_sparsity.png.",
+    )
+    val.add_argument("--query", required=True, metavar="PATH",
+                     help="spatial matrix (.tsv/.csv/.h5ad/.zarr)")
+    val.add_argument("--reference", required=True, metavar="PATH",
+                     help="single-cell matrix (.tsv/.csv/.h5ad/.zarr)")
+    val.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    val.add_argument("--k", type=int, default=25, help="neighbours per query cell (default 25)")
+    val.add_argument("--folds", type=int, default=5, help="gene folds (default 5)")
+    val.add_argument("--seed", type=int, default=0, help="seed of the gene split (default 0)")
+    val.add_argument("--identities", metavar="TSV",
+                     help="restrict neighbours to the query cell's cluster (the clustering must "
+                     "not have used the held-out genes)")
+    val.add_argument("--name-column", type=int, default=0, metavar="IDX",
+                     help="0-based position of the cell-name column of --identities")
+    val.add_argument("--no-reliability", action="store_true",
+                     help="skip rating the reference-only genes (one more kNN and imputation)")
+    val.add_argument("--memory-limit", default=None, metavar="SIZE", help="peak memory budget")
+    val.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                     help="query cells per block")
+    val.add_argument("--query-layout", choices=LAYOUTS, default="genes_x_cells",
+                     help=LAYOUT_HELP)
+    val.add_argument("--reference-layout", choices=LAYOUTS, default="genes_x_cells",
+                     help=LAYOUT_HELP)
+    val.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="Dask scheduler to run on")
+    _add_search_options(val)
+    _add_common(val)
+
     demo = sub.add_parser(
         "demo", help="simulate a realistic spatial/single-cell pair and impute it",
         description="Simulate cell types, negative-binomial counts and a spatial panel (a subset "
@@ -157,6 +192,21 @@ def _run(args: argparse.Namespace) -> None:
     _report(result)
 
 
+def _validate(args: argparse.Namespace) -> None:
+    from .validate import cross_validate
+
+    result = cross_validate(
+        args.query, args.reference, args.out, identities=args.identities,
+        cell_name_column_idx=args.name_column, consider_clusters=args.identities is not None,
+        k=args.k, folds=args.folds, seed=args.seed, normalize=args.normalize,
+        weighting=args.weighting, temperature=args.temperature,
+        reliability=not args.no_reliability, query_layout=args.query_layout,
+        reference_layout=args.reference_layout, memory_limit=args.memory_limit,
+        chunk_size=args.chunk_size, progress=not args.quiet, scheduler=args.scheduler,
+    )
+    print(result)
+
+
 def _convert(args: argparse.Namespace) -> None:
     store = convert(args.input, args.output, layout=args.layout, sep=args.sep,
                     restart=args.restart, progress=not args.quiet,
@@ -205,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s")
     try:
-        {"run": _run, "convert": _convert, "demo": _demo}[args.command](args)
+        {"run": _run, "convert": _convert, "demo": _demo, "validate": _validate}[args.command](args)
     except InputError as err:
         print(f"scimpute-dask: error: {err}", file=sys.stderr)
         return 2
