@@ -1,4 +1,4 @@
-"""The ``scimpute-dask`` command: ``run``, ``validate``, ``convert`` and ``demo``."""
+"""The ``scimpute-dask`` command: ``run``, ``validate``, ``transfer``, ``convert``, ``demo``."""
 
 from __future__ import annotations
 
@@ -140,6 +140,21 @@ def _parser() -> argparse.ArgumentParser:
     _add_search_options(val)
     _add_common(val)
 
+    tr = sub.add_parser(
+        "transfer", help="label each query cell of a finished run by its neighbours' vote",
+        description="Project reference labels (clusters, cell types) onto the query cells of a "
+        "finished run: the label with the largest share of the neighbours' weight wins, and "
+        "that share is the confidence. Writes cell, label, confidence as TSV.",
+    )
+    tr.add_argument("--run", required=True, metavar="DIR", help="output directory of a run")
+    tr.add_argument("--labels", required=True, metavar="TSV",
+                    help="table with a column named 'id' holding each reference cell's label "
+                    "(an identity table works)")
+    tr.add_argument("--name-column", type=int, default=0, metavar="IDX",
+                    help="0-based position of the cell-name column of --labels (default 0)")
+    tr.add_argument("--out", required=True, metavar="TSV", help="file to write")
+    _add_common(tr)
+
     demo = sub.add_parser(
         "demo", help="simulate a realistic spatial/single-cell pair and impute it",
         description="Simulate cell types, negative-binomial counts and a spatial panel (a subset "
@@ -207,6 +222,19 @@ def _validate(args: argparse.Namespace) -> None:
     print(result)
 
 
+def _transfer(args: argparse.Namespace) -> None:
+    from .export import atomic_file
+    from .transfer import transfer_labels
+    from .validation import read_identities
+
+    labels = transfer_labels(args.run, read_identities(args.labels, args.name_column))
+    with atomic_file(Path(args.out)) as fh:
+        labels.to_csv(fh, sep="\t", float_format="%.4f")
+    share = labels["confidence"]
+    print(f"{args.out}: {len(labels)} query cells labelled; median confidence "
+          f"{share.median():.3f}, {int((share < 0.5).sum())} cells below 0.5")
+
+
 def _convert(args: argparse.Namespace) -> None:
     store = convert(args.input, args.output, layout=args.layout, sep=args.sep,
                     restart=args.restart, progress=not args.quiet,
@@ -255,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s")
     try:
-        {"run": _run, "convert": _convert, "demo": _demo, "validate": _validate}[args.command](args)
+        {"run": _run, "convert": _convert, "demo": _demo, "validate": _validate,
+         "transfer": _transfer}[args.command](args)
     except InputError as err:
         print(f"scimpute-dask: error: {err}", file=sys.stderr)
         return 2

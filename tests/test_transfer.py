@@ -116,3 +116,21 @@ def test_self_impute_checks_k(small_pair):
         self_impute(small_pair.reference.iloc[:10], k=10)
     with pytest.raises(InputError, match="weighting must be one of"):
         self_impute(small_pair.reference.iloc[:10], k=3, weighting="x")
+
+
+def test_cli_transfer(tmp_path, small_inputs, capsys):
+    from scimpute_dask.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--query", str(small_inputs.query), "--reference",
+                 str(small_inputs.reference), "--identities", str(small_inputs.identities),
+                 "--out", str(out), "--k", "5", "--quiet"]) == 0
+    labels = tmp_path / "labels.tsv"
+    assert main(["transfer", "--run", str(out), "--labels", str(small_inputs.identities),
+                 "--out", str(labels)]) == 0
+    assert "query cells labelled" in capsys.readouterr().out
+    got = pd.read_csv(labels, sep="\t", index_col=0)
+    truth = small_inputs.identities_df.set_index("cell")["id"]
+    defined = got["label"].notna()
+    assert (~defined).sum() == 2  # the all-zero query cells have no neighbours
+    assert (got.loc[defined, "label"] == truth.loc[got.index[defined]]).mean() > 0.95
