@@ -251,6 +251,8 @@ def cross_validate(
     if plot:
         files["plot"] = outdir / PLOT
         write_sparsity_plot(files["plot"], gene_table)
+    for stale in {"reliability.tsv", PLOT} - {p.name for p in files.values()}:
+        (outdir / stale).unlink(missing_ok=True)  # from an earlier validation into outdir
     files["manifest"] = outdir / "validate.json"
     export.write_manifest(files["manifest"], {
         "scimpute_dask": __version__, "query": inputs.q_label, "reference": inputs.r_label,

@@ -177,3 +177,17 @@ def test_cli_validate_on_real_data(tmp_path, capsys):
     assert len(cells) == 3794
     assert (out / "summary.tsv").exists() and (out / "reliability.tsv").exists()
     assert (out / "genes_vs_sparsity.png").stat().st_size > 10_000
+
+
+def test_clusters_restrict_every_fold(tmp_path, small_pair):
+    q, r = small_pair.query.iloc[:100], small_pair.reference
+    ids = small_pair.identities
+    cross_validate(q, r, tmp_path / "cv", identities=ids, consider_clusters=True, k=5,
+                   folds=3, reliability=False, plot=False)
+    table = ids.set_index("cell")["id"]
+    for f in range(3):
+        idx = zarr.open_group(tmp_path / "cv" / "zarr" / f"fold{f}_neighbors.zarr")["indices"][:]
+        ref_ids = table.loc[r.index].to_numpy()[idx]
+        assert (ref_ids == table.loc[q.index].to_numpy()[:, None]).all()
+    with pytest.raises(InputError, match="needs the cell identity table"):
+        cross_validate(q, r, tmp_path / "cv2", consider_clusters=True)
