@@ -41,10 +41,10 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mc_cortex"
-DEFAULT = {"k": 25, "normalize": "none", "weighting": "cosine+1", "temperature": 0.05}
+DEFAULT = {"k": 25, "normalize": "none", "weighting": "cosine+1", "temperature": 0.1}
 SWEEP = {
     "k": [10, 25, 50],
-    "normalize": ["none", "log1p_cpm", "scale"],  # "cpm" finds the neighbours of "none"
+    "normalize": ["none", "log1p_cpm", "scale", "zscore"],  # "cpm" finds those of "none"
     "weighting": [("cosine+1", 0.05), ("cosine", 0.05), ("uniform", 0.05), ("softmax", 0.01),
                   ("softmax", 0.05), ("softmax", 0.1)],
 }

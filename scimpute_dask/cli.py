@@ -27,8 +27,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
                    help="transform of the shared genes for the neighbour search only: none "
-                   "(default, scimpute), cpm, log1p_cpm, or scale (each gene divided by its "
-                   "standard deviation in its dataset)")
+                   "(default, scimpute), cpm, log1p_cpm, scale (each gene divided by its "
+                   "standard deviation in its dataset) or zscore (also centred on its mean)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default="cosine+1",
                    help="neighbour weights: cosine+1 (default, scimpute), cosine, softmax "
                    "(see --temperature) or uniform")

@@ -27,8 +27,9 @@ def search_space(query: da.Array, reference: da.Array, normalize: str = "none"
     """The shared-gene expression the neighbour search sees, after ``normalize``.
 
     ``"cpm"`` and ``"log1p_cpm"`` are row-local (blockwise); ``"scale"``
-    divides each gene by its standard deviation in its own dataset, from one
-    lazy reduction pass over each; ``"none"`` returns the arrays as they are.
+    divides each gene by its standard deviation in its own dataset and
+    ``"zscore"`` also centres it on its mean, from one lazy reduction pass over
+    each dataset; ``"none"`` returns the arrays as they are.
     See :mod:`scimpute_dask.normalization`.
     """
     if normalize == "none":
@@ -41,7 +42,13 @@ def search_space(query: da.Array, reference: da.Array, normalize: str = "none"
     for x in (query, reference):
         x = _single_chunk_columns(x)
         sd = x.astype(np.float64).std(axis=0)
-        out.append(da.map_blocks(normalization.scale_genes, x, sd[None, :], dtype=np.float64))
+        if normalize == "scale":
+            out.append(da.map_blocks(normalization.scale_genes, x, sd[None, :],
+                                     dtype=np.float64))
+        else:
+            mean = x.astype(np.float64).mean(axis=0)
+            out.append(da.map_blocks(normalization.zscore_genes, x, mean[None, :], sd[None, :],
+                                     dtype=np.float64))
     return tuple(out)
 
 

@@ -19,9 +19,10 @@ def similarity_to_weight(similarity: np.ndarray) -> np.ndarray:
 #: Allowed values of ``weighting``; ``"cosine+1"`` is scimpute's.
 WEIGHTINGS: tuple[str, ...] = ("cosine+1", "cosine", "softmax", "uniform")
 
-#: Default softmax temperature: the k best cosines of a cell typically span a
-#: few hundredths, so a temperature of that order separates them.
-DEFAULT_TEMPERATURE = 0.05
+#: Default softmax temperature: the best of the held-out sweep on the real
+#: Molecular Cartography sections with ``normalize="scale"`` (0.05 and 0.2 were
+#: worse; ``benchmarks/accuracy.py``).
+DEFAULT_TEMPERATURE = 0.1
 
 
 def neighbour_weights(similarity, weighting: str = "cosine+1",

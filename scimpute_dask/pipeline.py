@@ -276,9 +276,11 @@ def run_imputation(
         A ``distributed.Client`` to run on instead.
     normalize
         Transform of the shared genes before the neighbour search only:
-        ``"none"`` (scimpute), ``"cpm"``, ``"log1p_cpm"`` or ``"scale"`` (each
-        gene divided by its standard deviation in its own dataset). The
-        imputed values stay weighted means of the raw reference.
+        ``"none"`` (scimpute), ``"cpm"``, ``"log1p_cpm"``, ``"scale"`` (each
+        gene divided by its standard deviation in its own dataset) or
+        ``"zscore"`` (also centred on its mean; negative cosines then occur, so
+        prefer ``"softmax"`` or ``"cosine+1"`` weights). The imputed values stay
+        weighted means of the raw reference.
     weighting
         Neighbour weights: ``"cosine+1"`` (scimpute), ``"cosine"``,
         ``"softmax"`` (with ``temperature``) or ``"uniform"``.

@@ -20,8 +20,12 @@ def _search_space(x: np.ndarray, normalize: str) -> np.ndarray:
         lib = x.sum(axis=1, keepdims=True)
         c = np.divide(x * 1e6, lib, out=np.zeros_like(x), where=lib > 0)
         return c if normalize == "cpm" else np.log(1 + c)
-    sd = x.std(axis=0)
-    return x / np.where(sd > 0, sd, 1)
+    sd = np.where(x.std(axis=0) > 0, x.std(axis=0), 1)
+    if normalize == "scale":
+        return x / sd
+    z = (x - x.mean(axis=0)) / sd
+    z[(x == 0).all(axis=1)] = 0
+    return z
 
 
 def _weights(s: np.ndarray, weighting: str, temperature: float) -> np.ndarray:
@@ -48,7 +52,7 @@ def _brute(q, r, k, normalize, weighting, temperature):
     return idx, s, clear
 
 
-@pytest.mark.parametrize("normalize", ["none", "cpm", "log1p_cpm", "scale"])
+@pytest.mark.parametrize("normalize", ["none", "cpm", "log1p_cpm", "scale", "zscore"])
 @pytest.mark.parametrize("weighting", ["cosine+1", "cosine", "softmax", "uniform"])
 def test_options_match_brute_force(tmp_path, small_pair, normalize, weighting):
     k, temperature = 7, 0.02
@@ -89,7 +93,7 @@ def test_cpm_finds_the_same_neighbours_as_none(tmp_path, small_pair):
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
-    ("normalize", "log", "normalize must be one of 'none', 'cpm', 'log1p_cpm', 'scale'"),
+    ("normalize", "log", "normalize must be one of 'none', 'cpm', 'log1p_cpm', 'scale', 'z"),
     ("weighting", "gauss", r"weighting must be one of 'cosine\+1', 'cosine', 'softmax'"),
     ("temperature", 0.0, "temperature must be a positive finite number"),
 ])
@@ -109,3 +113,13 @@ def test_cli_options(tmp_path, small_inputs, capsys):
     params = json.loads((out / "run.json").read_text())["parameters"]
     assert params["normalize"] == "log1p_cpm"
     assert params["temperature"] == 0.1
+
+
+def test_zscore_keeps_cells_without_expression_unimputable(tmp_path, small_inputs):
+    """Centring would give an all-zero cell a profile (minus the means); it must not."""
+    result = run_imputation(small_inputs.query, small_inputs.reference, outdir=tmp_path / "o",
+                            k=5, consider_clusters=False, normalize="zscore",
+                            weighting="softmax")
+    assert len(result.unimputable) == 2
+    idx = zarr.open_group(tmp_path / "o" / "zarr" / "neighbors.zarr")["indices"][:]
+    assert (idx[:2] == -1).all() and (idx[2:] >= 0).all()
