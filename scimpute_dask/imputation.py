@@ -20,8 +20,8 @@ def similarity_to_weight(similarity: np.ndarray) -> np.ndarray:
 WEIGHTINGS: tuple[str, ...] = ("cosine+1", "cosine", "softmax", "uniform")
 
 #: Default softmax temperature: the best of the held-out sweep on the real
-#: Molecular Cartography sections with ``normalize="scale"`` (0.05 and 0.2 were
-#: worse; ``benchmarks/accuracy.py``).
+#: Molecular Cartography sections with standardised genes (0.01 and 0.05 were
+#: worse, and so were 0.2 to 0.5 in a check; ``benchmarks/accuracy.py``).
 DEFAULT_TEMPERATURE = 0.1
 
 
