@@ -13,6 +13,11 @@ The pipeline, one module per stage::
     knn         exact cosine top-k kernels on blocks
     imputation  weighted-mean kernels on blocks
     scoring     scimpute's per-cell validation score
+    normalization  transforms of the shared genes for the neighbour search
+    metrics     held-out accuracy metrics (CSS, Pearson, Spearman, MSE)
+    validate    k-fold cross-validation over the shared genes, reliability
+    transfer    label transfer by the neighbours' weighted vote
+    selfimpute  dropout recovery inside one dataset
     graph       the Dask graphs tiling those kernels
     export      scimpute's files, streamed from Zarr; atomic output directory
     plotting    spatial maps and per-gene score figures
@@ -37,13 +42,16 @@ from .compat import (
 )
 from .conversion import ExpressionStore, convert
 from .pipeline import RunResult, run_imputation
+from .validate import ValidationResult, cross_validate
 from .validation import InputError
 
 __all__ = [
     "ExpressionStore",
     "InputError",
     "RunResult",
+    "ValidationResult",
     "convert",
+    "cross_validate",
     "expression_imputation",
     "impute",
     "impute_expression",

@@ -1,4 +1,4 @@
-"""The ``scimpute-dask`` command: ``run``, ``convert`` and ``demo``."""
+"""The ``scimpute-dask`` command: ``run``, ``validate``, ``transfer``, ``convert``, ``demo``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 from . import __version__
 from .conversion import LAYOUTS, convert
+from .imputation import DEFAULT_TEMPERATURE, WEIGHTINGS
+from .normalization import NORMALIZATIONS
 from .pipeline import RunResult, run_imputation
 from .validation import InputError
 
@@ -24,6 +26,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                        help="no progress bars, only warnings and errors")
     level.add_argument("-v", "--verbose", action="store_true",
                        help="also log block sizes, stage timings and peak memory")
+
+
+def _add_search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
+                   help="transform of the shared genes for the neighbour search only: none "
+                   "(default, scimpute), cpm, log1p_cpm, scale (each gene divided by its "
+                   "standard deviation in its dataset) or zscore (also centred on its mean)")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="cosine+1",
+                   help="neighbour weights: cosine+1 (default, scimpute), cosine, softmax "
+                   "(see --temperature) or uniform")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"softmax temperature (default {DEFAULT_TEMPERATURE})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                      "see --out's parent directory at the same path")
     run.add_argument("--restart", action="store_true",
                      help="discard the conversions of an interrupted run and start over")
+    _add_search_options(run)
     _add_common(run)
 
     conv = sub.add_parser(
@@ -119,6 +134,56 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--memory-limit", default=None, metavar="SIZE",
                       help="memory budget, e.g. 1GB (default: half the available memory)")
     _add_common(conv)
+
+    val = sub.add_parser(
+        "validate", help="held-out accuracy: k-fold cross-validation over the shared genes",
+        description="Split the shared genes into folds; for each fold find the neighbours on "
+        "the other shared genes only, impute the fold's genes and score them against their "
+        "measured values (CSS, Pearson, Spearman, MSE, RMSE per gene and per cell). Writes "
+        "genes.tsv, cells.tsv, summary.tsv, reliability.tsv (predicted accuracy of every "
+        "reference gene) and genes_vs_sparsity.png.",
+    )
+    val.add_argument("--query", required=True, metavar="PATH",
+                     help="spatial matrix (.tsv/.csv/.h5ad/.zarr)")
+    val.add_argument("--reference", required=True, metavar="PATH",
+                     help="single-cell matrix (.tsv/.csv/.h5ad/.zarr)")
+    val.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    val.add_argument("--k", type=int, default=25, help="neighbours per query cell (default 25)")
+    val.add_argument("--folds", type=int, default=5, help="gene folds (default 5)")
+    val.add_argument("--seed", type=int, default=0, help="seed of the gene split (default 0)")
+    val.add_argument("--identities", metavar="TSV",
+                     help="restrict neighbours to the query cell's cluster (the clustering must "
+                     "not have used the held-out genes)")
+    val.add_argument("--name-column", type=int, default=0, metavar="IDX",
+                     help="0-based position of the cell-name column of --identities")
+    val.add_argument("--no-reliability", action="store_true",
+                     help="skip rating the reference-only genes (one more kNN and imputation)")
+    val.add_argument("--memory-limit", default=None, metavar="SIZE", help="peak memory budget")
+    val.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                     help="query cells per block")
+    val.add_argument("--query-layout", choices=LAYOUTS, default="genes_x_cells",
+                     help=LAYOUT_HELP)
+    val.add_argument("--reference-layout", choices=LAYOUTS, default="genes_x_cells",
+                     help=LAYOUT_HELP)
+    val.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="Dask scheduler to run on")
+    _add_search_options(val)
+    _add_common(val)
+
+    tr = sub.add_parser(
+        "transfer", help="label each query cell of a finished run by its neighbours' vote",
+        description="Project reference labels (clusters, cell types) onto the query cells of a "
+        "finished run: the label with the largest share of the neighbours' weight wins, and "
+        "that share is the confidence. Writes cell, label, confidence as TSV.",
+    )
+    tr.add_argument("--run", required=True, metavar="DIR", help="output directory of a run")
+    tr.add_argument("--labels", required=True, metavar="TSV",
+                    help="table with a column named 'id' holding each reference cell's label "
+                    "(an identity table works)")
+    tr.add_argument("--name-column", type=int, default=0, metavar="IDX",
+                    help="0-based position of the cell-name column of --labels (default 0)")
+    tr.add_argument("--out", required=True, metavar="TSV", help="file to write")
+    _add_common(tr)
 
     demo = sub.add_parser(
         "demo", help="simulate a realistic spatial/single-cell pair and impute it",
@@ -179,8 +244,37 @@ def _run(args: argparse.Namespace) -> None:
         cluster_key=args.cluster_key, coords=args.coords, anndata=args.anndata,
         report=not args.no_report,
         plot_genes=None if args.plot_genes is None else _plot_genes(args.plot_genes),
+        normalize=args.normalize, weighting=args.weighting, temperature=args.temperature,
     )
     _report(result)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from .validate import cross_validate
+
+    result = cross_validate(
+        args.query, args.reference, args.out, identities=args.identities,
+        cell_name_column_idx=args.name_column, consider_clusters=args.identities is not None,
+        k=args.k, folds=args.folds, seed=args.seed, normalize=args.normalize,
+        weighting=args.weighting, temperature=args.temperature,
+        reliability=not args.no_reliability, query_layout=args.query_layout,
+        reference_layout=args.reference_layout, memory_limit=args.memory_limit,
+        chunk_size=args.chunk_size, progress=not args.quiet, scheduler=args.scheduler,
+    )
+    print(result)
+
+
+def _transfer(args: argparse.Namespace) -> None:
+    from .export import atomic_file
+    from .transfer import transfer_labels
+    from .validation import read_identities
+
+    labels = transfer_labels(args.run, read_identities(args.labels, args.name_column))
+    with atomic_file(Path(args.out)) as fh:
+        labels.to_csv(fh, sep="\t", float_format="%.4f")
+    share = labels["confidence"]
+    print(f"{args.out}: {len(labels)} query cells labelled; median confidence "
+          f"{share.median():.3f}, {int((share < 0.5).sum())} cells below 0.5")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -233,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     # only our logger: DEBUG on the root would also turn on every library's debug output
     logging.getLogger("scimpute_dask").setLevel(level)
     try:
-        {"run": _run, "convert": _convert, "demo": _demo}[args.command](args)
+        {"run": _run, "convert": _convert, "demo": _demo, "validate": _validate,
+         "transfer": _transfer}[args.command](args)
     except InputError as err:
         print(f"scimpute-dask: error: {err}", file=sys.stderr)
         return 2

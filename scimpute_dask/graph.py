@@ -15,11 +15,41 @@ from functools import partial
 import dask.array as da
 import numpy as np
 
-from . import imputation, knn, scoring
+from . import imputation, knn, normalization, scoring, transfer
 
 
 def _single_chunk_columns(x: da.Array) -> da.Array:
     return x if x.numblocks[1] == 1 else x.rechunk({1: -1})
+
+
+def search_space(query: da.Array, reference: da.Array, normalize: str = "none"
+                 ) -> tuple[da.Array, da.Array]:
+    """The shared-gene expression the neighbour search sees, after ``normalize``.
+
+    ``"cpm"`` and ``"log1p_cpm"`` are row-local (blockwise); ``"scale"``
+    divides each gene by its standard deviation in its own dataset and
+    ``"zscore"`` also centres it on its mean, from one lazy reduction pass over
+    each dataset; ``"none"`` returns the arrays as they are.
+    See :mod:`scimpute_dask.normalization`.
+    """
+    if normalize == "none":
+        return query, reference
+    if normalize in normalization.ROW_TRANSFORMS:
+        f = normalization.ROW_TRANSFORMS[normalize]
+        return tuple(_single_chunk_columns(x).map_blocks(f, dtype=np.float64)
+                     for x in (query, reference))
+    out = []
+    for x in (query, reference):
+        x = _single_chunk_columns(x)
+        sd = x.astype(np.float64).std(axis=0)
+        if normalize == "scale":
+            out.append(da.map_blocks(normalization.scale_genes, x, sd[None, :],
+                                     dtype=np.float64))
+        else:
+            mean = x.astype(np.float64).mean(axis=0)
+            out.append(da.map_blocks(normalization.zscore_genes, x, mean[None, :], sd[None, :],
+                                     dtype=np.float64))
+    return tuple(out)
 
 
 def _pair_topk(q, qn, qnorm, r, rn, rnorm, rows, *clusters, k: int) -> np.ndarray:
@@ -110,6 +140,25 @@ def knn_graph(
     return indices, similarity
 
 
+def _drop_self(indices, similarity, rows) -> np.ndarray:
+    idx, sim = knn.drop_self(indices, similarity, rows)
+    return np.stack([idx.astype(np.float64), sim.astype(np.float64)], axis=-1)
+
+
+def exclude_self(indices: da.Array, similarity: da.Array) -> tuple[da.Array, da.Array]:
+    """Self-imputation: remove each cell from its own ``k + 1`` neighbours (k remain).
+
+    ``indices``/``similarity`` come from :func:`knn_graph` with the same matrix
+    as query and reference and ``k + 1`` neighbours; see :func:`knn.drop_self`.
+    """
+    rows = da.arange(indices.shape[0], chunks=(indices.chunks[0],), dtype=np.int64)
+    packed = da.map_blocks(_drop_self, indices.rechunk({1: -1}), similarity.rechunk({1: -1}),
+                           rows[:, None], new_axis=2,
+                           chunks=(indices.chunks[0], (indices.shape[1] - 1,), (2,)),
+                           dtype=np.float64)
+    return packed[..., 0].astype(np.int32), packed[..., 1].astype(np.float32)
+
+
 def _impute_block(indices, weights, reference, dtype) -> np.ndarray:
     return imputation.weighted_mean(indices, weights, reference, dtype=dtype)
 
@@ -179,3 +228,50 @@ def scores_graph(
         (measured * measured).sum(axis=1),
         dtype=np.float64,
     )
+
+
+def neighbour_moments(
+    indices: da.Array, weights: da.Array, reference: da.Array
+) -> tuple[da.Array, da.Array, da.Array, da.Array]:
+    """Per-gene sums of the neighbours' weighted mean and variance, for the reliability.
+
+    For each query cell and gene, ``m`` is the imputed value (weighted mean of
+    the neighbours) and ``v = Σw·x²/Σw − m²`` the neighbours' weighted variance,
+    both from the same tiles as :func:`impute_graph`; the per-gene sums over
+    cells are reduced by Dask, never holding a whole column.
+
+    Returns
+    -------
+    tuple of dask.array.Array
+        ``Σm``, ``Σm²``, ``Σv`` over the cells with neighbours, and their
+        number, each ``(n_genes,)``.
+    """
+    ref = reference.astype(np.float64)
+    m = impute_graph(indices, weights, ref)
+    v = da.maximum(impute_graph(indices, weights, ref * ref) - m * m, 0.0)
+    defined = da.isfinite(m)
+    m0, v0 = da.where(defined, m, 0.0), da.where(defined, v, 0.0)
+    return m0.sum(axis=0), (m0 * m0).sum(axis=0), v0.sum(axis=0), defined.sum(axis=0)
+
+
+def _vote_block(indices, weights, codes, n_labels) -> np.ndarray:
+    return np.column_stack(transfer.vote(indices, weights, codes, n_labels))
+
+
+def label_graph(indices: da.Array, weights: da.Array, codes: np.ndarray, n_labels: int
+                ) -> tuple[da.Array, da.Array]:
+    """Weighted vote of each query cell's neighbours over the reference labels, blockwise.
+
+    Returns
+    -------
+    label : dask.array.Array
+        ``(n_query,)`` winning label code; ``-1`` for cells without neighbours.
+    share : dask.array.Array
+        ``(n_query,)`` the winner's share of the neighbours' weight (NaN without neighbours).
+    """
+    packed = da.map_blocks(
+        partial(_vote_block, codes=codes, n_labels=n_labels),
+        indices.rechunk({1: -1}), weights.rechunk({1: -1}),
+        chunks=(indices.chunks[0], (2,)), dtype=np.float64,
+    )
+    return packed[:, 0].astype(np.int64), packed[:, 1]

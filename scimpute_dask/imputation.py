@@ -16,6 +16,44 @@ def similarity_to_weight(similarity: np.ndarray) -> np.ndarray:
     return similarity + 1.0
 
 
+#: Allowed values of ``weighting``; ``"cosine+1"`` is scimpute's.
+WEIGHTINGS: tuple[str, ...] = ("cosine+1", "cosine", "softmax", "uniform")
+
+#: Default softmax temperature: the best of the held-out sweep on the real
+#: Molecular Cartography sections with standardised genes (0.01 and 0.05 were
+#: worse, and so were 0.2 to 0.5 in a check; ``benchmarks/accuracy.py``).
+DEFAULT_TEMPERATURE = 0.1
+
+
+def neighbour_weights(similarity, weighting: str = "cosine+1",
+                      temperature: float = DEFAULT_TEMPERATURE):
+    """Weights of a cell's neighbours from their cosine similarities.
+
+    Works on NumPy and Dask arrays alike (``(n, k)``, the k neighbours in one chunk).
+
+    Parameters
+    ----------
+    similarity
+        ``(n, k)`` cosine similarities; NaN rows (cells without neighbours) stay NaN.
+    weighting
+        ``"cosine+1"`` (scimpute: ``s + 1``), ``"cosine"`` (``s``), ``"softmax"``
+        (``exp((s - max s) / temperature)`` per cell; the row maximum cancels in
+        the weighted mean and keeps ``exp`` finite) or ``"uniform"`` (1).
+    temperature
+        Softmax temperature; lower concentrates the weight on the closest neighbours.
+    """
+    if weighting == "cosine+1":
+        return similarity_to_weight(similarity)
+    if weighting == "cosine":
+        return similarity
+    if weighting == "uniform":
+        return np.where(np.isnan(similarity), np.nan, 1.0).astype(similarity.dtype)
+    if weighting == "softmax":
+        top = similarity.max(axis=1, keepdims=True)
+        return np.exp((similarity - top) / temperature).astype(similarity.dtype)
+    raise ValueError(f"unknown weighting {weighting!r}")
+
+
 @numba.njit(nogil=True, cache=True)
 def _weighted_mean_into(indices, weights, reference, out):  # pragma: no cover - compiled
     n, k = indices.shape

@@ -127,7 +127,8 @@ def _cosine64(query, reference, query_norms, reference_norms, candidates, out
                 continue
             acc = 0.0
             for t in range(g):
-                acc += float(query[i, t]) * float(reference[c, t])
+                # np.float64, not float(): numba keeps float32 through float()
+                acc += np.float64(query[i, t]) * np.float64(reference[c, t])
             out[i, j] = acc / denom
 
 
@@ -219,3 +220,27 @@ def block_topk(
 def merge_topk(packed: np.ndarray, k: int) -> np.ndarray:
     """Merge concatenated top-k lists ``(n, m, 2)`` into one ``(n, k, 2)`` list."""
     return topk(packed[..., 0], packed[..., 1].astype(np.int64), k)
+
+
+def drop_self(indices: np.ndarray, similarity: np.ndarray, rows: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each cell from its own neighbour list (self-imputation): ``k + 1`` → ``k``.
+
+    The cell is removed where it appears; an exact duplicate of it with a lower
+    row wins the tie and can push it out of the list, and then the last
+    neighbour goes instead, so exactly ``k`` other cells always remain.
+
+    Parameters
+    ----------
+    indices, similarity
+        ``(n, k + 1)`` neighbours of cells that are themselves reference rows.
+    rows
+        ``(n,)`` or ``(n, 1)`` reference row of each cell.
+    """
+    indices, similarity = np.asarray(indices), np.asarray(similarity)
+    own = indices == np.asarray(rows).reshape(-1, 1)
+    drop = own & (np.cumsum(own, axis=1) == 1)
+    drop[~own.any(axis=1), -1] = True
+    keep = ~drop
+    k = indices.shape[1] - 1
+    return indices[keep].reshape(-1, k), similarity[keep].reshape(-1, k)

@@ -41,13 +41,16 @@ from .conversion import (
     read_names,
     source_fingerprint,
 )
-from .imputation import similarity_to_weight
+from .imputation import DEFAULT_TEMPERATURE, WEIGHTINGS, neighbour_weights
+from .normalization import NORMALIZATIONS
 from .report import REPORT, write_report
 from .scoring import round_like_scimpute, summary_stats
 from .storage import Location, location, remove_tree, zarr_store
 from .validation import (
     InputError,
+    check_choice,
     check_k,
+    check_positive_float,
     check_positive_int,
     clusters_of,
     read_identities,
@@ -251,6 +254,9 @@ def run_imputation(
     anndata: bool | None = None,
     report: bool = True,
     plot_genes: list[str] | None = None,
+    normalize: str = "none",
+    weighting: str = "cosine+1",
+    temperature: float = DEFAULT_TEMPERATURE,
 ) -> RunResult:
     """Impute every reference gene for every query cell, out of core.
 
@@ -329,6 +335,18 @@ def run_imputation(
     plot_genes
         Genes for the spatial maps (default: the three most variable measured
         and unmeasured genes of the reference).
+    normalize
+        Transform of the shared genes before the neighbour search only:
+        ``"none"`` (scimpute), ``"cpm"``, ``"log1p_cpm"``, ``"scale"`` (each
+        gene divided by its standard deviation in its own dataset) or
+        ``"zscore"`` (also centred on its mean; negative cosines then occur, so
+        prefer ``"softmax"`` or ``"cosine+1"`` weights). The imputed values stay
+        weighted means of the raw reference.
+    weighting
+        Neighbour weights: ``"cosine+1"`` (scimpute), ``"cosine"``,
+        ``"softmax"`` (with ``temperature``) or ``"uniform"``.
+    temperature
+        Softmax temperature (``weighting="softmax"`` only).
 
     Returns
     -------
@@ -345,6 +363,7 @@ def run_imputation(
         clock = now
 
     k = check_positive_int(k, "k_neighbors")
+    options = search_options(normalize, weighting, temperature)
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
     limit = plan.parse_memory(memory_limit)
@@ -397,7 +416,7 @@ def run_imputation(
         log.debug("block sizes: %s", blocks)
         with cluster.compute_on(client, scheduler, blocks.threads, progress):
             scores = _compute(work / "zarr", q_store, r_store, inputs, blocks, k,
-                              consider_clusters, lap)
+                              consider_clusters, lap, options)
 
         # 6. Export, streamed from the stores.
         stats = summary_stats(scores)
@@ -408,6 +427,7 @@ def run_imputation(
                       "threads": blocks.threads,
                       "reference_chunk_size": blocks.reference_chunk,
                       "gene_chunk_size": blocks.gene_chunk, "save_chunks": save_chunks,
+                      **options,
                       "tsv_genes": tsv_genes if isinstance(tsv_genes, str | None)
                       else list(tsv_genes),
                       "layer": layers[0], "reference_layer": layers[1],
@@ -536,9 +556,16 @@ def _tsv_columns(tsv_genes, r_genes: np.ndarray, r_label: str) -> np.ndarray | N
     return pos
 
 
+def search_options(normalize: str, weighting: str, temperature: float) -> dict:
+    """The checked neighbour-search options, as the manifest and the stage keys record them."""
+    return {"normalize": check_choice(normalize, NORMALIZATIONS, "normalize"),
+            "weighting": check_choice(weighting, WEIGHTINGS, "weighting"),
+            "temperature": check_positive_float(temperature, "temperature")}
+
+
 def _compute(zarr_dir: Location, q_store: ExpressionStore, r_store: ExpressionStore,
              inputs: _Inputs, blocks: plan.Plan, k: int, consider_clusters: bool,
-             lap) -> np.ndarray:
+             lap, options: dict) -> np.ndarray:
     """Stages 3–5: kNN and imputation stored to Zarr (resumably), then the scores."""
     bq, br, gb = blocks.query_chunk, blocks.reference_chunk, blocks.gene_chunk
     n_q, n_r = len(inputs.q_cells), len(inputs.r_cells)
@@ -555,15 +582,19 @@ def _compute(zarr_dir: Location, q_store: ExpressionStore, r_store: ExpressionSt
         stored[:] = codes
         q_codes = da.from_zarr(stored)[:n_q].rechunk(bq)
         r_codes = da.from_zarr(stored)[n_q:].rechunk(br)
-    indices, similarity = graph.knn_graph(q_shared, r_shared, k, q_codes, r_codes)
+    indices, similarity = graph.knn_graph(*graph.search_space(q_shared, r_shared,
+                                                              options["normalize"]),
+                                          k, q_codes, r_codes)
     knn_key = {"query": q_store.fingerprint, "reference": r_store.fingerprint, "k": k,
-               "clusters": _digest(codes) if consider_clusters else None, "chunks": [bq, br]}
+               "clusters": _digest(codes) if consider_clusters else None, "chunks": [bq, br],
+               **options}
     log.info("finding %d nearest neighbours of %d query cells", k, n_q)
     nbrs = store_stage(
         zarr_dir / "neighbors.zarr",
-        {"indices": (indices, -1), "weights": (similarity_to_weight(similarity), np.nan)},
+        {"indices": (indices, -1), "weights": (neighbour_weights(
+            similarity, options["weighting"], options["temperature"]), np.nan)},
         knn_key,
-        {"k": k, "consider_clusters": consider_clusters, "weight": "cosine similarity + 1"},
+        {"k": k, "consider_clusters": consider_clusters, "weight": options["weighting"]},
     )
     _names_array(nbrs, "obs_names", inputs.q_cells)
     lap("knn")

@@ -1,0 +1,94 @@
+"""Label transfer: each query cell takes the reference label its neighbours vote for.
+
+The vote of a neighbour is its imputation weight, and the winner's share of
+the total weight is the confidence, as Tangram's ``project_cell_annotations``
+projects cell types through its mapping. Kernels on NumPy blocks; the Dask
+graph is :func:`scimpute_dask.graph.label_graph`, and :func:`transfer_labels`
+runs it on the neighbours a run stored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import zarr
+
+from .validation import InputError
+
+
+def vote(indices: np.ndarray, weights: np.ndarray, codes: np.ndarray, n_labels: int
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted vote per query cell over the labels of its neighbours.
+
+    Parameters
+    ----------
+    indices, weights
+        ``(n, k)`` reference rows (``-1`` = none) and weights.
+    codes
+        ``(n_reference,)`` integer label code of every reference row, ``0..n_labels-1``.
+    n_labels
+        Number of labels.
+
+    Returns
+    -------
+    label : numpy.ndarray
+        ``(n,)`` winning code; ties go to the lower code; ``-1`` without neighbours.
+    share : numpy.ndarray
+        ``(n,)`` winner's weight over the total weight; NaN without neighbours.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    w = np.where(indices >= 0, np.nan_to_num(np.asarray(weights, dtype=np.float64)), 0.0)
+    n = indices.shape[0]
+    votes = np.zeros((n, n_labels))
+    rows = np.broadcast_to(np.arange(n)[:, None], indices.shape)
+    np.add.at(votes, (rows, np.asarray(codes)[np.maximum(indices, 0)]), w)
+    total = votes.sum(axis=1)
+    label = votes.argmax(axis=1)
+    has = total > 0
+    share = np.full(n, np.nan)
+    share[has] = votes[has, label[has]] / total[has]
+    return np.where(has, label, -1), share
+
+
+def transfer_labels(run_dir: str | os.PathLike, labels: pd.Series) -> pd.DataFrame:
+    """Reference labels projected onto the query cells of a finished run.
+
+    Parameters
+    ----------
+    run_dir
+        Output directory of ``scimpute-dask run`` (its ``zarr/neighbors.zarr``
+        and ``zarr/reference.zarr`` are read, block by block).
+    labels
+        Label (cluster, cell type) of each reference cell, indexed by reference
+        cell name; every reference cell must have one.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by query cell: ``label`` (NaN for cells without neighbours) and
+        ``confidence``, the winner's share of the neighbours' weight (0..1).
+    """
+    from . import graph
+
+    zdir = Path(run_dir) / "zarr"
+    if not (zdir / "neighbors.zarr").exists():
+        raise InputError(f"{run_dir}: not a scimpute-dask run output (no zarr/neighbors.zarr)")
+    nbrs = zarr.open_group(zdir / "neighbors.zarr", mode="r")
+    ref_cells = pd.Index(zarr.open_group(zdir / "reference.zarr", mode="r")["obs_names"][:])
+    labels = pd.Series(labels)
+    pos = labels.index.astype(str).get_indexer(ref_cells.astype(str))
+    if (pos < 0).any():
+        missing = ", ".join(f"'{c}'" for c in ref_cells[pos < 0][:5])
+        raise InputError(f"reference cells without a label: {missing}")
+    codes, names = pd.factorize(labels.to_numpy()[pos])
+    label, share = graph.label_graph(da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]),
+                                     codes, len(names))
+    label, share = da.compute(label, share)
+    out = pd.DataFrame({"label": np.asarray(names, dtype=object)[np.maximum(label, 0)],
+                        "confidence": share}, index=pd.Index(nbrs["obs_names"][:], name="cell"))
+    out.loc[label < 0, "label"] = np.nan
+    return out

@@ -1,0 +1,392 @@
+"""Held-out validation: k-fold cross-validation over the shared genes.
+
+scimpute's own score compares imputed and measured values of the genes that
+chose the neighbours, so it is optimistic. The published spatial-imputation
+benchmarks (Li et al. 2022; Tangram; SpaGE; stImpute) hold genes out instead:
+the shared genes are split into folds; for each fold the neighbours are found
+on the other shared genes only, the fold's genes are imputed from the
+reference, and the imputed values are scored against the measured ones.
+
+Every fold is the engine's own run on a gene subset: the kNN and imputation
+graphs of :mod:`.graph`, stored to Zarr block by block (resumable), so it
+scales like a run. The same pass yields the per-gene *reliability*: the
+neighbours' agreement on a gene (:func:`agreement`) is measured on the
+held-out genes against their true accuracy, and that calibration turns the
+agreement of the genes only the reference has into a predicted accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+from sklearn.isotonic import IsotonicRegression
+
+from . import __version__, cluster, export, graph, plan
+from .imputation import DEFAULT_TEMPERATURE, neighbour_weights
+from .metrics import METRICS, paired_scores, summarize
+from .pipeline import _check_inputs, _digest, _store_for, search_options, store_stage
+from .validation import InputError, check_positive_int
+
+log = logging.getLogger("scimpute_dask")
+
+PLOT = "genes_vs_sparsity.png"
+
+
+@dataclass
+class ValidationResult:
+    """Held-out scores and where they were written."""
+
+    outdir: Path
+    files: dict[str, Path]
+    genes: pd.DataFrame  # per shared gene: fold, sparsity, metrics, agreement
+    cells: pd.DataFrame  # per query cell: metrics over its held-out genes
+    summary: pd.DataFrame  # level × metric: n, mean, median, q25, q75
+    reliability: pd.DataFrame | None  # per reference gene
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        s = self.summary.set_index(["level", "metric"])
+        lines = [f"Held-out scores of {len(self.genes)} shared genes over {len(self.cells)} "
+                 f"query cells (median [quartiles]):"]
+        for level in ("gene", "cell"):
+            lines.append("  per " + level + ": " + ", ".join(
+                f"{m} {s.loc[(level, m), 'median']:.3f} [{s.loc[(level, m), 'q25']:.3f}, "
+                f"{s.loc[(level, m), 'q75']:.3f}]" for m in METRICS))
+        lines += [f"  {name:<12} {path}" for name, path in self.files.items()]
+        return "\n".join(lines)
+
+
+def gene_folds(n_genes: int, folds: int, seed: int) -> np.ndarray:
+    """Fold of each of ``n_genes`` genes: a seeded permutation dealt into ``folds`` folds.
+
+    Fold sizes differ by at most one gene.
+    """
+    fold = np.empty(n_genes, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(n_genes)] = np.arange(n_genes) % folds
+    return fold
+
+
+def agreement(sum_m: np.ndarray, sum_m2: np.ndarray, sum_v: np.ndarray, n: np.ndarray
+              ) -> np.ndarray:
+    """Neighbours' agreement on each gene, from :func:`graph.neighbour_moments`.
+
+    The neighbour values of a gene, pooled over all query cells, have a variance
+    that splits into the variance of the cells' imputed means (signal: the
+    neighbourhoods differ) and the mean within-neighbourhood variance (noise:
+    a cell's neighbours disagree). Agreement is the signal's share, 0..1, an
+    intra-class correlation; NaN for a gene the neighbours never express.
+    """
+    n = np.maximum(np.asarray(n, dtype=np.float64), 1)
+    mean = sum_m / n
+    signal = np.maximum(sum_m2 / n - mean * mean, 0.0)
+    noise = sum_v / n
+    total = signal + noise
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, signal / np.where(total > 0, total, 1.0), np.nan)
+
+
+def calibrate(agree: np.ndarray, score: np.ndarray) -> IsotonicRegression | None:
+    """Monotone map from agreement to held-out score, fitted on the shared genes.
+
+    Returns None when fewer than 3 genes have both values.
+    """
+    ok = np.isfinite(agree) & np.isfinite(score)
+    if ok.sum() < 3:
+        return None
+    return IsotonicRegression(increasing=True, out_of_bounds="clip").fit(agree[ok], score[ok])
+
+
+def cross_validate(
+    query,
+    reference,
+    outdir: str | os.PathLike = "validation_output",
+    *,
+    identities=None,
+    cell_name_column_idx: int = 0,
+    consider_clusters: bool = False,
+    k: int = 25,
+    folds: int = 5,
+    seed: int = 0,
+    normalize: str = "none",
+    weighting: str = "cosine+1",
+    temperature: float = DEFAULT_TEMPERATURE,
+    reliability: bool = True,
+    query_layout: str = "genes_x_cells",
+    reference_layout: str = "genes_x_cells",
+    memory_limit: int | str | None = None,
+    chunk_size: int | None = None,
+    plot: bool = True,
+    progress: bool = False,
+    scheduler: str | None = None,
+    client=None,
+) -> ValidationResult:
+    """k-fold cross-validation of the imputation over the shared genes.
+
+    Parameters
+    ----------
+    query, reference
+        As for :func:`~scimpute_dask.run_imputation` (paths or DataFrames).
+    outdir
+        Directory for ``genes.tsv``, ``cells.tsv``, ``summary.tsv``,
+        ``reliability.tsv``, the plot, ``validate.json`` and the Zarr stores
+        (converted inputs and each fold's neighbours and imputation, resumable).
+    identities, cell_name_column_idx, consider_clusters
+        Restrict neighbours to the query cell's cluster, as a run does. The
+        clustering must not have used the held-out genes, or it leaks them;
+        hence off by default.
+    k
+        Neighbours per query cell.
+    folds
+        Number of gene folds (2 .. number of shared genes).
+    seed
+        Seed of the gene split.
+    normalize, weighting, temperature
+        Search options, as for :func:`~scimpute_dask.run_imputation`.
+    reliability
+        Also rate every reference-only gene (``reliability.tsv``): its
+        neighbours' agreement, from one more kNN on all shared genes, mapped to
+        a predicted held-out Pearson by the calibration fitted on the shared genes.
+    query_layout, reference_layout, memory_limit, chunk_size, progress, scheduler, client
+        As for :func:`~scimpute_dask.run_imputation`.
+    plot
+        Write the per-gene score vs. sparsity plot.
+
+    Returns
+    -------
+    ValidationResult
+        Per-gene and per-cell scores on the held-out genes (cells without
+        expression on some fold's search genes are NaN for that fold's genes
+        and left out of the per-gene scores).
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    k = check_positive_int(k, "k_neighbors")
+    folds = check_positive_int(folds, "folds")
+    options = search_options(normalize, weighting, temperature)
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if consider_clusters and identities is None:
+        raise InputError("consider_clusters=True needs the cell identity table")
+    limit = plan.parse_memory(memory_limit)
+    inputs = _check_inputs(query, reference, identities, cell_name_column_idx, k,
+                           consider_clusters, query_layout, reference_layout, None)
+    n_shared = len(inputs.q_cols)
+    if not 2 <= folds <= n_shared:
+        raise InputError(f"folds must be between 2 and the number of shared genes ({n_shared}), "
+                         f"got {folds}")
+    outdir = Path(outdir).absolute()
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"{outdir}: output path exists and is not a directory")
+    zarr_dir = outdir / "zarr"
+    zarr_dir.mkdir(parents=True, exist_ok=True)
+
+    q_store = _store_for(query, "query", outdir, outdir, query_layout, False, progress, limit)
+    r_store = _store_for(reference, "reference", outdir, outdir, reference_layout, False,
+                         progress, limit)
+    timings["convert"] = round(time.perf_counter() - clock, 3)
+    n_q, n_r = len(inputs.q_cells), len(inputs.r_cells)
+    blocks = plan.plan_run(limit, n_q, n_r, n_shared, len(inputs.r_genes),
+                           query_chunk=chunk_size)
+    fold = gene_folds(n_shared, folds, seed)
+    # shared genes in fold order: each fold's genes are one column range of the stores
+    order = np.argsort(fold, kind="stable")
+    bounds = np.searchsorted(fold[order], np.arange(folds + 1))
+
+    with cluster.compute_on(client, scheduler, blocks.threads, progress):
+        clock = time.perf_counter()
+        search = _Search(zarr_dir, q_store, r_store, inputs, blocks, k, options,
+                         consider_clusters)
+        imputed, moments = [], []
+        for f in range(folds):
+            test = order[bounds[f]:bounds[f + 1]]
+            train = np.sort(order[np.r_[0:bounds[f], bounds[f + 1]:n_shared]])
+            log.info("fold %d/%d: %d genes held out", f + 1, folds, len(test))
+            x, mom = search.impute(f"fold{f}", train, inputs.r_cols[test])
+            imputed.append(x)
+            moments.append(mom)
+        heldout = da.concatenate(imputed, axis=1)
+        measured = search.q_shared[:, order].astype(np.float64)
+        agree = agreement(*np.concatenate(dask.compute(*moments), axis=1))
+        timings["folds"] = round(time.perf_counter() - clock, 3)
+
+        clock = time.perf_counter()
+        cells, genes, sparsity = _score(measured, heldout, n_shared, limit, blocks.threads)
+        timings["score"] = round(time.perf_counter() - clock, 3)
+
+        rel = None
+        gene_table = pd.DataFrame(genes, columns=METRICS)
+        gene_table.insert(0, "gene", inputs.r_genes[inputs.r_cols[order]])
+        gene_table.insert(1, "fold", fold[order])
+        gene_table.insert(2, "sparsity", sparsity)
+        gene_table["agreement"] = agree
+        if reliability:
+            clock = time.perf_counter()
+            rel = _reliability(search, inputs, gene_table)
+            timings["reliability"] = round(time.perf_counter() - clock, 3)
+
+    cell_table = pd.DataFrame(cells, columns=METRICS, index=pd.Index(inputs.q_cells, name="cell"))
+    summary = pd.DataFrame([
+        {"level": level, "metric": m, **stats}
+        for level, table in (("gene", gene_table), ("cell", cell_table))
+        for m, stats in summarize(table[list(METRICS)].to_numpy()).items()
+    ])
+    files = {"genes": outdir / "genes.tsv", "cells": outdir / "cells.tsv",
+             "summary": outdir / "summary.tsv"}
+    _write_tsv(files["genes"], gene_table, index=False)
+    _write_tsv(files["cells"], cell_table, index=True)
+    _write_tsv(files["summary"], summary, index=False)
+    if rel is not None:
+        files["reliability"] = outdir / "reliability.tsv"
+        _write_tsv(files["reliability"], rel, index=False)
+    if plot:
+        files["plot"] = outdir / PLOT
+        write_sparsity_plot(files["plot"], gene_table)
+    for stale in {"reliability.tsv", PLOT} - {p.name for p in files.values()}:
+        (outdir / stale).unlink(missing_ok=True)  # from an earlier validation into outdir
+    files["manifest"] = outdir / "validate.json"
+    export.write_manifest(files["manifest"], {
+        "scimpute_dask": __version__, "query": inputs.q_label, "reference": inputs.r_label,
+        "parameters": {"k": k, "folds": folds, "seed": seed,
+                       "consider_clusters": consider_clusters, **options,
+                       "chunk_size": blocks.query_chunk, "memory_limit": limit},
+        "folds": {str(f): list(gene_table.loc[gene_table["fold"] == f, "gene"])
+                  for f in range(folds)},
+        "timings_s": timings,
+    })
+    return ValidationResult(outdir, files, gene_table, cell_table, summary, rel, timings)
+
+
+class _Search:
+    """One dataset pair's kNN-and-impute runs on gene subsets, each stored to Zarr."""
+
+    def __init__(self, zarr_dir, q_store, r_store, inputs, blocks, k, options, clusters):
+        self.zarr_dir, self.k, self.options, self.blocks = zarr_dir, k, options, blocks
+        bq, br = blocks.query_chunk, blocks.reference_chunk
+        self.q_shared = q_store.to_dask()[:, inputs.q_cols].rechunk((bq, -1))
+        self.r_shared = r_store.to_dask()[:, inputs.r_cols].rechunk((br, -1))
+        self.reference = r_store.to_dask()
+        self.codes = None
+        if clusters:
+            codes, _ = pd.factorize(np.concatenate([inputs.q_ids, inputs.r_ids]))
+            self.codes = (da.from_array(codes[: len(inputs.q_cells)], chunks=bq),
+                          da.from_array(codes[len(inputs.q_cells):], chunks=br))
+            self.codes_digest = _digest(codes)
+        self.base_key = {"query": q_store.fingerprint, "reference": r_store.fingerprint, "k": k,
+                         "clusters": self.codes_digest if clusters else None,
+                         "chunks": [bq, br], **options}
+
+    def neighbours(self, name: str, search_genes: np.ndarray) -> tuple[da.Array, da.Array]:
+        """kNN of the query on the shared genes at ``search_genes`` only; stored, resumable."""
+        q, r = graph.search_space(self.q_shared[:, search_genes],
+                                  self.r_shared[:, search_genes], self.options["normalize"])
+        codes = self.codes or (None, None)
+        idx, sim = graph.knn_graph(q, r, self.k, *codes)
+        w = neighbour_weights(sim, self.options["weighting"], self.options["temperature"])
+        group = store_stage(self.zarr_dir / f"{name}_neighbors.zarr",
+                            {"indices": (idx, -1), "weights": (w, np.nan)},
+                            {**self.base_key, "search_genes": _digest(search_genes)},
+                            {"search_genes": search_genes.tolist()})
+        return da.from_zarr(group["indices"]), da.from_zarr(group["weights"])
+
+    def impute(self, name: str, search_genes: np.ndarray, reference_genes: np.ndarray
+               ) -> tuple[da.Array, tuple]:
+        """Impute ``reference_genes`` from neighbours found on ``search_genes``.
+
+        Returns the stored imputation (lazy) and the lazy per-gene neighbour
+        moments of those genes (for :func:`agreement`).
+        """
+        idx, w = self.neighbours(name, search_genes)
+        gb = max(1, min(len(reference_genes), self.blocks.gene_chunk))
+        ref = self.reference[:, reference_genes].rechunk((-1, gb))
+        group = store_stage(self.zarr_dir / f"{name}_imputed.zarr",
+                            {"X": (graph.impute_graph(idx, w, ref), np.nan)},
+                            {**self.base_key, "search_genes": _digest(search_genes),
+                             "genes": _digest(reference_genes), "gene_chunk": gb}, {})
+        moments = da.stack(graph.neighbour_moments(idx, w, ref))
+        return da.from_zarr(group["X"]), moments
+
+
+def _gene_scores(measured: np.ndarray, imputed: np.ndarray) -> np.ndarray:
+    return paired_scores(measured, imputed, axis=0).T
+
+
+def _score(measured: da.Array, imputed: da.Array, n_genes: int, limit: int, threads: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-cell (row blocks) and per-gene (whole columns of a gene block) scores."""
+    imputed = imputed.rechunk(measured.chunks)
+    cells = da.map_blocks(partial(paired_scores, axis=1), measured, imputed,
+                          chunks=(measured.chunks[0], (len(METRICS),)), dtype=np.float64)
+    valid = da.isfinite(imputed).all(axis=1)
+    cells, valid = dask.compute(cells, valid)
+    # a column block of all cells, a few float64 copies of it per thread (ranks included)
+    n = max(1, int(valid.sum()))
+    gb = int(max(1, min(n_genes, plan.available_bytes(limit) // (64 * n * threads))))
+    m = measured[valid].rechunk((-1, gb))
+    genes = da.map_blocks(_gene_scores, m,
+                          imputed[valid].rechunk((-1, gb)),
+                          chunks=((len(METRICS),), m.chunks[1]), dtype=np.float64)
+    genes, zeros = dask.compute(genes, (m == 0).mean(axis=0))
+    return cells, genes.T, zeros
+
+
+def _reliability(search: _Search, inputs, genes: pd.DataFrame) -> pd.DataFrame:
+    """Agreement of every reference gene and its calibrated predicted held-out Pearson."""
+    shared = np.zeros(len(inputs.r_genes), dtype=bool)
+    shared[inputs.r_cols] = True
+    only = np.flatnonzero(~shared)
+    agree = np.full(len(inputs.r_genes), np.nan)
+    by_gene = genes.set_index("gene")
+    agree[inputs.r_cols] = by_gene.loc[inputs.r_genes[inputs.r_cols], "agreement"].to_numpy()
+    if len(only):
+        _, moments = search.impute("all", np.arange(len(inputs.q_cols)), only)
+        agree[only] = agreement(*moments.compute())
+    fit = calibrate(genes["agreement"].to_numpy(), genes["pearson"].to_numpy())
+    predicted = np.full(len(agree), np.nan)
+    if fit is not None:
+        ok = np.isfinite(agree)
+        predicted[ok] = fit.predict(agree[ok])
+    heldout = np.full(len(agree), np.nan)
+    heldout[inputs.r_cols] = by_gene.loc[inputs.r_genes[inputs.r_cols], "pearson"].to_numpy()
+    return pd.DataFrame({"gene": inputs.r_genes, "shared": shared, "agreement": agree,
+                         "predicted_pearson": predicted, "heldout_pearson": heldout})
+
+
+def calibration_quality(genes: pd.DataFrame) -> float:
+    """Spearman correlation of agreement and held-out Pearson over the shared genes."""
+    ok = np.isfinite(genes["agreement"]) & np.isfinite(genes["pearson"])
+    return float(spearmanr(genes.loc[ok, "agreement"], genes.loc[ok, "pearson"])[0])
+
+
+def _write_tsv(path: Path, table: pd.DataFrame, index: bool) -> None:
+    with export.atomic_file(path) as fh:
+        table.to_csv(fh, sep="\t", index=index, float_format="%.6g", na_rep="nan")
+
+
+def write_sparsity_plot(path: Path, genes: pd.DataFrame) -> None:
+    """Per-gene held-out score vs. the gene's sparsity in the query, as Tangram shows it."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharex=True)
+    for ax, metric, label in ((axes[0], "css", "cosine similarity"),
+                              (axes[1], "pearson", "Pearson r")):
+        ax.scatter(genes["sparsity"], genes[metric], s=12, alpha=0.7)
+        ax.set_xlabel("sparsity (fraction of query cells with zero)")
+        ax.set_ylabel(f"held-out {label} per gene")
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    with export.atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
