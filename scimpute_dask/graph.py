@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from functools import partial
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -28,8 +29,10 @@ def search_space(query: da.Array, reference: da.Array, normalize: str = "none"
 
     ``"cpm"`` and ``"log1p_cpm"`` are row-local (blockwise); ``"scale"``
     divides each gene by its standard deviation in its own dataset and
-    ``"zscore"`` also centres it on its mean, from one lazy reduction pass over
-    each dataset; ``"none"`` returns the arrays as they are.
+    ``"zscore"`` also centres it on its mean. Those per-gene statistics are
+    computed here, in one pass over each dataset (``g`` numbers each): left
+    lazy, the reduction would be a barrier holding every block of the input
+    in memory until it completed. ``"none"`` returns the arrays as they are.
     See :mod:`scimpute_dask.normalization`.
     """
     if normalize == "none":
@@ -38,17 +41,16 @@ def search_space(query: da.Array, reference: da.Array, normalize: str = "none"
         f = normalization.ROW_TRANSFORMS[normalize]
         return tuple(_single_chunk_columns(x).map_blocks(f, dtype=np.float64)
                      for x in (query, reference))
+    arrays = [_single_chunk_columns(x) for x in (query, reference)]
+    stats = dask.compute(*[(x.astype(np.float64).mean(axis=0), x.astype(np.float64).std(axis=0))
+                           for x in arrays])
     out = []
-    for x in (query, reference):
-        x = _single_chunk_columns(x)
-        sd = x.astype(np.float64).std(axis=0)
+    for x, (mean, sd) in zip(arrays, stats, strict=True):
         if normalize == "scale":
-            out.append(da.map_blocks(normalization.scale_genes, x, sd[None, :],
-                                     dtype=np.float64))
+            out.append(x.map_blocks(normalization.scale_genes, sd[None, :], dtype=np.float64))
         else:
-            mean = x.astype(np.float64).mean(axis=0)
-            out.append(da.map_blocks(normalization.zscore_genes, x, mean[None, :], sd[None, :],
-                                     dtype=np.float64))
+            out.append(x.map_blocks(normalization.zscore_genes, mean[None, :], sd[None, :],
+                                    dtype=np.float64))
     return tuple(out)
 
 

@@ -36,7 +36,7 @@ def neighbour_weights(similarity, weighting: str = "cosine+1",
     similarity
         ``(n, k)`` cosine similarities; NaN rows (cells without neighbours) stay NaN.
     weighting
-        ``"cosine+1"`` (scimpute: ``s + 1``), ``"cosine"`` (``s``), ``"softmax"``
+        ``"cosine+1"`` (scimpute: ``s + 1``), ``"cosine"`` (``max(s, 0)``), ``"softmax"``
         (``exp((s - max s) / temperature)`` per cell; the row maximum cancels in
         the weighted mean and keeps ``exp`` finite) or ``"uniform"`` (1).
     temperature
@@ -45,7 +45,9 @@ def neighbour_weights(similarity, weighting: str = "cosine+1",
     if weighting == "cosine+1":
         return similarity_to_weight(similarity)
     if weighting == "cosine":
-        return similarity
+        # centred genes (zscore) give negative cosines: a negative weight would
+        # extrapolate away from that neighbour, outside the reference's range
+        return np.maximum(similarity, 0)
     if weighting == "uniform":
         return np.where(np.isnan(similarity), np.nan, 1.0).astype(similarity.dtype)
     if weighting == "softmax":

@@ -597,6 +597,7 @@ def _compute(zarr_dir: Location, q_store: ExpressionStore, r_store: ExpressionSt
         {"k": k, "consider_clusters": consider_clusters, "weight": options["weighting"]},
     )
     _names_array(nbrs, "obs_names", inputs.q_cells)
+    _names_array(nbrs, "reference_names", inputs.r_cells)  # what the indices point at
     lap("knn")
 
     # 4. Imputation of every reference gene, streamed to Zarr.

@@ -9,15 +9,18 @@ runs it on the neighbours a run stored.
 
 from __future__ import annotations
 
+import logging
 import os
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import pandas as pd
 import zarr
 
+from .storage import location, zarr_store
 from .validation import InputError
+
+log = logging.getLogger("scimpute_dask")
 
 
 def vote(indices: np.ndarray, weights: np.ndarray, codes: np.ndarray, n_labels: int
@@ -41,7 +44,8 @@ def vote(indices: np.ndarray, weights: np.ndarray, codes: np.ndarray, n_labels: 
         ``(n,)`` winner's weight over the total weight; NaN without neighbours.
     """
     indices = np.asarray(indices, dtype=np.int64)
-    w = np.where(indices >= 0, np.nan_to_num(np.asarray(weights, dtype=np.float64)), 0.0)
+    w = np.where(indices >= 0,
+                 np.maximum(np.nan_to_num(np.asarray(weights, dtype=np.float64)), 0.0), 0.0)
     n = indices.shape[0]
     votes = np.zeros((n, n_labels))
     rows = np.broadcast_to(np.arange(n)[:, None], indices.shape)
@@ -60,8 +64,8 @@ def transfer_labels(run_dir: str | os.PathLike, labels: pd.Series) -> pd.DataFra
     Parameters
     ----------
     run_dir
-        Output directory of ``scimpute-dask run`` (its ``zarr/neighbors.zarr``
-        and ``zarr/reference.zarr`` are read, block by block).
+        Output directory of ``scimpute-dask run``, a path or a URL (its
+        ``zarr/neighbors.zarr`` is read, block by block).
     labels
         Label (cluster, cell type) of each reference cell, indexed by reference
         cell name; every reference cell must have one.
@@ -74,17 +78,26 @@ def transfer_labels(run_dir: str | os.PathLike, labels: pd.Series) -> pd.DataFra
     """
     from . import graph
 
-    zdir = Path(run_dir) / "zarr"
-    if not (zdir / "neighbors.zarr").exists():
+    path = location(run_dir) / "zarr" / "neighbors.zarr"
+    if not (path / "zarr.json").exists():
         raise InputError(f"{run_dir}: not a scimpute-dask run output (no zarr/neighbors.zarr)")
-    nbrs = zarr.open_group(zdir / "neighbors.zarr", mode="r")
-    ref_cells = pd.Index(zarr.open_group(zdir / "reference.zarr", mode="r")["obs_names"][:])
+    nbrs = zarr.open_group(zarr_store(path, read_only=True), mode="r")
+    if "reference_names" not in nbrs:
+        raise InputError(f"{run_dir}: written by an older scimpute-dask that did not record "
+                         f"the reference cells of its neighbours; rerun it")
+    if nbrs.attrs.get("consider_clusters"):
+        log.warning("%s searched neighbours within clusters only: labels that follow those "
+                    "clusters are transferred by construction (run with --no-clusters)", run_dir)
+    ref_cells = pd.Index(nbrs["reference_names"][:])
     labels = pd.Series(labels)
     pos = labels.index.astype(str).get_indexer(ref_cells.astype(str))
     if (pos < 0).any():
         missing = ", ".join(f"'{c}'" for c in ref_cells[pos < 0][:5])
         raise InputError(f"reference cells without a label: {missing}")
     codes, names = pd.factorize(labels.to_numpy()[pos])
+    if (codes < 0).any():
+        missing = ", ".join(f"'{c}'" for c in ref_cells[codes < 0][:5])
+        raise InputError(f"reference cells with an empty (NaN) label: {missing}")
     label, share = graph.label_graph(da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]),
                                      codes, len(names))
     label, share = da.compute(label, share)

@@ -32,7 +32,7 @@ def _weights(s: np.ndarray, weighting: str, temperature: float) -> np.ndarray:
     if weighting == "cosine+1":
         return s + 1
     if weighting == "cosine":
-        return s
+        return np.maximum(s, 0)
     if weighting == "uniform":
         return np.ones_like(s)
     e = np.exp(s / temperature)
@@ -123,3 +123,20 @@ def test_zscore_keeps_cells_without_expression_unimputable(tmp_path, small_input
     assert len(result.unimputable) == 2
     idx = zarr.open_group(tmp_path / "o" / "zarr" / "neighbors.zarr")["indices"][:]
     assert (idx[:2] == -1).all() and (idx[2:] >= 0).all()
+
+
+def test_cosine_weights_never_extrapolate_with_centred_genes(tmp_path, small_pair):
+    """zscore gives negative cosines; far neighbours must weigh 0, not push values out."""
+    query, ref = small_pair.query.iloc[:60], small_pair.reference.iloc[:60]
+    out = tmp_path / "out"
+    run_imputation(query, ref, outdir=out, k=55, consider_clusters=False,
+                   normalize="zscore", weighting="cosine")
+    w = zarr.open_group(out / "zarr" / "neighbors.zarr")["weights"][:]
+    assert np.nanmin(w) >= 0
+    assert (w == 0).any()  # some of the 55 neighbours were anti-correlated
+    imputed = zarr.open_group(out / "zarr" / "imputed.zarr")["X"][:]
+    r = ref.to_numpy(np.float64)
+    ok = np.isfinite(imputed).all(axis=1)
+    assert ok.mean() > 0.9
+    assert (imputed[ok] >= r.min(axis=0) - 1e-6).all()
+    assert (imputed[ok] <= r.max(axis=0) + 1e-6).all()

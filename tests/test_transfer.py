@@ -124,7 +124,7 @@ def test_cli_transfer(tmp_path, small_inputs, capsys):
     out = tmp_path / "run"
     assert main(["run", "--query", str(small_inputs.query), "--reference",
                  str(small_inputs.reference), "--identities", str(small_inputs.identities),
-                 "--out", str(out), "--k", "5", "--quiet"]) == 0
+                 "--out", str(out), "--k", "5", "--quiet", "--no-clusters"]) == 0
     labels = tmp_path / "labels.tsv"
     assert main(["transfer", "--run", str(out), "--labels", str(small_inputs.identities),
                  "--out", str(labels)]) == 0
@@ -134,3 +134,22 @@ def test_cli_transfer(tmp_path, small_inputs, capsys):
     defined = got["label"].notna()
     assert (~defined).sum() == 2  # the all-zero query cells have no neighbours
     assert (got.loc[defined, "label"] == truth.loc[got.index[defined]]).mean() > 0.95
+
+
+def test_transfer_reads_the_run_not_its_inputs_and_refuses_empty_labels(tmp_path, small_inputs):
+    """A run whose reference was a ready store (no zarr/reference.zarr of its own) works."""
+    from scimpute_dask import convert
+
+    store = convert(small_inputs.reference, tmp_path / "ref.zarr")
+    out = tmp_path / "run"
+    run_imputation(small_inputs.query, store.path, small_inputs.identities, 0, out, k=5,
+                   consider_clusters=False)
+    assert not (out / "zarr" / "reference.zarr").exists()
+    labels = small_inputs.identities_df.set_index("cell")["id"]
+    got = transfer_labels(out, labels)
+    assert got["label"].notna().sum() == len(got) - 2
+    unlabelled = labels.astype(object)
+    unlabelled.loc[small_inputs.reference_df.index[:3]] = np.nan
+    with pytest.raises(InputError, match="empty \\(NaN\\) label: '"
+                       + str(small_inputs.reference_df.index[0])):
+        transfer_labels(out, unlabelled)
