@@ -306,14 +306,26 @@ class _Search:
         moments of those genes (for :func:`agreement`).
         """
         idx, w = self.neighbours(name, search_genes)
-        gb = max(1, min(len(reference_genes), self.blocks.gene_chunk))
-        ref = self.reference[:, reference_genes].rechunk((-1, gb))
+        ref = self._reference_genes(reference_genes)
         group = store_stage(self.zarr_dir / f"{name}_imputed.zarr",
                             {"X": (graph.impute_graph(idx, w, ref), np.nan)},
                             {**self.base_key, "search_genes": _digest(search_genes),
-                             "genes": _digest(reference_genes), "gene_chunk": gb}, {})
-        moments = da.stack(graph.neighbour_moments(idx, w, ref))
-        return da.from_zarr(group["X"]), moments
+                             "genes": _digest(reference_genes), "gene_chunk": ref.chunks[1][0]},
+                            {})
+        return da.from_zarr(group["X"]), da.stack(graph.neighbour_moments(idx, w, ref))
+
+    def moments(self, name: str, search_genes: np.ndarray, reference_genes: np.ndarray
+                ) -> da.Array:
+        """The per-gene neighbour moments of ``reference_genes`` alone: nothing imputed is kept.
+
+        For the reference-only genes, which can be the whole transcriptome.
+        """
+        idx, w = self.neighbours(name, search_genes)
+        return da.stack(graph.neighbour_moments(idx, w, self._reference_genes(reference_genes)))
+
+    def _reference_genes(self, reference_genes: np.ndarray) -> da.Array:
+        gb = max(1, min(len(reference_genes), self.blocks.gene_chunk))
+        return self.reference[:, reference_genes].rechunk((-1, gb))
 
 
 def _gene_scores(measured: np.ndarray, imputed: np.ndarray) -> np.ndarray:
@@ -348,7 +360,7 @@ def _reliability(search: _Search, inputs, genes: pd.DataFrame) -> pd.DataFrame:
     by_gene = genes.set_index("gene")
     agree[inputs.r_cols] = by_gene.loc[inputs.r_genes[inputs.r_cols], "agreement"].to_numpy()
     if len(only):
-        _, moments = search.impute("all", np.arange(len(inputs.q_cols)), only)
+        moments = search.moments("all", np.arange(len(inputs.q_cols)), only)
         agree[only] = agreement(*moments.compute())
     fit = calibrate(genes["agreement"].to_numpy(), genes["pearson"].to_numpy())
     predicted = np.full(len(agree), np.nan)
