@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from numbers import Integral
 from pathlib import Path
 
 import dask
@@ -172,6 +173,8 @@ def cross_validate(
     clock = time.perf_counter()
     k = check_positive_int(k, "k_neighbors")
     folds = check_positive_int(folds, "folds")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     options = search_options(normalize, weighting, temperature)
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")

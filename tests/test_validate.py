@@ -139,6 +139,9 @@ def test_metrics_match_numpy_and_scipy():
 def test_bad_folds(tmp_path, pair):
     with pytest.raises(InputError, match="folds must be between 2 and the number of shared"):
         cross_validate(*pair, tmp_path / "cv", folds=31)
+    with pytest.raises(InputError, match="seed must be a non-negative integer, got -1"):
+        cross_validate(*pair, tmp_path / "cv", seed=-1)
+    assert not (tmp_path / "cv").exists()
 
 
 @real_data
