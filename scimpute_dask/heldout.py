@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from upath import UPath
 
 from . import plotting
 from .conversion import ExpressionStore, is_store, source_fingerprint
-from .storage import location
+from .storage import Location, location
 from .validation import InputError
 
 log = logging.getLogger("scimpute_dask")
@@ -49,7 +50,7 @@ class HeldOut:
     summary: pd.DataFrame  # summary.tsv: level × metric statistics
 
 
-def sparsity_plot(path, genes: pd.DataFrame) -> None:
+def sparsity_plot(path: Location, genes: pd.DataFrame) -> None:
     """Held-out CSS and Pearson of each gene of a ``genes.tsv`` table vs. its sparsity."""
     plotting.score_vs_sparsity(path, genes["sparsity"].to_numpy(), {
         "held-out cosine similarity per gene": genes["css"].to_numpy(),
@@ -62,7 +63,7 @@ def _fingerprint(source, layout: str, layer: str | None) -> dict | None:
     In-memory inputs are identified by a hash of their values, which only
     their conversion computes; their names are still checked.
     """
-    if not isinstance(source, str | os.PathLike):
+    if not isinstance(source, str | os.PathLike | UPath):
         return None
     src = location(source)
     return ExpressionStore.open(src).fingerprint if is_store(src) \

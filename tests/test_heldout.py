@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scimpute_dask import InputError, cross_validate, plotting, run_imputation
+from scimpute_dask import InputError, cross_validate, impute, plotting, run_imputation
 from scimpute_dask.cli import main
 
 from .conftest import MC_CORTEX
@@ -106,3 +106,8 @@ def test_in_memory_run_with_validation_warns_of_other_parameters(tmp_path, small
     assert result.files["reliability"].read_bytes() == \
         (validated / "reliability.tsv").read_bytes()
     assert not (tmp_path / "out" / plotting.SCORE_PNG).exists()  # no report, no figures
+    # the scanpy-style API passes it on
+    imputed = impute(anndata.AnnData(small_inputs.query_df),
+                     anndata.AnnData(small_inputs.reference_df), k=5, validation=validated)
+    rel = pd.read_csv(validated / "reliability.tsv", sep="\t")
+    np.testing.assert_array_equal(imputed.var["predicted_pearson"], rel["predicted_pearson"])
