@@ -74,8 +74,8 @@ def _heldout(summary: pd.DataFrame, directory: str) -> str:
         for _, row in summary.iterrows())
     return ("<h2>Held-out validation</h2><p>Scores of the shared genes, each imputed with "
             "its fold hidden from the neighbour search (<code>scimpute-dask validate</code>, "
-            f"{_esc(directory)}); per gene and per query cell. Per-gene reliability: "
-            "<code>reliability.tsv</code> and the AnnData <code>var</code>.</p>"
+            f"{_esc(directory)}); per gene and per query cell. Each gene's reliability: "
+            "<code>reliability.tsv</code>, and <code>var</code> of the AnnData outputs.</p>"
             f"<table><tr>{head}</tr>{body}</table>")
 
 
