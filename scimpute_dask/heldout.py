@@ -124,7 +124,11 @@ def load(directory: str | os.PathLike, sources: dict[str, tuple], labels: dict[s
                              f"not of this run's {role} {labels[role]} (or it changed since)")
     rel = _table(directory, RELIABILITY, " (validate ran with --no-reliability)",
                  keep_default_na=False, na_values=["nan"], dtype={"gene": str})
-    if list(rel.get("gene", [])) != [str(g) for g in r_genes]:
+    missing = {"gene", "shared", *VAR_COLUMNS}.difference(rel.columns)
+    if missing:
+        raise InputError(f"{directory / RELIABILITY}: no column {', '.join(sorted(missing))}; "
+                         f"not written by 'scimpute-dask validate'")
+    if list(rel["gene"]) != [str(g) for g in r_genes]:
         raise InputError(f"{directory / RELIABILITY}: rates other genes than the reference "
                          f"genes of {labels['reference']}")
     if not np.array_equal(rel["shared"].to_numpy(bool), measured):
