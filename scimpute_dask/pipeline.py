@@ -780,8 +780,8 @@ def _figures(work: Location, files: dict[str, Location], xy: np.ndarray | None,
              q_store: ExpressionStore, r_store: ExpressionStore, inputs: _Inputs,
              plot_genes: list[str] | None, held: heldout.HeldOut | None
              ) -> list[tuple[str, str]]:
-    """The held-out score plot of a validation, spatial maps of chosen genes (when there are
-    coordinates); the report's figure list."""
+    """The report's figure list: a validation's held-out score plot, spatial maps of chosen
+    genes (with coordinates)."""
     figures = [(export.HISTOGRAM, "Validation score of each query cell (scimpute's histogram)")]
     if held is not None:
         files["sparsity_plot"] = work / plotting.SCORE_PNG
