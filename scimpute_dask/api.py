@@ -34,6 +34,7 @@ def impute(
     progress: bool = False,
     scheduler: str | None = None,
     client=None,
+    validation: str | os.PathLike | None = None,
 ):
     """Impute every gene of a single-cell reference for the cells of a spatial dataset.
 
@@ -77,6 +78,11 @@ def impute(
         Show progress bars.
     scheduler, client
         Run on a Dask cluster (see :func:`~.pipeline.run_imputation`).
+    validation
+        The output directory of :func:`~scimpute_dask.cross_validate` for the
+        same data: ``var`` then also holds each gene's ``agreement``,
+        ``predicted_pearson`` and ``heldout_pearson`` (see
+        :func:`~.pipeline.run_imputation`).
 
     Returns
     -------
@@ -100,7 +106,7 @@ def impute(
             consider_clusters=cluster_key is not None, cluster_key=cluster_key,
             layer=layer, reference_layer=reference_layer, tsv_genes=None, anndata=True,
             report=outdir is not None, memory_limit=memory_limit, progress=progress,
-            scheduler=scheduler, client=client,
+            scheduler=scheduler, client=client, validation=validation,
         )
         result = anndata_io.read_lazy(out / OUTPUT)
         if outdir is None:

@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plot-genes", metavar="GENES", default=None,
                      help="genes for the spatial maps, comma-separated or @FILE; 'none' for no "
                      "maps (default: the three most variable measured and unmeasured genes)")
+    run.add_argument("--validation", metavar="DIR", default=None,
+                     help="output directory of 'scimpute-dask validate' for the same query and "
+                     "reference: its per-gene reliability joins the AnnData var and "
+                     "DIR/reliability.tsv, its held-out score vs. sparsity plot and summary "
+                     "join report.html")
     run.add_argument("--save-chunks", action="store_true",
                      help="also keep per-chunk imputation tables in DIR/imputations")
     run.add_argument("--query-layout", choices=LAYOUTS, default="genes_x_cells",
@@ -245,6 +250,7 @@ def _run(args: argparse.Namespace) -> None:
         report=not args.no_report,
         plot_genes=None if args.plot_genes is None else _plot_genes(args.plot_genes),
         normalize=args.normalize, weighting=args.weighting, temperature=args.temperature,
+        validation=args.validation,
     )
     _report(result)
 

@@ -32,7 +32,17 @@ import zarr
 from dask.diagnostics import ProgressBar
 from upath import UPath
 
-from . import __version__, anndata_io, cluster, export, graph, plan, plotting, provenance
+from . import (
+    __version__,
+    anndata_io,
+    cluster,
+    export,
+    graph,
+    heldout,
+    plan,
+    plotting,
+    provenance,
+)
 from .conversion import (
     ExpressionStore,
     Layout,
@@ -257,6 +267,7 @@ def run_imputation(
     normalize: str = "none",
     weighting: str = "cosine+1",
     temperature: float = DEFAULT_TEMPERATURE,
+    validation: str | os.PathLike | None = None,
 ) -> RunResult:
     """Impute every reference gene for every query cell, out of core.
 
@@ -347,6 +358,13 @@ def run_imputation(
         ``"softmax"`` (with ``temperature``) or ``"uniform"``.
     temperature
         Softmax temperature (``weighting="softmax"`` only).
+    validation
+        The output directory of :func:`~scimpute_dask.cross_validate`
+        (``scimpute-dask validate``) for the same query and reference: its
+        per-gene reliability joins ``var`` of the AnnData outputs and is written
+        as ``reliability.tsv``; the report shows its summary and the held-out
+        score vs. sparsity plot. Refused (before any work) if it validated
+        other inputs or did not rate the reference genes.
 
     Returns
     -------
@@ -390,6 +408,11 @@ def run_imputation(
         plot_genes = [plot_genes]
     _check_plot_genes(plot_genes, inputs.r_genes, inputs.r_label)
     obs, obsm = _query_annotations(query, inputs.q_cells, coords)
+    held = None if validation is None else heldout.load(
+        validation, {"query": (query, query_layout, layers[0]),
+                     "reference": (reference, reference_layout, layers[1])},
+        {"query": inputs.q_label, "reference": inputs.r_label}, inputs.q_cells,
+        inputs.r_genes, _measured(inputs), {"k": k, **options})
     checksums = provenance.checksums({"query": query, "reference": reference,
                                       "identities": identities, "coords": coords})
     lap("check")
@@ -433,12 +456,17 @@ def run_imputation(
                       "layer": layers[0], "reference_layer": layers[1],
                       "cluster_key": cluster_key,
                       "coords": None if coords is None else str(coords)}
+        if held is not None:
+            parameters["validation"] = str(held.directory)
+            files["reliability"] = work / heldout.RELIABILITY
+            with export.atomic_file(files["reliability"], "wb") as fh:
+                fh.write((held.directory / heldout.RELIABILITY).read_bytes())
         if h5ad or anndata:
             # h5py files cannot travel to workers: written from this process
             with dask.config.set(scheduler="threads", num_workers=blocks.threads), \
                     (ProgressBar(minimum=1.0) if progress else contextlib.nullcontext()):
                 files.update(_write_anndata(work, inputs, obs, obsm, scores, stats, parameters,
-                                            h5ad, anndata))
+                                            h5ad, anndata, held))
         lap("export")
         record = {
             "scimpute_dask": __version__,
@@ -458,13 +486,14 @@ def run_imputation(
         if report:
             with dask.config.set(scheduler="threads", num_workers=blocks.threads):
                 figures = _figures(work, files, obsm.get("spatial"), q_store, r_store, inputs,
-                                   plot_genes)
+                                   plot_genes, held)
             lap("figures")
             record["peak_memory_mib"] = provenance.peak_memory_mib()
             record["finished"] = _now()
             record["outputs"] = sorted([*export.outputs(work), REPORT, export.MANIFEST])
             files["report"] = work / REPORT
-            write_report(files["report"], record, figures)
+            write_report(files["report"], record, figures,
+                         None if held is None else held.summary)
         record["peak_memory_mib"] = provenance.peak_memory_mib()
         record["finished"] = _now()
         record["outputs"] = export.outputs(work)
@@ -485,7 +514,8 @@ RESUMABLE = ("query.zarr", "reference.zarr", "neighbors.zarr", "imputed.zarr")
 OUTPUT_NAMES = frozenset({
     "imputation.tsv", "imputations", "sim_matrix.tsv", "scores.txt", "stats.txt",
     export.HISTOGRAM, "unimputable_cells.txt", "zarr", "adata.zarr", "imputed.h5ad", REPORT,
-    plotting.SHARED_PNG, plotting.IMPUTED_PNG, export.MANIFEST,
+    plotting.SHARED_PNG, plotting.IMPUTED_PNG, export.MANIFEST, heldout.RELIABILITY,
+    plotting.SCORE_PNG,
 })
 
 
@@ -705,14 +735,18 @@ def _measured(inputs: _Inputs) -> np.ndarray:
 
 def _write_anndata(work: Location, inputs: _Inputs, obs: pd.DataFrame, obsm: dict,
                    scores: np.ndarray, stats: dict, parameters: dict, h5ad: bool,
-                   zarr_out: bool) -> dict[str, Location]:
-    """The imputed AnnData, streamed from the stores, as ``adata.zarr`` and/or ``imputed.h5ad``."""
+                   zarr_out: bool, held: heldout.HeldOut | None) -> dict[str, Location]:
+    """The imputed AnnData, streamed from the stores, as ``adata.zarr`` and/or ``imputed.h5ad``.
+
+    ``held``: a validation whose per-gene reliability columns join ``var``.
+    """
     zarr_dir = work / "zarr"
     nbrs = zarr.open_group(zarr_store(zarr_dir / "neighbors.zarr", True), mode="r")
     obs = obs.assign(scimpute_score=scores)
-    # per-gene columns (e.g. a reliability estimate) join this frame
     var = pd.DataFrame({"measured": _measured(inputs)},
                        index=pd.Index(inputs.r_genes.astype(str)))
+    if held is not None:  # rows already checked to be the reference genes, in order
+        var = var.assign(**{c: held.reliability[c].to_numpy() for c in heldout.VAR_COLUMNS})
     uns = {"parameters": {k: v for k, v in parameters.items() if v is not None},
            "stats": stats, "reference_cells": inputs.r_cells.astype(str),
            "neighbors": {"indices": f"obsm/{anndata_io.NEIGHBORS_KEY}",
@@ -745,9 +779,17 @@ def _check_plot_genes(plot_genes, r_genes: np.ndarray, r_label: str) -> None:
 
 def _figures(work: Location, files: dict[str, Location], xy: np.ndarray | None,
              q_store: ExpressionStore, r_store: ExpressionStore, inputs: _Inputs,
-             plot_genes: list[str] | None) -> list[tuple[str, str]]:
-    """Spatial maps of chosen genes (when there are coordinates); the report's figure list."""
+             plot_genes: list[str] | None, held: heldout.HeldOut | None
+             ) -> list[tuple[str, str]]:
+    """The report's figure list: a validation's held-out score plot, spatial maps of chosen
+    genes (with coordinates)."""
     figures = [(export.HISTOGRAM, "Validation score of each query cell (scimpute's histogram)")]
+    if held is not None:
+        files["sparsity_plot"] = work / plotting.SCORE_PNG
+        heldout.sparsity_plot(files["sparsity_plot"], held.genes)
+        figures.append((plotting.SCORE_PNG, "Held-out score of each shared gene (imputed "
+                        "with the gene hidden from the neighbour search) vs. its sparsity "
+                        "in the query"))
     if xy is None:
         return figures
     measured = _measured(inputs)

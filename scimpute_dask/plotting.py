@@ -19,7 +19,7 @@ PANEL_INCHES = 4.0
 MAX_POINTS = 200_000
 SHARED_PNG = "spatial_measured_vs_imputed.png"
 IMPUTED_PNG = "spatial_imputed.png"
-SCORE_PNG = "gene_score_vs_sparsity.png"
+SCORE_PNG = "genes_vs_sparsity.png"
 
 
 def _pyplot():
@@ -111,26 +111,29 @@ def spatial_imputed(path: Location, xy: np.ndarray, genes: list[str], imputed: n
     _save(fig, path)
 
 
-def score_vs_sparsity(path: Location, score: np.ndarray, sparsity: np.ndarray,
-                      label: str = "held-out score") -> None:
-    """Per-gene held-out score against the gene's sparsity (fraction of zero cells).
+def score_vs_sparsity(path: Location, sparsity: np.ndarray, scores: dict[str, np.ndarray]
+                      ) -> None:
+    """Per-gene held-out scores against the gene's sparsity, one panel per score (Tangram's plot).
 
     Parameters
     ----------
-    score
-        One score per gene (e.g. the correlation of imputed and measured values
-        of a gene hidden from the kNN search).
+    path
+        PNG to write; ``1.5 × PANEL_INCHES`` wide per panel, ``PANEL_INCHES`` high.
     sparsity
-        Fraction of query cells in which the gene was measured as zero.
+        Per gene: the fraction of query cells in which it was measured as zero.
+    scores
+        Panel label -> one score per gene (e.g. the Pearson r of imputed and
+        measured values of a gene hidden from the kNN search); NaN is not drawn.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.5 * PANEL_INCHES, PANEL_INCHES))
-    ok = np.isfinite(score) & np.isfinite(sparsity)
-    ax.scatter(sparsity[ok], score[ok], s=12, alpha=0.7)
-    ax.set_xlabel("sparsity (fraction of cells with zero counts)")
-    ax.set_ylabel(label)
-    ax.set_xlim(0, 1)
-    ax.spines["top"].set_visible(False)
-    ax.spines["right"].set_visible(False)
+    fig, axes = plt.subplots(1, len(scores), squeeze=False,
+                             figsize=(1.5 * PANEL_INCHES * len(scores), PANEL_INCHES))
+    for ax, (label, score) in zip(axes[0], scores.items(), strict=True):
+        ok = np.isfinite(score) & np.isfinite(sparsity)
+        ax.scatter(sparsity[ok], score[ok], s=12, alpha=0.7)
+        ax.set_xlabel("sparsity (fraction of query cells with zero)")
+        ax.set_ylabel(label)
+        ax.set_xlim(0, 1)
+        ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     _save(fig, path)

@@ -11,6 +11,8 @@ import base64
 import html
 import json
 
+import pandas as pd
+
 from .export import atomic_file
 from .storage import Location
 
@@ -62,7 +64,23 @@ def _figure(directory: Location, name: str, caption: str) -> str:
             f"</figcaption></figure>")
 
 
-def write_report(path: Location, record: dict, figures: list[tuple[str, str]]) -> None:
+def _heldout(summary: pd.DataFrame, directory: str) -> str:
+    """The held-out validation's ``summary.tsv``: one row per level and metric."""
+    columns = [c for c in ("n", "median", "q25", "q75", "mean") if c in summary]
+    head = "".join(f"<th>{_esc(c)}</th>" for c in ("level", "metric", *columns))
+    body = "".join(
+        f"<tr><td>{_esc(row['level'])}</td><td>{_esc(row['metric'])}</td>"
+        + "".join(f"<td class='num'>{_esc(_fmt(row[c]))}</td>" for c in columns) + "</tr>"
+        for _, row in summary.iterrows())
+    return ("<h2>Held-out validation</h2><p>Scores of the shared genes, each imputed with "
+            "its fold hidden from the neighbour search (<code>scimpute-dask validate</code>, "
+            f"{_esc(directory)}); per gene and per query cell. Each gene's reliability: "
+            "<code>reliability.tsv</code>, and <code>var</code> of the AnnData outputs.</p>"
+            f"<table><tr>{head}</tr>{body}</table>")
+
+
+def write_report(path: Location, record: dict, figures: list[tuple[str, str]],
+                 heldout: pd.DataFrame | None = None) -> None:
     """Write ``report.html`` for a run.
 
     Parameters
@@ -73,6 +91,8 @@ def write_report(path: Location, record: dict, figures: list[tuple[str, str]]) -
         What ``run.json`` records (parameters, shape, stats, timings, ...).
     figures
         ``(file name, caption)`` of each PNG beside ``path``, in page order.
+    heldout
+        ``summary.tsv`` of the validation the run was given, if any.
     """
     shape = record.get("shape", {})
     stats = record.get("stats", {})
@@ -105,6 +125,7 @@ def write_report(path: Location, record: dict, figures: list[tuple[str, str]]) -
         "<h2>Validation score</h2><p>Per query cell: cosine similarity of the imputed and the "
         "measured expression of the shared genes (scimpute's score; optimistic, since these "
         "genes chose the neighbours).</p>" + _table(stats),
+        "" if heldout is None else _heldout(heldout, record["parameters"]["validation"]),
         "<h2>Inputs</h2>" + _table(inputs),
         "<h2>Parameters</h2>" + _table(record.get("parameters", {})),
         "<h2>Timings (s)</h2>" + _table(timings, ("stage", "seconds")),

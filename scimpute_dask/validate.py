@@ -32,15 +32,13 @@ import pandas as pd
 from scipy.stats import spearmanr
 from sklearn.isotonic import IsotonicRegression
 
-from . import __version__, cluster, export, graph, plan
+from . import __version__, cluster, export, graph, heldout, plan, plotting
 from .imputation import DEFAULT_TEMPERATURE, neighbour_weights
 from .metrics import METRICS, paired_scores, summarize
 from .pipeline import _check_inputs, _digest, _store_for, search_options, store_stage
 from .validation import InputError, check_positive_int
 
 log = logging.getLogger("scimpute_dask")
-
-PLOT = "genes_vs_sparsity.png"
 
 
 @dataclass
@@ -217,13 +215,13 @@ def cross_validate(
             x, mom = search.impute(f"fold{f}", train, inputs.r_cols[test])
             imputed.append(x)
             moments.append(mom)
-        heldout = da.concatenate(imputed, axis=1)
+        out_of_fold = da.concatenate(imputed, axis=1)
         measured = search.q_shared[:, order].astype(np.float64)
         agree = agreement(*np.concatenate(dask.compute(*moments), axis=1))
         timings["folds"] = round(time.perf_counter() - clock, 3)
 
         clock = time.perf_counter()
-        cells, genes, sparsity = _score(measured, heldout, n_shared, limit, blocks.threads)
+        cells, genes, sparsity = _score(measured, out_of_fold, n_shared, limit, blocks.threads)
         timings["score"] = round(time.perf_counter() - clock, 3)
 
         rel = None
@@ -243,22 +241,24 @@ def cross_validate(
         for level, table in (("gene", gene_table), ("cell", cell_table))
         for m, stats in summarize(table[list(METRICS)].to_numpy()).items()
     ])
-    files = {"genes": outdir / "genes.tsv", "cells": outdir / "cells.tsv",
-             "summary": outdir / "summary.tsv"}
+    files = {"genes": outdir / heldout.GENES, "cells": outdir / heldout.CELLS,
+             "summary": outdir / heldout.SUMMARY}
     _write_tsv(files["genes"], gene_table, index=False)
     _write_tsv(files["cells"], cell_table, index=True)
     _write_tsv(files["summary"], summary, index=False)
     if rel is not None:
-        files["reliability"] = outdir / "reliability.tsv"
+        files["reliability"] = outdir / heldout.RELIABILITY
         _write_tsv(files["reliability"], rel, index=False)
     if plot:
-        files["plot"] = outdir / PLOT
-        write_sparsity_plot(files["plot"], gene_table)
-    for stale in {"reliability.tsv", PLOT} - {p.name for p in files.values()}:
+        files["plot"] = outdir / plotting.SCORE_PNG
+        heldout.sparsity_plot(files["plot"], gene_table)
+    for stale in {heldout.RELIABILITY, plotting.SCORE_PNG} - {p.name for p in files.values()}:
         (outdir / stale).unlink(missing_ok=True)  # from an earlier validation into outdir
-    files["manifest"] = outdir / "validate.json"
+    files["manifest"] = outdir / heldout.MANIFEST
     export.write_manifest(files["manifest"], {
         "scimpute_dask": __version__, "query": inputs.q_label, "reference": inputs.r_label,
+        # what a run given this directory (run --validation) checks its inputs against
+        "inputs": {"query": q_store.fingerprint, "reference": r_store.fingerprint},
         "parameters": {"k": k, "folds": folds, "seed": seed,
                        "consider_clusters": consider_clusters, **options,
                        "chunk_size": blocks.query_chunk, "memory_limit": limit},
@@ -370,10 +370,10 @@ def _reliability(search: _Search, inputs, genes: pd.DataFrame) -> pd.DataFrame:
     if fit is not None:
         ok = np.isfinite(agree)
         predicted[ok] = fit.predict(agree[ok])
-    heldout = np.full(len(agree), np.nan)
-    heldout[inputs.r_cols] = by_gene.loc[inputs.r_genes[inputs.r_cols], "pearson"].to_numpy()
+    scored = np.full(len(agree), np.nan)
+    scored[inputs.r_cols] = by_gene.loc[inputs.r_genes[inputs.r_cols], "pearson"].to_numpy()
     return pd.DataFrame({"gene": inputs.r_genes, "shared": shared, "agreement": agree,
-                         "predicted_pearson": predicted, "heldout_pearson": heldout})
+                         "predicted_pearson": predicted, "heldout_pearson": scored})
 
 
 def calibration_quality(genes: pd.DataFrame) -> float:
@@ -386,22 +386,3 @@ def _write_tsv(path: Path, table: pd.DataFrame, index: bool) -> None:
     with export.atomic_file(path) as fh:
         table.to_csv(fh, sep="\t", index=index, float_format="%.6g", na_rep="nan")
 
-
-def write_sparsity_plot(path: Path, genes: pd.DataFrame) -> None:
-    """Per-gene held-out score vs. the gene's sparsity in the query, as Tangram shows it."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharex=True)
-    for ax, metric, label in ((axes[0], "css", "cosine similarity"),
-                              (axes[1], "pearson", "Pearson r")):
-        ax.scatter(genes["sparsity"], genes[metric], s=12, alpha=0.7)
-        ax.set_xlabel("sparsity (fraction of query cells with zero)")
-        ax.set_ylabel(f"held-out {label} per gene")
-        ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    with export.atomic_file(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)

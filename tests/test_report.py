@@ -75,7 +75,7 @@ def test_held_out_score_vs_sparsity_on_the_real_data(mc_run, tmp_path):
     t, p = truth - truth.mean(axis=0), pred - pred.mean(axis=0)
     r = (t * p).sum(axis=0) / np.sqrt((t * t).sum(axis=0) * (p * p).sum(axis=0))
     sparsity = (truth == 0).mean(axis=0)
-    plotting.score_vs_sparsity(tmp_path / plotting.SCORE_PNG, r, sparsity, "Pearson r")
+    plotting.score_vs_sparsity(tmp_path / plotting.SCORE_PNG, sparsity, {"Pearson r": r})
     _not_blank(tmp_path / plotting.SCORE_PNG, (400, 600))
     assert np.nanmedian(r) > 0.2
 
