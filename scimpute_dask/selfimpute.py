@@ -103,21 +103,34 @@ def dropout_recovery(expression: pd.DataFrame, k: int = 25, *, fraction: float =
     -------
     dict
         ``pearson`` and ``mse`` of the imputed against the true values over the
-        masked entries (of cells that could be imputed), the same for the
-        baseline that predicts each entry by its cell's mean over the masked
-        data (``cell_mean_pearson``, ``cell_mean_mse``), and ``n_masked``.
+        masked entries (of cells that could be imputed), ``n_masked``, and the
+        same two scores for three baselines, each computed from the masked
+        data (the hidden entries count as the zeros they were turned into, or
+        are left out where only non-zero values are used):
+
+        * ``cell_mean_*``: the entry's cell's mean over all genes;
+        * ``gene_mean_*``: the entry's gene's mean over all cells;
+        * ``gene_nonzero_mean_*``: the mean of the gene's non-zero values
+          (0 for a gene with none left) — the hidden entries were non-zero,
+          so this is the stronger per-gene guess.
     """
     values = expression.to_numpy(np.float64)
     masked, mask = mask_nonzero(values, fraction, seed)
     imputed = self_impute(pd.DataFrame(masked, expression.index, expression.columns), k,
                           **options).to_numpy()
     mask &= np.isfinite(imputed).all(axis=1)[:, None]
-    truth, pred = values[mask], imputed[mask]
-    baseline = np.broadcast_to(masked.mean(axis=1, keepdims=True), masked.shape)[mask]
-    return {
-        "n_masked": int(mask.sum()),
-        "pearson": float(np.corrcoef(truth, pred)[0, 1]),
-        "mse": float(np.mean((truth - pred) ** 2)),
-        "cell_mean_pearson": float(np.corrcoef(truth, baseline)[0, 1]),
-        "cell_mean_mse": float(np.mean((truth - baseline) ** 2)),
+    truth = values[mask]
+    nonzero = (masked != 0).sum(axis=0)
+    nonzero_mean = np.divide(masked.sum(axis=0), nonzero, out=np.zeros(masked.shape[1]),
+                             where=nonzero > 0)
+    predictions = {
+        "": imputed[mask],
+        "cell_mean_": np.broadcast_to(masked.mean(axis=1, keepdims=True), masked.shape)[mask],
+        "gene_mean_": np.broadcast_to(masked.mean(axis=0), masked.shape)[mask],
+        "gene_nonzero_mean_": np.broadcast_to(nonzero_mean, masked.shape)[mask],
     }
+    out: dict[str, float] = {"n_masked": int(mask.sum())}
+    for prefix, pred in predictions.items():
+        out[prefix + "pearson"] = float(np.corrcoef(truth, pred)[0, 1])
+        out[prefix + "mse"] = float(np.mean((truth - pred) ** 2))
+    return out
