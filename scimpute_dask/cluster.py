@@ -20,6 +20,7 @@ which is what ``--memory-limit`` bounds.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 from collections.abc import Iterator
@@ -28,6 +29,10 @@ import dask
 from threadpoolctl import threadpool_limits
 
 log = logging.getLogger("scimpute_dask")
+
+#: The cluster client whose computations show distributed's progress bar.
+_progress_client: contextvars.ContextVar = contextvars.ContextVar("progress_client",
+                                                                  default=None)
 
 
 def scheduler_address(scheduler: str | None) -> str | None:
@@ -62,7 +67,9 @@ def compute_on(
     threads
         Threads of the local scheduler.
     progress
-        Show a progress bar (local scheduler; a cluster has its dashboard).
+        Show a progress bar: Dask's local one on this machine's threads,
+        distributed's for the stages :func:`compute` runs on a cluster (whose
+        dashboard shows the rest).
 
     Yields
     ------
@@ -81,6 +88,9 @@ def compute_on(
             link = getattr(client, "dashboard_link", None)
             log.info("computing on the Dask cluster at %s%s", client.scheduler.address,
                      f" (dashboard: {link})" if link else "")
+            if progress:
+                token = _progress_client.set(client)
+                stack.callback(_progress_client.reset, token)
         else:
             stack.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
             # Dask already runs one tile per core; BLAS threads on top would
@@ -91,3 +101,15 @@ def compute_on(
 
                 stack.enter_context(ProgressBar(minimum=1.0))
         yield client
+
+
+def compute(*collections) -> tuple:
+    """``dask.compute``; on a cluster under ``compute_on(progress=True)``, with a progress bar."""
+    client = _progress_client.get()
+    if client is None:
+        return dask.compute(*collections)
+    from distributed import progress
+
+    futures = client.compute(list(collections))
+    progress(futures, notebook=False)
+    return tuple(client.gather(futures))

@@ -227,7 +227,7 @@ def store_stage(
             region = tuple(slice(offsets[d][i], offsets[d][i + 1]) for d, i in enumerate(index))
             blocks = [d[index] for d in delayed]
             tasks.append(dask.delayed(_write_blocks)(targets, done, index, region, *blocks))
-        dask.compute(*tasks)
+        cluster.compute(*tasks)
     group.attrs["complete"] = True
     return group
 

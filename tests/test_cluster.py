@@ -51,10 +51,12 @@ def test_cli_on_a_real_cluster_matches_the_local_run(tmp_path, dask_cluster, clu
     address, _ = dask_cluster
     args, local = cluster_inputs
     out = tmp_path / "cluster"
-    done = subprocess.run([*CLI, *args, "--out", str(out), "--scheduler", address],
+    loud = [a for a in args if a != "-q"]  # with progress bars: distributed's on a cluster
+    done = subprocess.run([*CLI, *loud, "--out", str(out), "--scheduler", address],
                           capture_output=True, text=True, check=True)
     _same_outputs(local, out)
     assert "unimputable" in done.stdout
+    assert "100% Completed" in done.stdout, done.stdout
     with distributed.Client(address) as client:  # the stage tasks ran on the cluster
         prefixes = client.run_on_scheduler(
             lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
