@@ -28,6 +28,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                        help="also log block sizes, stage timings and peak memory")
 
 
+def _add_scheduler(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="Dask scheduler to run on, e.g. tcp://host:8786 (default: "
+                   "$DASK_SCHEDULER_ADDRESS, else threads on this machine); workers must reach "
+                   "--out: a shared volume at the same path, or an object-store URL")
+
+
 def _add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
                    help="transform of the shared genes for the neighbour search only: none "
@@ -112,10 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                      help=LAYOUT_HELP)
     run.add_argument("--reference-layout", choices=LAYOUTS, default="genes_x_cells",
                      help=LAYOUT_HELP)
-    run.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                     help="Dask scheduler to run on, e.g. tcp://host:8786 (default: "
-                     "$DASK_SCHEDULER_ADDRESS, else threads on this machine); workers must "
-                     "see --out's parent directory at the same path")
+    _add_scheduler(run)
     run.add_argument("--restart", action="store_true",
                      help="discard the conversions of an interrupted run and start over")
     _add_search_options(run)
@@ -170,8 +174,7 @@ def _parser() -> argparse.ArgumentParser:
                      help=LAYOUT_HELP)
     val.add_argument("--reference-layout", choices=LAYOUTS, default="genes_x_cells",
                      help=LAYOUT_HELP)
-    val.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                     help="Dask scheduler to run on")
+    _add_scheduler(val)
     _add_search_options(val)
     _add_common(val)
 
@@ -204,9 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--panel", type=int, default=100)
     demo.add_argument("--k", type=int, default=25)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                      help="Dask scheduler to run on (default: $DASK_SCHEDULER_ADDRESS, else "
-                      "threads on this machine)")
+    _add_scheduler(demo)
     _add_common(demo)
     return parser
 
