@@ -80,7 +80,7 @@ def _engine(job: dict) -> dict:
     import numpy as np
 
     from scimpute_dask import cross_validate
-    from scimpute_dask.validate import calibration_quality
+    from scimpute_dask.tools.validate import calibration_quality
 
     ref, query = _load(job["reference"]), _load(job["query"])
     start = time.perf_counter()
@@ -118,7 +118,7 @@ def _tangram(job: dict) -> dict:
     import tangram as tg
     import torch
 
-    from scimpute_dask.metrics import paired_scores
+    from scimpute_dask.kernels.metrics import paired_scores
 
     torch.manual_seed(0)
     ref, query = _load(job["reference"]), _load(job["query"])
@@ -154,7 +154,7 @@ def _tangram(job: dict) -> dict:
 def _dropout(job: dict) -> dict:
     import numpy as np
 
-    from scimpute_dask.selfimpute import dropout_recovery
+    from scimpute_dask.tools.selfimpute import dropout_recovery
 
     ref = _load(job["reference"])
     out = {}

@@ -20,7 +20,8 @@ import dask.array as da
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from scimpute_dask import graph, knn
+from scimpute_dask.engine import graph
+from scimpute_dask.kernels import knn
 
 
 def main() -> None:

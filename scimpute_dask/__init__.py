@@ -4,50 +4,55 @@ A drop-in re-implementation of scimpute: for each spatial (query) cell, find
 the k most cosine-similar single-cell (reference) cells on the shared genes
 and average their full profiles, weighted by similarity + 1.
 
-The pipeline, one module per stage::
+The package, in the order data flows through it::
 
-    conversion  text / DataFrame / AnnData / 10x  ->  chunked Zarr stores
-    anndata_io  AnnData in (.h5ad, AnnData-Zarr, layers, obs clusters) and out
-    tenx        10x matrix.mtx directories, streamed
-    validation  every input check, before any output is written
-    knn         exact cosine top-k kernels on blocks
-    imputation  weighted-mean kernels on blocks
-    scoring     scimpute's per-cell validation score
-    normalization  transforms of the shared genes for the neighbour search
-    metrics     held-out accuracy metrics (CSS, Pearson, Spearman, MSE)
-    validate    k-fold cross-validation over the shared genes, reliability
-    transfer    label transfer by the neighbours' weighted vote
-    selfimpute  dropout recovery inside one dataset
-    graph       the Dask graphs tiling those kernels
-    export      scimpute's files, streamed from Zarr; atomic output directory
-    plotting    spatial maps and per-gene score figures
-    report      report.html
-    provenance  versions, checksums and peak memory for run.json
-    pipeline    the run, stage by stage
-    compat      scimpute's Python API (expression_imputation and the steps)
-    api         the scanpy-style API: impute(adata_spatial, adata_ref, ...)
-    cli         the ``scimpute-dask`` command
+    errors, checks, config, plan   the foundation: errors, checks, options, block sizes
+    io/          inputs in (a reader registry: text, compressed text, DataFrame,
+                 AnnData, 10x, stores) -> chunked Zarr stores; AnnData out
+    kernels/     pure NumPy/numba block kernels: kNN, weighted mean, scores, metrics
+    engine/      the Dask side: graphs, resumable stages, where they run, checked inputs
+    export/      scimpute's files, the atomic output directory, run.json provenance
+    plotting/    figures and report.html
+    tools/       held-out validation, label transfer, self-imputation
+    pipeline     the run: check -> convert -> kNN -> impute -> score -> export
+    compat, api  scimpute's Python API; the scanpy-style impute()
+    cli          the ``scimpute-dask`` command
+
+The public names below are imported on first use, so that ``import
+scimpute_dask`` and ``scimpute-dask --help`` do not pay for Dask, Zarr and
+numba up front.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .api import impute
-from .compat import (
-    expression_imputation,
-    impute_expression,
-    merge_imputation_chunks,
-    read_inputs,
-    similarity_matrix,
-    validate_results,
-)
-from .conversion import ExpressionStore, convert
-from .pipeline import RunResult, run_imputation
-from .validate import ValidationResult, cross_validate
-from .validation import InputError
+#: public name -> module that defines it
+_PUBLIC = {
+    "ExpressionStore": "scimpute_dask.io.store",
+    "InputError": "scimpute_dask.errors",
+    "RunConfig": "scimpute_dask.config",
+    "RunResult": "scimpute_dask.pipeline",
+    "ValidationResult": "scimpute_dask.tools.validate",
+    "convert": "scimpute_dask.io.convert",
+    "cross_validate": "scimpute_dask.tools.validate",
+    "expression_imputation": "scimpute_dask.compat",
+    "impute": "scimpute_dask.api",
+    "impute_expression": "scimpute_dask.compat",
+    "merge_imputation_chunks": "scimpute_dask.compat",
+    "read_inputs": "scimpute_dask.compat",
+    "run_imputation": "scimpute_dask.pipeline",
+    "similarity_matrix": "scimpute_dask.compat",
+    "validate_results": "scimpute_dask.compat",
+}
 
 __all__ = [
     "ExpressionStore",
     "InputError",
+    "RunConfig",
     "RunResult",
     "ValidationResult",
     "convert",
@@ -61,3 +66,33 @@ __all__ = [
     "similarity_matrix",
     "validate_results",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from scimpute_dask.api import impute
+    from scimpute_dask.compat import (
+        expression_imputation,
+        impute_expression,
+        merge_imputation_chunks,
+        read_inputs,
+        similarity_matrix,
+        validate_results,
+    )
+    from scimpute_dask.config import RunConfig
+    from scimpute_dask.errors import InputError
+    from scimpute_dask.io.convert import convert
+    from scimpute_dask.io.store import ExpressionStore
+    from scimpute_dask.pipeline import RunResult, run_imputation
+    from scimpute_dask.tools.validate import ValidationResult, cross_validate
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'scimpute_dask' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -13,9 +13,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import anndata_io
-from .pipeline import run_imputation
-from .storage import location
+from scimpute_dask.io import anndata_io
+from scimpute_dask.io.storage import location
+from scimpute_dask.pipeline import run_imputation
 
 OUTPUT = "adata.zarr"
 

@@ -19,21 +19,26 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from . import export, graph
-from .conversion import check_frame, convert
-from .imputation import similarity_to_weight
-from .pipeline import RunResult, run_imputation
-from .scoring import STAT_NAMES, round_like_scimpute, rowwise_cosine, summary_stats
-from .validation import (
-    InputError,
-    check_k,
-    check_positive_int,
-    clusters_of,
-    read_identities,
-    shared_genes,
+from scimpute_dask.checks import check_k, check_positive_int, shared_genes
+from scimpute_dask.config import RunConfig
+from scimpute_dask.engine import graph
+from scimpute_dask.errors import InputError
+from scimpute_dask.export import tables
+from scimpute_dask.io.convert import convert
+from scimpute_dask.io.frame import check_frame
+from scimpute_dask.io.identities import clusters_of, read_identities
+from scimpute_dask.kernels.imputation import similarity_to_weight
+from scimpute_dask.kernels.scoring import (
+    STAT_NAMES,
+    round_like_scimpute,
+    rowwise_cosine,
+    summary_stats,
 )
+from scimpute_dask.pipeline import RunResult, run
 
 PathOrFrame = str | os.PathLike | pd.DataFrame
+#: How scimpute's API spells the options it shares with the engine, for messages.
+SCIMPUTE_NAMES = {"k": "k_neighbors"}
 _BLOCK = 1000
 
 
@@ -107,11 +112,11 @@ def expression_imputation(
         Paths of the outputs and summary figures (scimpute returns ``None``).
     """
     _check_metric(metric)
-    result = run_imputation(
-        matrix_to_impute_for, matrix_to_impute_from, cell_identities, cell_name_column_idx,
-        outdir, k=k_neighbors, consider_clusters=consider_clusters, chunk_size=chunk_size,
-        save_chunks=save_chunks,
-    )
+    config = RunConfig.create(
+        spelled=SCIMPUTE_NAMES, k=k_neighbors, consider_clusters=consider_clusters,
+        chunk_size=chunk_size, save_chunks=save_chunks,
+        cell_name_column_idx=cell_name_column_idx)
+    result = run(matrix_to_impute_for, matrix_to_impute_from, cell_identities, outdir, config)
     _print_stats(result.stats)
     return result
 
@@ -187,7 +192,7 @@ def similarity_matrix(
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     codes, labels = pd.factorize(result["cluster"])
-    export.write_neighbours_tsv(
+    tables.write_neighbours_tsv(
         outdir / "sim_matrix.tsv", np.asarray(labels), np.asarray(x.index),
         np.asarray(y.index), [lambda: (codes, rows, indices[rows, slot], sim[rows, slot] + 1)],
     )
@@ -249,7 +254,7 @@ def impute_expression(
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     # scimpute writes only the chunk tables here; merge_imputation_chunks joins them.
-    export.write_matrix_tsv(
+    tables.write_matrix_tsv(
         None,
         (partial(lambda lo: (cells[lo : lo + chunk_size], values[lo : lo + chunk_size]), lo)
          for lo in starts),
@@ -275,7 +280,7 @@ def merge_imputation_chunks(
     chunkdir = Path(imputations_dir)
     if chunkdir.resolve() == outdir.resolve():
         chunkdir = outdir / "imputations"
-    export.merge_chunk_tables(chunkdir, outdir / "imputation.tsv")
+    tables.merge_chunk_tables(chunkdir, outdir / "imputation.tsv")
     if not save_chunks:
         shutil.rmtree(chunkdir)
     return pd.read_csv(outdir / "imputation.tsv", sep="\t", index_col=0, dtype={0: str})
@@ -316,8 +321,8 @@ def validate_results(
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     stats = summary_stats(scores)
-    export.write_histogram(outdir / export.HISTOGRAM, scores)
-    export.write_stats(outdir / "stats.txt", stats)
-    export.write_scores(outdir / "scores.txt", scores)
+    tables.write_histogram(outdir / tables.HISTOGRAM, scores)
+    tables.write_stats(outdir / "stats.txt", stats)
+    tables.write_scores(outdir / "scores.txt", scores)
     _print_stats(stats)
     return scores

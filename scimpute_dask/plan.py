@@ -12,51 +12,14 @@ the model against measured peak RSS.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
-from .validation import InputError
+from scimpute_dask.errors import InputError
 
 #: Interpreter, NumPy/pandas/Dask/Zarr/numba and the compiled kernels.
 BASE_BYTES = 400 * 2**20
-MIN_LIMIT = 600 * 2**20
 MAX_CELL_CHUNK = 4096
 MAX_GENE_CHUNK = 256
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def parse_memory(value: str | int | float | None) -> int:
-    """Bytes from ``"2GB"``, ``"1.5GiB"``, ``"800MB"`` or a number; ``None`` = machine default.
-
-    The default is half of the memory available now, as Dask's LocalCluster
-    shares memory between its workers.
-    """
-    if value is None:
-        return default_memory_limit()
-    if isinstance(value, int | float):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise InputError(f"memory limit must look like '2GB' or '512MiB', got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def default_memory_limit() -> int:
-    available = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if available is None:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(MIN_LIMIT, available // 2)
-
 
 def _floor_pow2(x: float) -> int:
     return 1 << max(0, int(x).bit_length() - 1) if x >= 1 else 1
@@ -104,6 +67,46 @@ def store_chunks(n_cells: int, n_genes: int, genes_rows: bool, line_bytes: int,
             min(n_genes, MAX_GENE_CHUNK))
 
 
+#: The smallest blocks a run is planned with: below these, tasks are so many and
+#: so small that scheduling, not arithmetic, takes the time.
+MIN_QUERY_CHUNK = 64
+MIN_REFERENCE_CHUNK = 256
+
+
+def minimum_memory(n_query: int, n_reference: int, n_shared: int, n_genes: int,
+                   threads: int | None = None) -> int:
+    """The smallest budget :func:`plan_run` can keep: the model's needs at the smallest blocks.
+
+    The inverse of the block formulas of :func:`plan_run` at a query block of
+    :data:`MIN_QUERY_CHUNK` cells, a similarity tile of
+    :data:`MIN_REFERENCE_CHUNK` reference cells and one gene per imputation
+    block (each capped by the data), plus the fixed allowance.
+    """
+    threads = threads or os.cpu_count() or 1
+    bq = min(MIN_QUERY_CHUNK, max(1, n_query))
+    br = min(MIN_REFERENCE_CHUNK, max(1, n_reference))
+    export = 4 * (threads + 1) * 24 * max(1, n_genes) * bq
+    knn = 4 * threads * (8 * bq + 16 * max(1, n_shared)) * br
+    impute = 2 * threads * (8 * n_reference + 24 * bq)
+    return BASE_BYTES + max(export, knn, impute)
+
+
+def check_budget(memory_limit: int, n_query: int, n_reference: int, n_shared: int,
+                 n_genes: int, threads: int | None = None) -> None:
+    """Refuse, before any work, a budget below :func:`minimum_memory` for this data."""
+    floor = minimum_memory(n_query, n_reference, n_shared, n_genes, threads)
+    if memory_limit < floor:
+        raise InputError(
+            f"memory limit {_mib(memory_limit)} is below the {_mib(floor)} this data needs "
+            f"at its smallest blocks ({n_query} query × {n_reference} reference cells, "
+            f"{n_genes} genes, {threads or os.cpu_count() or 1} threads); give at least "
+            f"--memory-limit {-(-floor // 2**20)}MiB")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
 def plan_run(
     memory_limit: int,
     n_query: int,
@@ -133,12 +136,12 @@ def plan_run(
     avail = available_bytes(memory_limit)
     # Export formats whole query blocks (all genes: float64 twice plus text),
     # one per thread and one being written.
-    bq = query_chunk or _clamp(avail / 4 / (threads + 1) / (24 * max(1, n_genes)), 64,
-                               MAX_CELL_CHUNK)
+    bq = query_chunk or _clamp(avail / 4 / (threads + 1) / (24 * max(1, n_genes)),
+                               MIN_QUERY_CHUNK, MAX_CELL_CHUNK)
     bq = min(bq, max(1, n_query))
     # kNN: per thread one float32 tile plus the normalised reference block.
     br = reference_chunk or _clamp(
-        avail / 4 / threads / (8 * bq + 16 * max(1, n_shared)), 256, 1 << 20)
+        avail / 4 / threads / (8 * bq + 16 * max(1, n_shared)), MIN_REFERENCE_CHUNK, 1 << 20)
     br = min(br, max(1, n_reference))
     # Imputation: per thread one float32 reference gene block (read, then
     # concatenated) and one float64 output tile with its accumulator.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import textio
+from scimpute_dask.io import textcodec
 
 
 @dataclass
@@ -129,5 +129,5 @@ def write_scimpute_tsv(frame: pd.DataFrame, path, decimals: int = 4) -> None:
         fh.write(("\t" + "\t".join(map(str, frame.index)) + "\n").encode())
         step = max(1, 2**22 // max(1, values.shape[1]))
         for lo in range(0, values.shape[0], step):
-            fh.write(textio.format_matrix(frame.columns[lo : lo + step], values[lo : lo + step],
+            fh.write(textcodec.format_matrix(frame.columns[lo : lo + step], values[lo : lo + step],
                                           decimals=decimals))

@@ -260,7 +260,7 @@ def _annotated(small_inputs):
 
 @pytest.mark.filterwarnings("ignore:Writing zarr v2 data:UserWarning")
 def test_annotations_are_normalised_alike_in_memory_and_from_files(tmp_path, small_inputs):
-    from scimpute_dask import anndata_io
+    from scimpute_dask.io import anndata_io
 
     q = _annotated(small_inputs)
     del q.obs[0]
@@ -283,7 +283,7 @@ def test_annotated_query_writes_its_annotations(small_inputs, caplog):
 
 
 def test_obsm_that_cannot_be_written_is_dropped_with_a_warning(small_inputs, caplog):
-    from scimpute_dask import anndata_io
+    from scimpute_dask.io import anndata_io
 
     q = _annotated(small_inputs)
     q.obsm["labels"] = pd.DataFrame({"name": "x"}, index=q.obs_names)
@@ -293,7 +293,7 @@ def test_obsm_that_cannot_be_written_is_dropped_with_a_warning(small_inputs, cap
 
 
 def test_coordinates_table(tmp_path):
-    from scimpute_dask import anndata_io
+    from scimpute_dask.io import anndata_io
 
     cells = np.array(["001", "002"], dtype=object)
     path = tmp_path / "xy.csv"

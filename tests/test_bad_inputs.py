@@ -277,7 +277,7 @@ def test_cell_name_column_idx_points_at_id(inputs, out, api):
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("idx", ["0", 1.5, None])
 def test_cell_name_column_idx_not_an_integer(inputs, out, api, idx):
-    refused(api, mentions(inputs.identities, "cell_name_column_idx", repr(idx)), inputs.query,
+    refused(api, mentions("cell_name_column_idx must be an integer", repr(idx)), inputs.query,
             inputs.reference, inputs.identities, out, idx=idx)
 
 
@@ -287,14 +287,9 @@ def test_cli_name_column_out_of_range(inputs, out, capsys):
 
 
 def test_cli_name_column_not_an_integer(inputs, out, capsys):
-    """argparse rejects it before the run starts (its own exit code 2 and message)."""
-    with pytest.raises(SystemExit) as info:
-        main(["run", "--query", str(inputs.query), "--reference", str(inputs.reference),
-              "--identities", str(inputs.identities), "--out", str(out), "--quiet",
-              "--name-column", "cell"])
-    assert info.value.code == 2
-    assert "--name-column" in capsys.readouterr().err
-    assert not out.exists()
+    """The configuration rejects it before the run starts, quoting it as written."""
+    cli_refused(capsys, mentions("--name-column must be an integer, got 'cell'"),
+                inputs.query, inputs.reference, inputs.identities, out, "--name-column", "cell")
 
 
 # --------------------------------------------------------------------------- #

@@ -13,7 +13,7 @@ import pytest
 import yaml
 import zarr
 
-from scimpute_dask import export
+from scimpute_dask.export import outdir as export
 from scimpute_dask.synthetic import make_pair
 
 from .conftest import write_inputs

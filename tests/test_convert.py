@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from scimpute_dask import ExpressionStore, InputError, convert, plan
-from scimpute_dask import conversion as convert_module
+from scimpute_dask.io import text as convert_module
 from scimpute_dask.synthetic import write_scimpute_tsv
 
 

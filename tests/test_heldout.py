@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scimpute_dask import InputError, cross_validate, impute, plotting, run_imputation
+from scimpute_dask import InputError, cross_validate, impute, run_imputation
 from scimpute_dask.cli import main
+from scimpute_dask.plotting import figures as plotting
 
 from .conftest import MC_CORTEX
 from .test_report import _not_blank

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics.pairwise import cosine_similarity
 
-from scimpute_dask import graph, imputation, knn, scoring
+from scimpute_dask.engine import graph
+from scimpute_dask.kernels import imputation, knn, scoring
 
 
 def _reference_topk(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +112,7 @@ def test_exact_ties_resolve_the_same_whatever_the_tiling():
 
 
 def test_parser_reads_numbers_as_float_does():
-    from scimpute_dask import textio
+    from scimpute_dask.io import textcodec as textio
 
     fields = ["0e400", "0.0E+999", "1e-400", ".5", "5.", "-2.5e3", '"3"', " 12 ", "Infinity",
               "-nan", "1e400"]

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 import zarr
 
-from scimpute_dask import InputError, export, run_imputation
+from scimpute_dask import InputError, run_imputation
+from scimpute_dask.export import outdir as export
+from scimpute_dask.export import tables
 
 
 def _run(inputs, out, **kwargs):
@@ -24,7 +26,7 @@ def test_failed_rerun_leaves_previous_output_intact(tmp_path, small_inputs, monk
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "write_histogram", broken)
+    monkeypatch.setattr(tables, "write_histogram", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         _run(small_inputs, out, consider_clusters=False)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}

@@ -125,7 +125,7 @@ def test_scores_match_brute_force(tmp_path, small_inputs):
 
 def test_clustered_tile_compares_only_same_cluster():
     """With clusters a tile multiplies only same-cluster pairs and never returns others."""
-    from scimpute_dask import knn
+    from scimpute_dask.kernels import knn
 
     rng = np.random.default_rng(0)
     q = knn.normalize_rows(rng.random((400, 30)))

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import zarr
 
-from scimpute_dask import export, run_imputation
-from scimpute_dask.storage import location, remove_tree, zarr_store
+from scimpute_dask import run_imputation
+from scimpute_dask.errors import InputError
+from scimpute_dask.export import outdir as export
+from scimpute_dask.io.storage import location, remove_tree, zarr_store
 from scimpute_dask.synthetic import make_pair
-from scimpute_dask.validation import InputError
 
 from .conftest import write_inputs
 from .test_tenx import _write_10x
@@ -306,7 +307,8 @@ def test_local_10x_input_with_an_s3_output(bucket, local_run, tmp_path):
 
 def test_impute_outdir_and_coordinates_on_s3(bucket, local_run, tmp_path, monkeypatch):
     anndata = pytest.importorskip("anndata")
-    from scimpute_dask import anndata_io, impute
+    from scimpute_dask import impute
+    from scimpute_dask.io import anndata_io
 
     inputs, _, local = local_run
     query, reference = anndata.AnnData(inputs.query_df), anndata.AnnData(inputs.reference_df)
@@ -332,7 +334,8 @@ def test_impute_outdir_and_coordinates_on_s3(bucket, local_run, tmp_path, monkey
 
 
 def test_remote_inputs_are_identified_without_reading_them(bucket, local_run):
-    from scimpute_dask import ExpressionStore, convert, provenance
+    from scimpute_dask import ExpressionStore, convert
+    from scimpute_dask.export import provenance
 
     inputs = local_run[0]
     convert(inputs.query, f"{bucket}/in/q.zarr")

@@ -13,8 +13,9 @@ import pytest
 from matplotlib.image import imread
 from scipy import sparse
 
-from scimpute_dask import InputError, plotting, run_imputation
+from scimpute_dask import InputError, run_imputation
 from scimpute_dask.cli import main
+from scimpute_dask.plotting import figures as plotting
 
 from .conftest import MC_CORTEX
 
@@ -163,7 +164,9 @@ def test_verbose_logs_timings_and_quiet_logs_nothing(tmp_path, small_inputs, cap
 
 def test_inputs_are_identified_cheaply_and_never_fail_the_run(tmp_path, small_pair,
                                                               monkeypatch):
-    from scimpute_dask import convert, provenance, report
+    from scimpute_dask import convert
+    from scimpute_dask.export import provenance
+    from scimpute_dask.plotting import report
 
     text = tmp_path / "q.tsv"
     small_pair.query.T.to_csv(text, sep="\t")

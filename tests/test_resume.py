@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from scimpute_dask import export
+from scimpute_dask.export import outdir as export
 from scimpute_dask.synthetic import make_pair, write_scimpute_tsv
 
 from .conftest import write_inputs
@@ -152,7 +152,7 @@ def test_stage_rebuilt_for_a_new_key_never_leaves_the_old_key_trusted(tmp_path, 
     """A rebuild cut short after the old store went must not resume as the old stage."""
     import dask.array as da
 
-    from scimpute_dask import pipeline
+    from scimpute_dask.engine import stages as pipeline
 
     path = tmp_path / "stage.zarr"
     x = da.arange(24, dtype="f8").reshape(6, 4).rechunk((3, 4))

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scimpute_dask.selfimpute import dropout_recovery, mask_nonzero, self_impute
+from scimpute_dask.tools.selfimpute import dropout_recovery, mask_nonzero, self_impute
 
 
 def _scores(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:

@@ -11,8 +11,9 @@ import pytest
 from scipy import io as spio
 from scipy import sparse
 
-from scimpute_dask import InputError, convert, tenx
+from scimpute_dask import InputError, convert
 from scimpute_dask.cli import main
+from scimpute_dask.io import tenx
 
 
 def _write_10x(directory, frame: pd.DataFrame, symbols, gz: bool, seed: int = 0) -> None:

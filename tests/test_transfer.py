@@ -7,10 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scimpute_dask import InputError, graph, run_imputation
-from scimpute_dask.knn import drop_self
-from scimpute_dask.selfimpute import dropout_recovery, mask_nonzero, self_impute
-from scimpute_dask.transfer import transfer_labels, vote
+from scimpute_dask import InputError, run_imputation
+from scimpute_dask.engine import graph
+from scimpute_dask.kernels.knn import drop_self
+from scimpute_dask.kernels.vote import vote
+from scimpute_dask.tools.selfimpute import dropout_recovery, mask_nonzero, self_impute
+from scimpute_dask.tools.transfer import transfer_labels
 
 
 def test_vote_matches_a_loop():

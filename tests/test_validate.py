@@ -8,10 +8,11 @@ import pytest
 import zarr
 from scipy.stats import pearsonr, spearmanr
 
-from scimpute_dask import InputError, cross_validate, graph, run_imputation
+from scimpute_dask import InputError, cross_validate, run_imputation
 from scimpute_dask.cli import main
-from scimpute_dask.metrics import METRICS, paired_scores, summarize
-from scimpute_dask.validate import gene_folds
+from scimpute_dask.engine import graph
+from scimpute_dask.kernels.metrics import METRICS, paired_scores, summarize
+from scimpute_dask.tools.validate import gene_folds
 
 from .conftest import MC_CORTEX
 

@@ -2,9 +2,10 @@
 
 The vote of a neighbour is its imputation weight, and the winner's share of
 the total weight is the confidence, as Tangram's ``project_cell_annotations``
-projects cell types through its mapping. Kernels on NumPy blocks; the Dask
-graph is :func:`scimpute_dask.graph.label_graph`, and :func:`transfer_labels`
-runs it on the neighbours a run stored.
+projects cell types through its mapping. The kernel is
+:func:`scimpute_dask.kernels.vote.vote`, its Dask graph
+:func:`scimpute_dask.engine.graph.label_graph`; :func:`transfer_labels` runs it
+on the neighbours a run stored.
 """
 
 from __future__ import annotations
@@ -17,45 +18,11 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .storage import location, zarr_store
-from .validation import InputError
+from scimpute_dask.engine import graph
+from scimpute_dask.errors import InputError
+from scimpute_dask.io.storage import location, zarr_store
 
 log = logging.getLogger("scimpute_dask")
-
-
-def vote(indices: np.ndarray, weights: np.ndarray, codes: np.ndarray, n_labels: int
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted vote per query cell over the labels of its neighbours.
-
-    Parameters
-    ----------
-    indices, weights
-        ``(n, k)`` reference rows (``-1`` = none) and weights.
-    codes
-        ``(n_reference,)`` integer label code of every reference row, ``0..n_labels-1``.
-    n_labels
-        Number of labels.
-
-    Returns
-    -------
-    label : numpy.ndarray
-        ``(n,)`` winning code; ties go to the lower code; ``-1`` without neighbours.
-    share : numpy.ndarray
-        ``(n,)`` winner's weight over the total weight; NaN without neighbours.
-    """
-    indices = np.asarray(indices, dtype=np.int64)
-    w = np.where(indices >= 0,
-                 np.maximum(np.nan_to_num(np.asarray(weights, dtype=np.float64)), 0.0), 0.0)
-    n = indices.shape[0]
-    votes = np.zeros((n, n_labels))
-    rows = np.broadcast_to(np.arange(n)[:, None], indices.shape)
-    np.add.at(votes, (rows, np.asarray(codes)[np.maximum(indices, 0)]), w)
-    total = votes.sum(axis=1)
-    label = votes.argmax(axis=1)
-    has = total > 0
-    share = np.full(n, np.nan)
-    share[has] = votes[has, label[has]] / total[has]
-    return np.where(has, label, -1), share
 
 
 def transfer_labels(run_dir: str | os.PathLike, labels: pd.Series) -> pd.DataFrame:
@@ -76,8 +43,6 @@ def transfer_labels(run_dir: str | os.PathLike, labels: pd.Series) -> pd.DataFra
         Indexed by query cell: ``label`` (NaN for cells without neighbours) and
         ``confidence``, the winner's share of the neighbours' weight (0..1).
     """
-    from . import graph
-
     path = location(run_dir) / "zarr" / "neighbors.zarr"
     if not (path / "zarr.json").exists():
         raise InputError(f"{run_dir}: not a scimpute-dask run output (no zarr/neighbors.zarr)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from upath import UPath
 
-from .storage import is_remote, location
+from scimpute_dask.io.storage import is_remote, location
 
 #: Distributions whose versions decide the numbers a run produces.
 LIBRARIES = ("numpy", "pandas", "scipy", "scikit-learn", "dask", "distributed", "zarr",
@@ -53,7 +53,7 @@ def sha256(path: Path) -> str:
 
 def _identity(src: str | os.PathLike | UPath) -> dict:
     """``{"path"}`` and one of ``sha256``, ``key``, ``fingerprint`` or ``error``."""
-    from .conversion import ExpressionStore, is_store
+    from scimpute_dask.io.store import ExpressionStore, is_store
 
     try:
         path = location(src)

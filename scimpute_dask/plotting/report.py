@@ -13,8 +13,8 @@ import json
 
 import pandas as pd
 
-from .export import atomic_file
-from .storage import Location
+from scimpute_dask.export.outdir import atomic_file
+from scimpute_dask.io.storage import Location
 
 REPORT = "report.html"
 

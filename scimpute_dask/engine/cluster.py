@@ -113,3 +113,16 @@ def compute(*collections) -> tuple:
     futures = client.compute(list(collections))
     progress(futures, notebook=False)
     return tuple(client.gather(futures))
+
+
+@contextlib.contextmanager
+def local_threads(threads: int, progress: bool = False) -> Iterator[None]:
+    """Compute on this process's threads, whatever the cluster: for work that cannot travel
+    (an open h5py file) or is small (the figures)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            stack.enter_context(ProgressBar(minimum=1.0))
+        yield

@@ -1,7 +1,6 @@
 """Every Dask graph of the engine, built in one place.
 
-The kernels in :mod:`~scimpute_dask.knn`, :mod:`~scimpute_dask.imputation` and
-:mod:`~scimpute_dask.scoring` work on NumPy blocks; this module tiles them over
+The kernels in :mod:`~scimpute_dask.kernels` work on NumPy blocks; this module tiles them over
 Dask arrays. Nothing here computes: each function returns lazy arrays that the
 pipeline stores to Zarr. No graph ever holds a dense query × reference matrix:
 the similarity exists one ``(query block × reference block)`` tile at a time.
@@ -16,7 +15,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from . import imputation, knn, normalization, scoring, transfer
+from scimpute_dask.kernels import imputation, knn, normalization, scoring, vote
 
 
 def _single_chunk_columns(x: da.Array) -> da.Array:
@@ -257,7 +256,7 @@ def neighbour_moments(
 
 
 def _vote_block(indices, weights, codes, n_labels) -> np.ndarray:
-    return np.column_stack(transfer.vote(indices, weights, codes, n_labels))
+    return np.column_stack(vote.vote(indices, weights, codes, n_labels))
 
 
 def label_graph(indices: da.Array, weights: da.Array, codes: np.ndarray, n_labels: int

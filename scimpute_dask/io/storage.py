@@ -19,7 +19,7 @@ from typing import TypeAlias
 
 from upath import UPath
 
-from .validation import InputError
+from scimpute_dask.errors import InputError
 
 #: A local path or a remote URL path.
 Location: TypeAlias = Path | UPath
@@ -45,6 +45,11 @@ def location(path: str | os.PathLike | UPath) -> Location:
             raise InputError(f"{text}: {err}") from None
         return url
     return Path(text).absolute()
+
+
+def is_location(obj: object) -> bool:
+    """Is ``obj`` a :data:`Location` (a path or URL path), rather than an in-memory object?"""
+    return isinstance(obj, Path | UPath)
 
 
 def is_remote(path: Location) -> bool:
@@ -98,3 +103,14 @@ def remove_tree(path: Location) -> None:
         shutil.rmtree(trash)
     else:
         path.unlink()
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Copy a directory tree by hard links (no data copied), falling back to copies."""
+    def _link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=_link)

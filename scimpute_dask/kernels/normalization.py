@@ -4,7 +4,7 @@ They change which reference cells are found, never what is averaged: the
 imputed values stay weighted means of the raw reference profiles, as in
 scimpute. Per-cell transforms are row-local; per-gene scaling divides each
 gene by a per-gene statistic of its own dataset, computed by one Dask
-reduction (:func:`scimpute_dask.graph.search_space`), so that a few
+reduction (:func:`scimpute_dask.engine.graph.search_space`), so that a few
 high-expression genes do not dominate the cosine and each platform's
 gene-specific capture efficiency cancels out; ``"zscore"`` also centres
 each gene, so that the cosine becomes a correlation of the standardised
@@ -14,9 +14,6 @@ profiles.
 from __future__ import annotations
 
 import numpy as np
-
-#: Allowed values of ``normalize``; ``"none"`` is scimpute's behaviour.
-NORMALIZATIONS: tuple[str, ...] = ("none", "cpm", "log1p_cpm", "scale", "zscore")
 
 
 def cpm(x: np.ndarray) -> np.ndarray:

@@ -22,7 +22,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from numbers import Integral
 from pathlib import Path
 
 import dask
@@ -32,11 +31,18 @@ import pandas as pd
 from scipy.stats import spearmanr
 from sklearn.isotonic import IsotonicRegression
 
-from . import __version__, cluster, export, graph, heldout, plan, plotting
-from .imputation import DEFAULT_TEMPERATURE, neighbour_weights
-from .metrics import METRICS, paired_scores, summarize
-from .pipeline import _check_inputs, _digest, _store_for, search_options, store_stage
-from .validation import InputError, check_positive_int
+from scimpute_dask import __version__, plan
+from scimpute_dask.config import VALIDATE_OPTIONS, RunConfig, documented, parse_memory
+from scimpute_dask.engine import cluster, graph
+from scimpute_dask.engine.inputs import check_inputs, store_for
+from scimpute_dask.engine.stages import digest, store_stage
+from scimpute_dask.errors import InputError
+from scimpute_dask.export.outdir import atomic_file, check_creatable
+from scimpute_dask.export.tables import write_manifest
+from scimpute_dask.kernels.imputation import neighbour_weights
+from scimpute_dask.kernels.metrics import METRICS, paired_scores, summarize
+from scimpute_dask.plotting.figures import SCORE_PNG, heldout_sparsity_plot
+from scimpute_dask.tools import heldout
 
 log = logging.getLogger("scimpute_dask")
 
@@ -105,6 +111,7 @@ def calibrate(agree: np.ndarray, score: np.ndarray) -> IsotonicRegression | None
     return IsotonicRegression(increasing=True, out_of_bounds="clip").fit(agree[ok], score[ok])
 
 
+@documented(*[o for o in VALIDATE_OPTIONS if o != "consider_clusters"])
 def cross_validate(
     query,
     reference,
@@ -118,7 +125,7 @@ def cross_validate(
     seed: int = 0,
     normalize: str = "none",
     weighting: str = "cosine+1",
-    temperature: float = DEFAULT_TEMPERATURE,
+    temperature: float = 0.1,
     reliability: bool = True,
     query_layout: str = "genes_x_cells",
     reference_layout: str = "genes_x_cells",
@@ -139,26 +146,13 @@ def cross_validate(
         Directory for ``genes.tsv``, ``cells.tsv``, ``summary.tsv``,
         ``reliability.tsv``, the plot, ``validate.json`` and the Zarr stores
         (converted inputs and each fold's neighbours and imputation, resumable).
-    identities, cell_name_column_idx, consider_clusters
+    identities, consider_clusters
         Restrict neighbours to the query cell's cluster, as a run does. The
         clustering must not have used the held-out genes, or it leaks them;
         hence off by default.
-    k
-        Neighbours per query cell.
-    folds
-        Number of gene folds (2 .. number of shared genes).
-    seed
-        Seed of the gene split.
-    normalize, weighting, temperature
-        Search options, as for :func:`~scimpute_dask.run_imputation`.
-    reliability
-        Also rate every reference-only gene (``reliability.tsv``): its
-        neighbours' agreement, from one more kNN on all shared genes, mapped to
-        a predicted held-out Pearson by the calibration fitted on the shared genes.
-    query_layout, reference_layout, memory_limit, chunk_size, progress, scheduler, client
-        As for :func:`~scimpute_dask.run_imputation`.
-    plot
-        Write the per-gene score vs. sparsity plot.
+    client
+        A ``distributed.Client`` to run on instead of ``scheduler``.
+    {options}
 
     Returns
     -------
@@ -169,18 +163,18 @@ def cross_validate(
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    k = check_positive_int(k, "k_neighbors")
-    folds = check_positive_int(folds, "folds")
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    options = search_options(normalize, weighting, temperature)
-    if chunk_size is not None:
-        chunk_size = check_positive_int(chunk_size, "chunk_size")
-    if consider_clusters and identities is None:
+    config = RunConfig.create(
+        VALIDATE_OPTIONS, k=k, consider_clusters=consider_clusters,
+        cell_name_column_idx=cell_name_column_idx, folds=folds, seed=seed,
+        normalize=normalize, weighting=weighting, temperature=temperature,
+        reliability=reliability, query_layout=query_layout, reference_layout=reference_layout,
+        memory_limit=memory_limit, chunk_size=chunk_size, plot=plot, progress=progress,
+        scheduler=scheduler)
+    if config.consider_clusters and identities is None:
         raise InputError("consider_clusters=True needs the cell identity table")
-    limit = plan.parse_memory(memory_limit)
-    inputs = _check_inputs(query, reference, identities, cell_name_column_idx, k,
-                           consider_clusters, query_layout, reference_layout, None)
+    limit = parse_memory(config.memory_limit)
+    inputs = check_inputs(query, reference, identities, config, tsv=False)
+    k, folds, options = config.k, config.folds, config.search()
     n_shared = len(inputs.q_cols)
     if not 2 <= folds <= n_shared:
         raise InputError(f"folds must be between 2 and the number of shared genes ({n_shared}), "
@@ -188,25 +182,28 @@ def cross_validate(
     outdir = Path(outdir).absolute()
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"{outdir}: output path exists and is not a directory")
+    if not outdir.exists():
+        check_creatable(outdir)
     zarr_dir = outdir / "zarr"
     zarr_dir.mkdir(parents=True, exist_ok=True)
 
-    q_store = _store_for(query, "query", outdir, outdir, query_layout, False, progress, limit)
-    r_store = _store_for(reference, "reference", outdir, outdir, reference_layout, False,
-                         progress, limit)
+    q_store = store_for(query, "query", outdir, outdir, config.query_layout, False,
+                        config.progress, limit)
+    r_store = store_for(reference, "reference", outdir, outdir, config.reference_layout, False,
+                        config.progress, limit)
     timings["convert"] = round(time.perf_counter() - clock, 3)
     n_q, n_r = len(inputs.q_cells), len(inputs.r_cells)
     blocks = plan.plan_run(limit, n_q, n_r, n_shared, len(inputs.r_genes),
-                           query_chunk=chunk_size)
-    fold = gene_folds(n_shared, folds, seed)
+                           query_chunk=config.chunk_size)
+    fold = gene_folds(n_shared, folds, config.seed)
     # shared genes in fold order: each fold's genes are one column range of the stores
     order = np.argsort(fold, kind="stable")
     bounds = np.searchsorted(fold[order], np.arange(folds + 1))
 
-    with cluster.compute_on(client, scheduler, blocks.threads, progress):
+    with cluster.compute_on(client, config.scheduler, blocks.threads, config.progress):
         clock = time.perf_counter()
         search = _Search(zarr_dir, q_store, r_store, inputs, blocks, k, options,
-                         consider_clusters)
+                         config.consider_clusters)
         imputed, moments = [], []
         for f in range(folds):
             test = order[bounds[f]:bounds[f + 1]]
@@ -230,7 +227,7 @@ def cross_validate(
         gene_table.insert(1, "fold", fold[order])
         gene_table.insert(2, "sparsity", sparsity)
         gene_table["agreement"] = agree
-        if reliability:
+        if config.reliability:
             clock = time.perf_counter()
             rel = _reliability(search, inputs, gene_table)
             timings["reliability"] = round(time.perf_counter() - clock, 3)
@@ -249,18 +246,18 @@ def cross_validate(
     if rel is not None:
         files["reliability"] = outdir / heldout.RELIABILITY
         _write_tsv(files["reliability"], rel, index=False)
-    if plot:
-        files["plot"] = outdir / plotting.SCORE_PNG
-        heldout.sparsity_plot(files["plot"], gene_table)
-    for stale in {heldout.RELIABILITY, plotting.SCORE_PNG} - {p.name for p in files.values()}:
+    if config.plot:
+        files["plot"] = outdir / SCORE_PNG
+        heldout_sparsity_plot(files["plot"], gene_table)
+    for stale in {heldout.RELIABILITY, SCORE_PNG} - {p.name for p in files.values()}:
         (outdir / stale).unlink(missing_ok=True)  # from an earlier validation into outdir
     files["manifest"] = outdir / heldout.MANIFEST
-    export.write_manifest(files["manifest"], {
+    write_manifest(files["manifest"], {
         "scimpute_dask": __version__, "query": inputs.q_label, "reference": inputs.r_label,
         # what a run given this directory (run --validation) checks its inputs against
         "inputs": {"query": q_store.fingerprint, "reference": r_store.fingerprint},
-        "parameters": {"k": k, "folds": folds, "seed": seed,
-                       "consider_clusters": consider_clusters, **options,
+        "parameters": {"k": k, "folds": folds, "seed": config.seed,
+                       "consider_clusters": config.consider_clusters, **options,
                        "chunk_size": blocks.query_chunk, "memory_limit": limit},
         "folds": {str(f): list(gene_table.loc[gene_table["fold"] == f, "gene"])
                   for f in range(folds)},
@@ -283,7 +280,7 @@ class _Search:
             codes, _ = pd.factorize(np.concatenate([inputs.q_ids, inputs.r_ids]))
             self.codes = (da.from_array(codes[: len(inputs.q_cells)], chunks=bq),
                           da.from_array(codes[len(inputs.q_cells):], chunks=br))
-            self.codes_digest = _digest(codes)
+            self.codes_digest = digest(codes)
         self.base_key = {"query": q_store.fingerprint, "reference": r_store.fingerprint, "k": k,
                          "clusters": self.codes_digest if clusters else None,
                          "chunks": [bq, br], **options}
@@ -297,7 +294,7 @@ class _Search:
         w = neighbour_weights(sim, self.options["weighting"], self.options["temperature"])
         group = store_stage(self.zarr_dir / f"{name}_neighbors.zarr",
                             {"indices": (idx, -1), "weights": (w, np.nan)},
-                            {**self.base_key, "search_genes": _digest(search_genes)},
+                            {**self.base_key, "search_genes": digest(search_genes)},
                             {"search_genes": search_genes.tolist()})
         return da.from_zarr(group["indices"]), da.from_zarr(group["weights"])
 
@@ -312,8 +309,8 @@ class _Search:
         ref = self._reference_genes(reference_genes)
         group = store_stage(self.zarr_dir / f"{name}_imputed.zarr",
                             {"X": (graph.impute_graph(idx, w, ref), np.nan)},
-                            {**self.base_key, "search_genes": _digest(search_genes),
-                             "genes": _digest(reference_genes), "gene_chunk": ref.chunks[1][0]},
+                            {**self.base_key, "search_genes": digest(search_genes),
+                             "genes": digest(reference_genes), "gene_chunk": ref.chunks[1][0]},
                             {})
         return da.from_zarr(group["X"]), da.stack(graph.neighbour_moments(idx, w, ref))
 
@@ -383,6 +380,6 @@ def calibration_quality(genes: pd.DataFrame) -> float:
 
 
 def _write_tsv(path: Path, table: pd.DataFrame, index: bool) -> None:
-    with export.atomic_file(path) as fh:
+    with atomic_file(path) as fh:
         table.to_csv(fh, sep="\t", index=index, float_format="%.6g", na_rep="nan")
 

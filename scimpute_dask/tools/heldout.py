@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 from upath import UPath
 
-from . import plotting
-from .conversion import ExpressionStore, is_store, source_fingerprint
-from .storage import Location, location
-from .validation import InputError
+from scimpute_dask.errors import InputError
+from scimpute_dask.io.convert import source_fingerprint
+from scimpute_dask.io.storage import location
+from scimpute_dask.io.store import ExpressionStore, is_store
 
 log = logging.getLogger("scimpute_dask")
 
@@ -48,13 +48,6 @@ class HeldOut:
     reliability: pd.DataFrame  # VAR_COLUMNS, one row per reference gene, in reference order
     genes: pd.DataFrame  # genes.tsv: per shared gene, sparsity and held-out scores
     summary: pd.DataFrame  # summary.tsv: level × metric statistics
-
-
-def sparsity_plot(path: Location, genes: pd.DataFrame) -> None:
-    """Held-out CSS and Pearson of each gene of a ``genes.tsv`` table vs. its sparsity."""
-    plotting.score_vs_sparsity(path, genes["sparsity"].to_numpy(), {
-        "held-out cosine similarity per gene": genes["css"].to_numpy(),
-        "held-out Pearson r per gene": genes["pearson"].to_numpy()})
 
 
 def _fingerprint(source, layout: str, layer: str | None) -> dict | None:

@@ -10,19 +10,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from scimpute_dask.config import DEFAULT_TEMPERATURE
+
 
 def similarity_to_weight(similarity: np.ndarray) -> np.ndarray:
     """scimpute's neighbour weight (its stored "distance"): cosine similarity + 1."""
     return similarity + 1.0
-
-
-#: Allowed values of ``weighting``; ``"cosine+1"`` is scimpute's.
-WEIGHTINGS: tuple[str, ...] = ("cosine+1", "cosine", "softmax", "uniform")
-
-#: Default softmax temperature: the best of the held-out sweep on the real
-#: Molecular Cartography sections with standardised genes (0.01 and 0.05 were
-#: worse, and so were 0.2 to 0.5 in a check; ``benchmarks/accuracy.py``).
-DEFAULT_TEMPERATURE = 0.1
 
 
 def neighbour_weights(similarity, weighting: str = "cosine+1",

@@ -2,16 +2,21 @@
 
 Every figure has a fixed pixel size (``figsize`` × ``DPI``, no tight bounding
 box), is drawn with matplotlib's Agg backend and written atomically. The
-validation histogram is :func:`scimpute_dask.export.write_histogram`.
+validation histogram is :func:`scimpute_dask.export.tables.write_histogram`.
 """
 
 from __future__ import annotations
 
 import dask.array as da
 import numpy as np
+import pandas as pd
+import zarr
 
-from .export import atomic_file
-from .storage import Location
+from scimpute_dask.engine.inputs import RunInputs
+from scimpute_dask.export.outdir import atomic_file
+from scimpute_dask.export.tables import HISTOGRAM
+from scimpute_dask.io.storage import Location, zarr_store
+from scimpute_dask.io.store import ExpressionStore
 
 DPI = 100
 PANEL_INCHES = 4.0
@@ -137,3 +142,60 @@ def score_vs_sparsity(path: Location, sparsity: np.ndarray, scores: dict[str, np
         ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     _save(fig, path)
+
+
+def heldout_sparsity_plot(path: Location, genes: pd.DataFrame) -> None:
+    """Held-out CSS and Pearson of each gene of a ``genes.tsv`` table vs. its sparsity."""
+    score_vs_sparsity(path, genes["sparsity"].to_numpy(), {
+        "held-out cosine similarity per gene": genes["css"].to_numpy(),
+        "held-out Pearson r per gene": genes["pearson"].to_numpy()})
+
+
+def run_figures(work: Location, files: dict[str, Location], xy: np.ndarray | None,
+                q_store: ExpressionStore, r_store: ExpressionStore, inputs: RunInputs,
+                plot_genes: list[str] | None, heldout_genes: pd.DataFrame | None
+                ) -> list[tuple[str, str]]:
+    """Draw a run's figures into ``work``; return the report's list of (file, caption).
+
+    The score histogram (already written), a validation's held-out score plot
+    (``heldout_genes``: its ``genes.tsv``), and spatial maps of chosen genes
+    (with coordinates ``xy``). Drawn files are added to ``files``.
+    """
+    figures = [(HISTOGRAM, "Validation score of each query cell (scimpute's histogram)")]
+    if heldout_genes is not None:
+        files["sparsity_plot"] = work / SCORE_PNG
+        heldout_sparsity_plot(files["sparsity_plot"], heldout_genes)
+        figures.append((SCORE_PNG, "Held-out score of each shared gene (imputed "
+                        "with the gene hidden from the neighbour search) vs. its sparsity "
+                        "in the query"))
+    if xy is None:
+        return figures
+    measured = inputs.measured
+    genes = pd.Index(inputs.r_genes)
+    if plot_genes is None:
+        shared, others = choose_genes(r_store.to_dask(), inputs.r_genes, measured)
+    else:
+        pos = genes.get_indexer(list(plot_genes))
+        shared = [g for g, p in zip(plot_genes, pos, strict=True) if measured[p]]
+        others = [g for g, p in zip(plot_genes, pos, strict=True) if not measured[p]]
+    rows = sample_rows(len(inputs.q_cells))
+    imputed = zarr.open_group(zarr_store(work / "zarr" / "imputed.zarr", True), mode="r")["X"]
+    if shared:
+        r_pos = genes.get_indexer(shared)
+        q_of = dict(zip(inputs.r_cols.tolist(), inputs.q_cols.tolist(), strict=True))
+        q_pos = np.array([q_of[p] for p in r_pos])
+        files["measured_map"] = work / SHARED_PNG
+        spatial_measured_vs_imputed(
+            files["measured_map"], xy[rows], shared,
+            q_store.group["X"].get_orthogonal_selection((rows, q_pos)),
+            imputed.get_orthogonal_selection((rows, r_pos)))
+        figures.append((SHARED_PNG, "Genes the query measured: measured (left) and "
+                        "imputed (right) expression on the tissue"))
+    if others:
+        files["imputed_map"] = work / IMPUTED_PNG
+        spatial_imputed(files["imputed_map"], xy[rows], others,
+                                 imputed.get_orthogonal_selection((rows, genes.get_indexer(
+                                     others))))
+        figures.append((IMPUTED_PNG, "Genes the query did not measure: imputed "
+                        "expression on the tissue"))
+    return figures

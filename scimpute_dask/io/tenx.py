@@ -24,8 +24,12 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .storage import Location, is_remote
-from .validation import InputError, check_unique_names, check_values
+from scimpute_dask import plan
+from scimpute_dask.checks import check_unique_names, check_values
+from scimpute_dask.errors import InputError
+from scimpute_dask.io import store as stores
+from scimpute_dask.io.registry import Reader, ReadOptions
+from scimpute_dask.io.storage import Location, is_location, is_remote, remove_tree
 
 _MATRIX = ("matrix.mtx", "matrix.mtx.gz")
 _BARCODES = ("barcodes.tsv", "barcodes.tsv.gz")
@@ -133,14 +137,12 @@ def _header(mtx: Path, label: str) -> tuple[int, int, int, int]:
 
 def fingerprint(directory: Path) -> dict:
     """What identifies a conversion of a 10x directory: its three files."""
-    from .conversion import FORMAT_VERSION
-
     parts = {}
     for path in _files(directory, str(directory)):
         st = path.stat()
         parts[path.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     return {"source": str(directory.resolve()), "files": parts,
-            "format_version": FORMAT_VERSION, "layout": "10x"}
+            "format_version": stores.FORMAT_VERSION, "layout": "10x"}
 
 
 def _bucket(mtx: Path, n_genes: int, n_cells: int, nnz: int, skip: int, step: int,
@@ -188,22 +190,18 @@ def convert_10x(directory: Path, store: Location, *, restart: bool, progress: bo
 
     An interrupted conversion starts again from the beginning.
     """
-    from . import plan
-    from .conversion import ExpressionStore, _create, _existing, _progress_bar
-    from .storage import remove_tree
-
     label = name or str(directory)
     cells, genes = read_names(directory, label)
     mtx = _files(directory, label)[0]
     n_genes, n_cells, nnz, skip = _header(mtx, label)
     fp = fingerprint(directory)
-    group = _existing(store, fp, restart, label)
+    group = stores.resumable(store, fp, restart, label)
     if group is not None and group.attrs.get("complete"):
-        return ExpressionStore(store)
+        return stores.ExpressionStore(store)
     if group is not None:
         remove_tree(store)
     chunks = plan.store_chunks(len(cells), len(genes), False, 0, memory_limit)
-    group = _create(store, fp, cells, genes, chunks)
+    group = stores.create(store, fp, cells, genes, chunks)
     X = group["X"]
     step = X.chunks[0]
     # The buckets are local files (appended to, read back with numpy): beside a
@@ -212,11 +210,11 @@ def convert_10x(directory: Path, store: Location, *, restart: bool, progress: bo
     with tempfile.TemporaryDirectory(prefix=f".{store.name}.buckets-",
                                      dir=None if is_remote(store) else store.parent) as tmp:
         buckets = Path(tmp)
-        bar = _progress_bar(progress, total=nnz, desc=f"read {mtx.name}")
+        bar = stores.progress_bar(progress, total=nnz, desc=f"read {mtx.name}")
         bar.unit = "entry"
         _bucket(mtx, n_genes, n_cells, nnz, skip, step, buckets, label, bar)
         bar.close()
-        bar = _progress_bar(progress, total=len(cells), desc=f"convert {directory.name}")
+        bar = stores.progress_bar(progress, total=len(cells), desc=f"convert {directory.name}")
         for lo in range(0, len(cells), step):
             hi = min(lo + step, len(cells))
             part = buckets / f"{lo // step}.bin"
@@ -228,8 +226,28 @@ def convert_10x(directory: Path, store: Location, *, restart: bool, progress: bo
                 shape=(hi - lo, len(genes))).toarray()
             check_values(block, cells[lo:hi], genes, label, "cell", "gene")
             X[lo:hi, :] = block.astype(np.float32)
-            group.attrs["progress"] = {"rows_done": hi, "offset": 0}
+            stores.record_progress(group, hi)
             bar.update(hi - lo)
         bar.close()
-    group.attrs["complete"] = True
-    return ExpressionStore(store)
+    return stores.finish(group, store)
+
+
+def _claims(source: object) -> bool:
+    return is_location(source) and is_10x(source)
+
+
+def _names(source: Path, options: ReadOptions) -> tuple[np.ndarray, np.ndarray]:
+    return read_names(source, options.label)
+
+
+def _fingerprint(source: Path, options: ReadOptions) -> dict:
+    return fingerprint(source)
+
+
+def _convert(source: Path, store: Location, options: ReadOptions) -> stores.ExpressionStore:
+    return convert_10x(source, store, restart=options.restart, progress=options.progress,
+                       memory_limit=options.memory_limit, name=options.label)
+
+
+READER = Reader("a 10x directory (matrix.mtx, barcodes, features)", _claims, _names,
+                _fingerprint, _convert)

@@ -30,8 +30,19 @@ import pandas as pd
 from scipy import sparse
 from upath import UPath
 
-from .storage import Location, is_remote, location, remove_tree, zarr_store
-from .validation import InputError, check_unique_names, check_values
+from scimpute_dask import plan
+from scimpute_dask.checks import check_unique_names, check_values
+from scimpute_dask.errors import InputError
+from scimpute_dask.io import store as stores
+from scimpute_dask.io.registry import Reader, ReadOptions
+from scimpute_dask.io.storage import (
+    Location,
+    is_location,
+    is_remote,
+    location,
+    remove_tree,
+    zarr_store,
+)
 
 #: Where the run's neighbours and parameters go in the output AnnData.
 NEIGHBORS_KEY = "scimpute_neighbors"
@@ -71,8 +82,8 @@ def is_anndata(source: object) -> bool:
     """An in-memory AnnData, an ``.h5ad`` file or an AnnData-Zarr store."""
     if type(source).__name__ == "AnnData":
         return True
-    if isinstance(source, str | os.PathLike):
-        path = Path(source)
+    if isinstance(source, str | os.PathLike) or is_location(source):
+        path = source if is_location(source) else Path(source)
         return path.suffix == ".h5ad" or (path.is_dir() and is_anndata_zarr(path))
     return False
 
@@ -266,18 +277,32 @@ def read_coords(path: str | os.PathLike | UPath, cells: np.ndarray) -> np.ndarra
     return xy
 
 
+def query_annotations(query, q_cells: np.ndarray, coords
+                      ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The query's ``obs`` and ``obsm`` for the outputs; ``obsm["spatial"]`` from ``coords``."""
+    obs, obsm = pd.DataFrame(index=pd.Index(q_cells.astype(str))), {}
+    if is_anndata(query):
+        obs, obsm = read_annotations(query)
+        obs.index = pd.Index(q_cells.astype(str))
+    if coords is not None:
+        obsm["spatial"] = read_coords(coords, q_cells)
+    spatial = obsm.get("spatial")
+    if spatial is not None and (spatial.ndim != 2 or spatial.shape[1] < 2):
+        raise InputError(f"query: obsm['spatial'] must be cells × 2 coordinates, "
+                         f"got shape {spatial.shape}")
+    return obs, obsm
+
+
 def fingerprint(src: Path, layer: str | None) -> dict:
     """What identifies a conversion of an ``.h5ad`` file or AnnData-Zarr store."""
-    from .conversion import file_fingerprint
-
     options = {} if _layer_name(layer) == "X" else {"layer": layer}
     if src.is_dir():
         # the element's metadata is rewritten (a new inode) when the store is rewritten
         name = "X" if _layer_name(layer) == "X" else f"layers/{layer}"
         meta = next((m for m in (src / name / "zarr.json", src / name / ".zattrs",
                                  src / name / ".zarray") if m.exists()), src)
-        return {**file_fingerprint(meta, **options), "source": str(src.resolve())}
-    return file_fingerprint(src, **options)
+        return {**stores.file_fingerprint(meta, **options), "source": str(src.resolve())}
+    return stores.file_fingerprint(src, **options)
 
 
 def _blocks(matrix, start: int, step: int, by_columns: bool
@@ -301,8 +326,6 @@ def convert_anndata(source, store: Location, *, layer: str | None, restart: bool
     CSR and dense matrices are read one block of rows at a time, CSC one block
     of genes at a time; neither is ever densified whole.
     """
-    from . import plan
-    from .conversion import ExpressionStore, _create, _existing, _progress_bar
     in_memory = not isinstance(source, str | os.PathLike)
     label = name or ("AnnData" if in_memory else str(source))
     cells, genes = read_names(source, layer, label)
@@ -313,20 +336,20 @@ def convert_anndata(source, store: Location, *, layer: str | None, restart: bool
         group = None
     else:
         fp = fingerprint(Path(source), layer)
-        group = _existing(store, fp, restart, label)
+        group = stores.resumable(store, fp, restart, label)
         if group is not None and group.attrs.get("complete"):
-            return ExpressionStore(store)
+            return stores.ExpressionStore(store)
     with _opened(source) as root:
         matrix = _matrix(root, layer, label)
         by_columns = _is_csc(matrix)
         if group is None:
             chunks = plan.store_chunks(len(cells), len(genes), by_columns, 0, memory_limit)
-            group = _create(store, fp, cells, genes, chunks)
+            group = stores.create(store, fp, cells, genes, chunks)
         X = group["X"]
         step = X.chunks[1] if by_columns else X.chunks[0]
         total = len(genes) if by_columns else len(cells)
         done = int(group.attrs["progress"]["rows_done"])
-        bar = _progress_bar(progress, total=total, initial=done,
+        bar = stores.progress_bar(progress, total=total, initial=done,
                             desc=f"convert {label if in_memory else Path(source).name}")
         for lo, block in _blocks(matrix, done, step, by_columns):
             hi = lo + block.shape[1 if by_columns else 0]
@@ -336,11 +359,28 @@ def convert_anndata(source, store: Location, *, layer: str | None, restart: bool
             else:
                 check_values(block, cells[lo:hi], genes, label, "cell", "gene")
                 X[lo:hi, :] = block.astype(np.float32, copy=False)
-            group.attrs["progress"] = {"rows_done": hi, "offset": 0}
+            stores.record_progress(group, hi)
             bar.update(hi - lo)
         bar.close()
-    group.attrs["complete"] = True
-    return ExpressionStore(store)
+    return stores.finish(group, store)
+
+
+def _names(source, options: ReadOptions) -> tuple[np.ndarray, np.ndarray]:
+    return read_names(source, options.layer, options.label)
+
+
+def _fingerprint(source, options: ReadOptions) -> dict | None:
+    return fingerprint(source, options.layer) if is_location(source) else None
+
+
+def _convert(source, store: Location, options: ReadOptions) -> stores.ExpressionStore:
+    return convert_anndata(source, store, layer=options.layer, restart=options.restart,
+                           progress=options.progress, memory_limit=options.memory_limit,
+                           name=options.label)
+
+
+READER = Reader("AnnData (.h5ad, AnnData-Zarr, in memory)", is_anndata, _names, _fingerprint,
+                _convert)
 
 
 # --------------------------------------------------------------------------- #

@@ -14,10 +14,11 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from . import graph
-from .imputation import DEFAULT_TEMPERATURE, neighbour_weights
-from .pipeline import search_options
-from .validation import InputError, check_positive_int
+from scimpute_dask.checks import check_positive_int
+from scimpute_dask.config import DEFAULT_TEMPERATURE, RunConfig
+from scimpute_dask.engine import graph
+from scimpute_dask.errors import InputError
+from scimpute_dask.kernels.imputation import neighbour_weights
 
 
 def self_impute_graph(x: da.Array, k: int, normalize: str = "none", weighting: str = "cosine+1",
@@ -55,7 +56,8 @@ def self_impute(expression: pd.DataFrame, k: int = 25, *, normalize: str = "none
         Same shape and labels; NaN rows for all-zero cells.
     """
     k = check_positive_int(k, "k_neighbors")
-    search_options(normalize, weighting, temperature)
+    RunConfig.create(["normalize", "weighting", "temperature"], normalize=normalize,
+                     weighting=weighting, temperature=temperature)
     if k >= len(expression):
         raise InputError(f"k_neighbors={k} must be below the number of cells "
                          f"({len(expression)}) in self-imputation")

@@ -1,0 +1,49 @@
+"""The imputed AnnData (``adata.zarr``, ``imputed.h5ad``), streamed from a run's stores."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import zarr
+
+from scimpute_dask import __version__
+from scimpute_dask.engine.inputs import RunInputs
+from scimpute_dask.io import anndata_io
+from scimpute_dask.io.storage import Location, zarr_store
+
+
+def write_anndata(work: Location, inputs: RunInputs, obs: pd.DataFrame, obsm: dict,
+                  scores: np.ndarray, stats: dict, parameters: dict, h5ad: bool,
+                  zarr_out: bool, reliability: pd.DataFrame | None) -> dict[str, Location]:
+    """The imputed AnnData, streamed from the stores, as ``adata.zarr`` and/or ``imputed.h5ad``.
+
+    ``reliability``: a validation's per-gene reliability columns, one row per
+    reference gene in reference order, to join ``var``.
+    """
+    zarr_dir = work / "zarr"
+    nbrs = zarr.open_group(zarr_store(zarr_dir / "neighbors.zarr", True), mode="r")
+    obs = obs.assign(scimpute_score=scores)
+    var = pd.DataFrame({"measured": inputs.measured},
+                       index=pd.Index(inputs.r_genes.astype(str)))
+    if reliability is not None:  # rows already checked to be the reference genes, in order
+        var = var.assign(**{c: reliability[c].to_numpy() for c in reliability.columns})
+    uns = {"parameters": {k: v for k, v in parameters.items() if v is not None},
+           "stats": stats, "reference_cells": inputs.r_cells.astype(str),
+           "neighbors": {"indices": f"obsm/{anndata_io.NEIGHBORS_KEY}",
+                         "weights": f"obsm/{anndata_io.WEIGHTS_KEY}",
+                         "meaning": "rows of uns/scimpute/reference_cells (-1 = none); "
+                                    "weight = cosine similarity + 1"},
+           "version": __version__}
+    adata = anndata_io.imputed_anndata(
+        zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True), mode="r")["X"], obs, obsm,
+        var,
+        da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]), uns)
+    files = {}
+    if zarr_out:
+        files["anndata"] = work / "adata.zarr"
+        anndata_io.write(adata, files["anndata"])
+    if h5ad:
+        files["h5ad"] = work / "imputed.h5ad"
+        anndata_io.write(adata, files["h5ad"])
+    return files

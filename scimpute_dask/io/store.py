@@ -1,0 +1,241 @@
+"""The working format: a converted expression matrix as a chunked Zarr store.
+
+Every reader writes the same :class:`ExpressionStore`, a Zarr group laid out
+cells × genes:
+
+``X``
+    float32 array, cells × genes, chunked ``(cell_chunk, gene_chunk)``
+    (:func:`scimpute_dask.plan.store_chunks`).
+``obs_names`` / ``var_names``
+    cell and gene names.
+attrs
+    ``format``, ``fingerprint`` (what was converted), ``progress`` (how far),
+    ``complete``.
+
+A reader writes whole chunks per block and then records its progress, so a
+conversion that dies half-way resumes at the last recorded block
+(:func:`resumable`); a store converted from the same, unchanged input is
+reused as it is. This module is the one place that knows the layout; every
+reader depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from scimpute_dask.errors import InputError
+from scimpute_dask.io.registry import Reader, ReadOptions
+from scimpute_dask.io.storage import (
+    Location,
+    is_location,
+    is_remote,
+    location,
+    remove_tree,
+    zarr_store,
+)
+
+#: Bumped when a reader changes what it writes: older stores are then converted again.
+FORMAT_VERSION = 1
+FORMAT = "scimpute-dask-expression"
+
+
+@dataclass(frozen=True)
+class ExpressionStore:
+    """A converted, complete cells × genes expression matrix in Zarr.
+
+    Parameters
+    ----------
+    path
+        Directory of the Zarr group: a local path or an fsspec URL path.
+    """
+
+    path: Location
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ExpressionStore:
+        """Open a complete store, refusing one whose conversion did not finish."""
+        path = location(path)
+        try:
+            group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+            raise InputError(f"{path}: not a scimpute-dask Zarr store") from err
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise InputError(f"{path}: not a scimpute-dask Zarr store")
+        if not attrs.get("complete", False):
+            raise InputError(
+                f"{path}: conversion did not finish; rerun the conversion to resume it"
+            )
+        return cls(path)
+
+    @property
+    def group(self) -> zarr.Group:
+        return zarr.open_group(zarr_store(self.path, read_only=True), mode="r")
+
+    @property
+    def cell_names(self) -> np.ndarray:
+        return np.asarray(self.group["obs_names"][:], dtype=object)
+
+    @property
+    def gene_names(self) -> np.ndarray:
+        return np.asarray(self.group["var_names"][:], dtype=object)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.group["X"].shape)
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        return tuple(self.group["X"].chunks)
+
+    @property
+    def fingerprint(self) -> dict:
+        return dict(self.group.attrs["fingerprint"])
+
+    def to_dask(self, chunks: tuple[int, int] | None = None):
+        """The matrix as a lazy Dask array read straight from Zarr."""
+        import dask.array as da
+
+        X = self.group["X"]
+        return da.from_zarr(X, chunks=chunks or X.chunks)
+
+
+def is_store(path: Location) -> bool:
+    """Is ``path`` a scimpute-dask store (to be used as it is) rather than a file to convert?"""
+    meta = path / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and attrs.get("format") == FORMAT
+
+
+def file_fingerprint(path: Location, **options: object) -> dict:
+    """What identifies a conversion of a file: its identity and the reading options."""
+    if is_remote(path):
+        # the backend's unique key of the object's version (S3: its ETag)
+        return {"source": str(path), "size": path.fs.size(path.path),
+                "key": path.fs.ukey(path.path), "format_version": FORMAT_VERSION, **options}
+    st = path.stat()
+    # ctime cannot be set back by cp -p, rsync -a or tar, unlike mtime
+    return {
+        "source": str(path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+        "format_version": FORMAT_VERSION,
+        **options,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Life cycle: create, resume, finish
+# --------------------------------------------------------------------------- #
+def resumable(store: Location, fingerprint: dict, restart: bool, label: str
+              ) -> zarr.Group | None:
+    """The group to resume or reuse at ``store``, or ``None`` to start afresh.
+
+    Refuses a store holding a conversion of another input (or of this one
+    before it changed) rather than mixing the two.
+    """
+    if restart and store.exists():
+        remove_tree(store)
+    if not (store / "zarr.json").exists():
+        return None
+    group = zarr.open_group(zarr_store(store), mode="r+")
+    old = dict(group.attrs).get("fingerprint")
+    if old is None:
+        # killed before its first record: nothing to resume
+        remove_tree(store)
+        return None
+    if old != fingerprint:
+        raise InputError(
+            f"{store} holds a conversion of a different input than {label} "
+            f"(the file changed or other options were given); refusing to mix them. "
+            f"Use restart (--restart) to convert from scratch."
+        )
+    return group
+
+
+def unfinished(store: Location) -> zarr.Group | None:
+    """The group at ``store`` if it holds a conversion that did not finish."""
+    if not (store / "zarr.json").exists():
+        return None
+    group = zarr.open_group(zarr_store(store, read_only=True), mode="r")
+    return None if group.attrs.get("complete") else group
+
+
+def create(
+    store: Location,
+    fingerprint: dict,
+    cell_names: np.ndarray,
+    gene_names: np.ndarray,
+    chunks: tuple[int, int],
+) -> zarr.Group:
+    """A new, empty store for ``cell_names`` × ``gene_names``, progress at zero."""
+    if not is_remote(store):  # object stores have no directories to make
+        store.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(zarr_store(store), mode="w")
+    for key, names in (("obs_names", cell_names), ("var_names", gene_names)):
+        arr = group.create_array(key, shape=(len(names),), dtype=str, chunks=(max(len(names), 1),))
+        arr[:] = np.asarray(names, dtype=str)
+    group.create_array(
+        "X",
+        shape=(len(cell_names), len(gene_names)),
+        dtype="float32",
+        chunks=chunks,
+        fill_value=0.0,
+    )
+    group.attrs.update(
+        {
+            "format": FORMAT,
+            "fingerprint": fingerprint,
+            "progress": {"rows_done": 0, "offset": 0},
+            "complete": False,
+        }
+    )
+    return group
+
+
+def record_progress(group: zarr.Group, rows_done: int, offset: int = 0) -> None:
+    """After a block's chunks are written: how far the conversion got (never before)."""
+    group.attrs["progress"] = {"rows_done": rows_done, "offset": offset}
+
+
+def finish(group: zarr.Group, store: Location) -> ExpressionStore:
+    """Mark a store complete: from now on it is reused, never rewritten."""
+    group.attrs["complete"] = True
+    return ExpressionStore(store)
+
+
+def progress_bar(enabled: bool, **kwargs):
+    """A conversion's progress bar (tqdm), or a silent one."""
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, unit="row", leave=False, **kwargs)
+
+
+# --------------------------------------------------------------------------- #
+# An existing store as an input
+# --------------------------------------------------------------------------- #
+def _claims(source: object) -> bool:
+    return is_location(source) and source.is_dir() \
+        and (source / "zarr.json").exists()
+
+
+def _names(source: Location, options: ReadOptions) -> tuple[np.ndarray, np.ndarray]:
+    store = ExpressionStore.open(source)
+    return store.cell_names, store.gene_names
+
+
+def _convert(source: Location, store: Location, options: ReadOptions) -> ExpressionStore:
+    return ExpressionStore.open(source)
+
+
+READER = Reader("a scimpute-dask store (.zarr)", _claims, _names, None, _convert, remote=True)

@@ -1,0 +1,321 @@
+"""Delimited text matrices (TSV, CSV), plain or compressed, streamed into a store.
+
+scimpute's layout is genes as rows and cells as columns (first row: cell
+names, first column: gene names); ``cells_x_genes`` is the transpose. Files
+may be gzip, bzip2, xz or zstd compressed (recognised by their first bytes,
+whatever their name), as GEO and most labs ship them; they are decompressed
+as a stream, never whole, in memory or on disk.
+
+Conversion reads one block of whole lines at a time (memory bounded by the
+block, never by the file), writes it as whole Zarr chunks and then records in
+the store how many rows are done and the offset of the next line in the
+(decompressed) text. A resumed conversion seeks to that offset: at once in a
+plain file; in a compressed one by decompressing up to it without parsing,
+as compressed streams cannot be entered in the middle.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import io
+import lzma
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from scimpute_dask import plan
+from scimpute_dask.checks import check_unique_names, check_values
+from scimpute_dask.errors import InputError
+from scimpute_dask.io import store as stores
+from scimpute_dask.io import textcodec
+from scimpute_dask.io.registry import Reader, ReadOptions
+from scimpute_dask.io.storage import Location, is_location
+
+#: First bytes of each compression this reader streams through.
+MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+         b"\x28\xb5\x2f\xfd": "zstd"}
+#: Decompression errors of a damaged file (zstd raises ZstdError, a plain Exception).
+_DAMAGED = (OSError, EOFError, zlib.error, lzma.LZMAError)
+#: Bytes looked at to tell text from a binary file.
+_SNIFF = 1 << 16
+
+
+def compression(path: Location) -> str | None:
+    """``"gzip"``, ``"bzip2"``, ``"xz"``, ``"zstd"`` or ``None``, from the file's first bytes."""
+    with path.open("rb") as fh:
+        head = fh.read(6)
+    return next((kind for magic, kind in MAGIC.items() if head.startswith(magic)), None)
+
+
+def _decompressed(raw, kind: str | None, label: str):
+    if kind is None:
+        return raw
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if kind == "bzip2":
+        return bz2.BZ2File(raw, mode="rb")
+    if kind == "xz":
+        return lzma.LZMAFile(raw, mode="rb")
+    try:
+        import zstandard
+    except ImportError:
+        raise InputError(f"{label}: zstd-compressed text needs the zstandard package: "
+                         f"pip install 'scimpute-dask[zstd]'") from None
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20)
+
+
+@contextlib.contextmanager
+def open_text(path: Location, label: str) -> Iterator[io.BufferedIOBase]:
+    """The file's text as a binary stream, decompressed on the fly if it is compressed.
+
+    A damaged compressed file, or one that is binary rather than text, is an
+    :class:`InputError` naming the file.
+    """
+    kind = compression(path)
+    with path.open("rb") as raw:
+        fh = _decompressed(raw, kind, label)
+        try:
+            yield fh
+        except InputError:
+            raise
+        except _DAMAGED as err:
+            raise InputError(f"{label}: damaged {kind or 'text'} file ({err})") from None
+        except Exception as err:
+            if type(err).__name__ == "ZstdError":
+                raise InputError(f"{label}: damaged zstd file ({err})") from None
+            raise
+        finally:
+            if fh is not raw:
+                fh.close()
+
+
+def _check_text(path: Location, label: str) -> None:
+    """Refuse a binary file up front: NUL bytes never occur in delimited text."""
+    with open_text(path, label) as fh:
+        head = fh.read(_SNIFF)
+    if b"\x00" in head:
+        raise InputError(
+            f"{label}: a binary file, not delimited text; the inputs read are TSV/CSV "
+            f"(plain or gzip/bzip2/xz/zstd), .h5ad, AnnData-Zarr, 10x directories and "
+            f"scimpute-dask stores")
+
+
+def _decode(raw: bytes, label: str, lineno: int) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise InputError(f"{label}: line {lineno} is not UTF-8 text") from None
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """What one pass over a delimited text file tells before any value is parsed."""
+
+    columns: np.ndarray  # names along the first row
+    rows: np.ndarray  # names along the first column
+    header_bytes: int  # offset of the first data line
+    text_bytes: int  # size of the (decompressed) text
+
+
+def scan_text(path: Location, sep: str, label: str, row_kind: str, col_kind: str) -> TextLayout:
+    """Read the names of a delimited matrix and check its shape, in one streaming pass.
+
+    Every data line must hold one name plus one field per column; the names
+    along both axes must be unique. Values are not parsed here.
+    """
+    sep_b = sep.encode()
+    rows: list[str] = []
+    _check_text(path, label)
+    with open_text(path, label) as fh:
+        header = fh.readline()
+        header_bytes = fh.tell()
+        if not header.strip():
+            raise InputError(f"{label}: file is empty")
+        fields = header.rstrip(b"\r\n").split(sep_b)
+        n_fields = len(fields)
+        for lineno, line in enumerate(fh, start=2):
+            if _blank(line):
+                continue
+            line = line.rstrip(b"\r\n")
+            n = line.count(sep_b) + 1
+            if not rows:
+                # pandas convention: a header one field short has no corner label
+                if n == n_fields + 1 and fields[0].strip(b'"'):
+                    fields = [b"", *fields]
+                    n_fields = n
+            if n != n_fields:
+                raise InputError(
+                    f"{label}: line {lineno} ({row_kind} "
+                    f"'{line.split(sep_b, 1)[0].decode(errors='replace')}') has {n} fields, "
+                    f"the header has {n_fields}"
+                )
+            rows.append(_decode(line[: line.find(sep_b)], label, lineno))
+        text_bytes = fh.tell()
+    if not rows:
+        raise InputError(f"{label}: no data rows below the header")
+    columns = np.array([_decode(f, label, 1).strip('"') for f in fields[1:]], dtype=object)
+    row_names = np.array([r.strip('"') for r in rows], dtype=object)
+    if len(columns) == 0:
+        raise InputError(f"{label}: no {col_kind} columns")
+    check_unique_names(columns, label, col_kind)
+    check_unique_names(row_names, label, row_kind)
+    return TextLayout(columns=columns, rows=row_names, header_bytes=header_bytes,
+                      text_bytes=text_bytes)
+
+
+def _blank(line: bytes) -> bool:
+    """Blank lines are skipped; the scan and the conversion must agree on which."""
+    return not line.strip()
+
+
+def _read_lines(fh: io.BufferedIOBase, n: int) -> tuple[bytes, int]:
+    """Read up to ``n`` non-blank lines; return them and how many were read."""
+    out: list[bytes] = []
+    while len(out) < n:
+        line = fh.readline()
+        if not line:
+            break
+        if not _blank(line):
+            out.append(line)
+    return b"".join(out), len(out)
+
+
+def _skip_to(fh: io.BufferedIOBase, offset: int, kind: str | None) -> None:
+    """Move to ``offset`` of the text: a seek, or a decompressing read up to it.
+
+    gzip, bzip2 and xz streams emulate a forward seek by decompressing; the zstd
+    reader is read forward here in bounded pieces.
+    """
+    if kind != "zstd":
+        fh.seek(offset)
+        return
+    while (gap := offset - fh.tell()) > 0:
+        if not fh.read(min(gap, 1 << 22)):
+            break
+
+
+def _field(text: bytes, sep: str, r: int, c: int) -> str:
+    return text.splitlines()[r].split(sep.encode())[c + 1].decode(errors="replace").strip()
+
+
+def _parse_block(
+    text: bytes,
+    sep: str,
+    row_names: np.ndarray,
+    col_names: np.ndarray,
+    label: str,
+    row_kind: str,
+    col_kind: str,
+) -> np.ndarray:
+    """Parse a block of data lines into a float32 matrix, naming any bad field."""
+    values, (code, r, c) = textcodec.parse_rows(text, sep, len(row_names), len(col_names))
+    if code == textcodec.BAD_FIELD:
+        raise InputError(
+            f"{label}: {row_kind} '{row_names[r]}', {col_kind} '{col_names[c]}': "
+            f"value {_field(text, sep, r, c)!r} is not a number"
+        )
+    if code != textcodec.OK:
+        raise InputError(f"{label}: {row_kind} '{row_names[r]}' has the wrong number of fields")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        written = _field(text, sep, r, c)
+        try:
+            finite = np.isfinite(float(written))
+        except ValueError:
+            finite = False
+        why = (f"is larger than float32 can hold (at most {np.finfo(np.float32).max:.4g})"
+               if finite else "is NaN or infinite")
+        raise InputError(
+            f"{label}: {row_kind} '{row_names[r]}', {col_kind} '{col_names[c]}': "
+            f"value {written!r} {why}; expression must be finite and non-negative"
+        )
+    check_values(values, row_names, col_names, label, row_kind, col_kind)
+    return values
+
+
+# --------------------------------------------------------------------------- #
+# The reader
+# --------------------------------------------------------------------------- #
+def sep_for(src: Location, sep: str | None) -> str:
+    """The field separator: as given, else ``,`` for ``.csv`` (``.csv.gz`` …) and tab otherwise."""
+    if sep is not None:
+        return sep
+    suffixes = [s.lower() for s in src.suffixes]
+    return "," if ".csv" in suffixes[-2:] else "\t"
+
+
+def _kinds(layout: str) -> tuple[str, str]:
+    return ("gene", "cell") if layout == "genes_x_cells" else ("cell", "gene")
+
+
+def _claims(source: object) -> bool:
+    return is_location(source) and not source.is_dir()
+
+
+def _names(src: Location, options: ReadOptions) -> tuple[np.ndarray, np.ndarray]:
+    scanned = scan_text(src, sep_for(src, options.sep), options.label, *_kinds(options.layout))
+    if options.layout == "genes_x_cells":
+        return scanned.columns, scanned.rows
+    return scanned.rows, scanned.columns
+
+
+def _fingerprint(src: Location, options: ReadOptions) -> dict:
+    return stores.file_fingerprint(src, layout=options.layout, sep=sep_for(src, options.sep))
+
+
+def _convert(src: Location, store: Location, options: ReadOptions) -> stores.ExpressionStore:
+    label, sep = options.label, sep_for(src, options.sep)
+    genes_rows = options.layout == "genes_x_cells"
+    row_kind, col_kind = _kinds(options.layout)
+    group = stores.resumable(store, _fingerprint(src, options), options.restart, label)
+    if group is not None and group.attrs.get("complete"):
+        return stores.ExpressionStore(store)
+
+    scanned = scan_text(src, sep, label, row_kind, col_kind)
+    cols, rows = scanned.columns, scanned.rows
+    cells, genes = (cols, rows) if genes_rows else (rows, cols)
+    line_bytes = max(1, scanned.text_bytes // max(1, len(rows)))
+    if group is None:
+        chunks = plan.store_chunks(len(cells), len(genes), genes_rows, line_bytes,
+                                   options.memory_limit)
+        group = stores.create(store, _fingerprint(src, options), cells, genes, chunks)
+    state = dict(group.attrs["progress"])
+    X = group["X"]
+
+    # A block is a whole number of Zarr chunks along the streamed axis, so each
+    # write replaces complete chunks and a resumed run never mixes two writes.
+    row_chunk = X.chunks[1] if genes_rows else X.chunks[0]
+    per_row = line_bytes + 12 * len(cols)
+    block_rows = max(row_chunk, plan.text_block_bytes(options.memory_limit) // per_row
+                     // row_chunk * row_chunk)
+
+    done, offset = int(state["rows_done"]), int(state["offset"]) or scanned.header_bytes
+    bar = stores.progress_bar(options.progress, total=len(rows), initial=done,
+                              desc=f"convert {src.name}")
+    with open_text(src, label) as fh:
+        _skip_to(fh, offset, compression(src))
+        while done < len(rows):
+            text, n = _read_lines(fh, block_rows)
+            if n == 0:
+                raise InputError(f"{label}: the file changed during conversion (it ended after "
+                                 f"{done} of {len(rows)} rows); convert it again")
+            block = _parse_block(text, sep, rows[done : done + n], cols, label, row_kind,
+                                 col_kind)
+            if genes_rows:
+                X[:, done : done + n] = block.T
+            else:
+                X[done : done + n, :] = block
+            done += n
+            stores.record_progress(group, done, fh.tell())
+            bar.update(n)
+    bar.close()
+    return stores.finish(group, store)
+
+
+READER = Reader("delimited text (TSV/CSV, plain or gzip/bzip2/xz/zstd)", _claims, _names,
+                _fingerprint, _convert, remote=True)

@@ -1,0 +1,1 @@
+"""Figures (``figures``: spatial maps, score plots) and ``report.html`` (``report``)."""
