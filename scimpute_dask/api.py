@@ -1,6 +1,6 @@
 """The scanpy-style API: AnnData in, AnnData out.
 
-:func:`impute` runs the same out-of-core pipeline as :func:`~.pipeline.run_imputation`
+:func:`impute` runs the same out-of-core pipeline as :func:`~scimpute_dask.run_imputation`
 (the in-memory AnnData objects are streamed into Zarr stores block by block)
 and returns the imputed genes as a new AnnData, annotating the spatial AnnData
 with the neighbours and scores the way ``scanpy.pp.neighbors`` annotates its
@@ -77,12 +77,12 @@ def impute(
     progress
         Show progress bars.
     scheduler, client
-        Run on a Dask cluster (see :func:`~.pipeline.run_imputation`).
+        Run on a Dask cluster (see :func:`~scimpute_dask.run_imputation`).
     validation
         The output directory of :func:`~scimpute_dask.cross_validate` for the
         same data: ``var`` then also holds each gene's ``agreement``,
         ``predicted_pearson`` and ``heldout_pearson`` (see
-        :func:`~.pipeline.run_imputation`).
+        :func:`~scimpute_dask.run_imputation`).
 
     Returns
     -------

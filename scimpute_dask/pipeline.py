@@ -33,7 +33,7 @@ from scimpute_dask.export import outdir as out
 from scimpute_dask.export import provenance, tables
 from scimpute_dask.export.adata import write_anndata
 from scimpute_dask.io import anndata_io
-from scimpute_dask.io.storage import Location, location
+from scimpute_dask.io.storage import Location, is_remote, location, remove_tree
 from scimpute_dask.kernels.scoring import summary_stats
 from scimpute_dask.plotting import figures
 from scimpute_dask.plotting.report import REPORT, write_report
@@ -180,18 +180,49 @@ def run_imputation(
     return run(query, reference, identities, outdir, config, client=client)
 
 
+@dataclass
+class _Checked:
+    """What the check stage settled, before any value is parsed."""
+
+    outdir: Location
+    work: Location
+    limit: int
+    inputs: RunInputs
+    layers: tuple[str | None, str | None]
+    obs: object  # the query's obs (DataFrame) and obsm for the AnnData outputs
+    obsm: dict
+    held: heldout.HeldOut | None
+    checksums: object  # Future of the inputs' checksums for run.json
+    write_adata: bool
+
+
 def run(query, reference, identities, outdir, config: RunConfig, *, client=None) -> RunResult:
-    """:func:`run_imputation` on validated settings: the stages, one after the other."""
+    """:func:`run_imputation` on validated settings: check, then the stages in a work directory.
+
+    A run that this call started and that fails on a bad input value leaves no
+    work directory behind; an interrupted one (killed, or a failing cluster) keeps
+    it, to resume.
+    """
     clock = _Clock()
-    limit = parse_memory(config.memory_limit)
+    checked = _check(query, reference, identities, outdir, config)
+    clock.lap("check")
+    fresh = not checked.work.exists()
+    try:
+        return _stages(query, reference, config, checked, clock, client)
+    except InputError:
+        # a bad value found while converting: nothing of this run is worth resuming
+        if fresh and not is_remote(checked.work):
+            remove_tree(checked.work)
+        raise
+
+
+def _check(query, reference, identities, outdir, config: RunConfig) -> _Checked:
+    """1. Every check, in seconds, before any value is parsed or any output exists."""
     write_adata = anndata_io.is_anndata(query) if config.anndata is None else config.anndata
     if (config.h5ad or write_adata) and importlib.util.find_spec("anndata") is None:
         raise InputError("AnnData output needs anndata: pip install 'scimpute-dask[h5ad]'")
     outdir = location(outdir)
     out.check_output_dir(outdir, OUTPUT_NAMES)
-    work = out.work_dir_for(outdir)
-
-    # 1. Every name-level check, in seconds, before any value is parsed.
     inputs = check_inputs(query, reference, identities, config)
     layers = (config.layer, config.reference_layer if config.reference_layer is not None
               else config.layer)
@@ -203,8 +234,15 @@ def run(query, reference, identities, outdir, config: RunConfig, *, client=None)
         inputs.r_genes, inputs.measured, {"k": config.k, **config.search()})
     checksums = provenance.checksums({"query": query, "reference": reference,
                                       "identities": identities, "coords": config.coords})
-    clock.lap("check")
+    return _Checked(outdir, out.work_dir_for(outdir), parse_memory(config.memory_limit),
+                    inputs, layers, obs, obsm, held, checksums, write_adata)
 
+
+def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Clock,
+            client) -> RunResult:
+    """2–6: convert, kNN, impute, score, export; in the work directory, published at the end."""
+    outdir, work, limit, inputs = checked.outdir, checked.work, checked.limit, checked.inputs
+    layers, held, write_adata = checked.layers, checked.held, checked.write_adata
     with out.exclusive(work):
         finished = out.is_finished(outdir)
         out.clear_work_dir(work, keep=set() if config.restart else set(RESUMABLE))
@@ -249,15 +287,16 @@ def run(query, reference, identities, outdir, config: RunConfig, *, client=None)
             # h5py files cannot travel to workers: written from this process
             with cluster.local_threads(blocks.threads, config.progress):
                 files.update(write_anndata(
-                    work, inputs, obs, obsm, scores, stats, parameters, config.h5ad,
+                    work, inputs, checked.obs, checked.obsm, scores, stats, parameters,
+                    config.h5ad,
                     write_adata, None if held is None else held.reliability))
         clock.lap("export")
-        record = _record(inputs, parameters, scores, stats, clock.timings, checksums)
+        record = _record(inputs, parameters, scores, stats, clock.timings, checked.checksums)
         if config.report:
             with cluster.local_threads(blocks.threads, False):
-                drawn = figures.run_figures(work, files, obsm.get("spatial"), q_store, r_store,
-                                            inputs, _plot_genes(config.plot_genes),
-                                            None if held is None else held.genes)
+                drawn = figures.run_figures(
+                    work, files, checked.obsm.get("spatial"), q_store, r_store, inputs,
+                    _plot_genes(config.plot_genes), None if held is None else held.genes)
             clock.lap("figures")
             files["report"] = work / REPORT
             write_report(files["report"], _finish(record, sorted(

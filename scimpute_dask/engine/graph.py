@@ -32,7 +32,7 @@ def search_space(query: da.Array, reference: da.Array, normalize: str = "none"
     computed here, in one pass over each dataset (``g`` numbers each): left
     lazy, the reduction would be a barrier holding every block of the input
     in memory until it completed. ``"none"`` returns the arrays as they are.
-    See :mod:`scimpute_dask.normalization`.
+    See :mod:`scimpute_dask.kernels.normalization`.
     """
     if normalize == "none":
         return query, reference

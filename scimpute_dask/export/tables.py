@@ -75,7 +75,7 @@ def write_matrix_tsv(
 
     Each block is a function returning ``(row names, values)``, loaded and
     formatted on ``workers`` threads. Values are written ``%.2f``; round them
-    first (:func:`~.scoring.round_like_scimpute`). With ``chunk_dir``, each
+    first (:func:`~scimpute_dask.kernels.scoring.round_like_scimpute`). With ``chunk_dir``, each
     block is also written as one of scimpute's chunk tables
     (``CPM_imputation_<i>_<start>_<stop>.tsv``), from the same formatted text.
     The counter is zero-padded to the width ``n_chunks`` needs, so the files

@@ -1,6 +1,6 @@
 """Exact cosine k-nearest-neighbour kernels on NumPy blocks.
 
-The Dask graph (:mod:`scimpute_dask.graph`) tiles the query × reference
+The Dask graph (:mod:`scimpute_dask.engine.graph`) tiles the query × reference
 similarity into blocks; these functions work on one block at a time and never
 see more than one tile. A top-k list is packed as a float64 array of shape
 ``(n, k, 2)``: ``[..., 0]`` the cosine similarity, ``[..., 1]`` the global

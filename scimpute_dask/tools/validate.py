@@ -8,7 +8,7 @@ on the other shared genes only, the fold's genes are imputed from the
 reference, and the imputed values are scored against the measured ones.
 
 Every fold is the engine's own run on a gene subset: the kNN and imputation
-graphs of :mod:`.graph`, stored to Zarr block by block (resumable), so it
+graphs of :mod:`scimpute_dask.engine.graph`, stored to Zarr block by block (resumable), so it
 scales like a run. The same pass yields the per-gene *reliability*: the
 neighbours' agreement on a gene (:func:`agreement`) is measured on the
 held-out genes against their true accuracy, and that calibration turns the
