@@ -32,7 +32,9 @@ from scimpute_dask.errors import InputError
 
 LAYOUTS: tuple[str, ...] = ("genes_x_cells", "cells_x_genes")
 #: Transforms of the shared genes for the neighbour search; ``"none"`` is scimpute's.
-NORMALIZATIONS: tuple[str, ...] = ("none", "cpm", "log1p_cpm", "scale", "zscore")
+NORMALIZATIONS: tuple[str, ...] = ("none", "cpm", "log1p", "log1p_cpm", "scale", "zscore")
+#: Spaces the neighbours' profiles are averaged in; ``"mean"`` is scimpute's.
+AVERAGES: tuple[str, ...] = ("mean", "log1p")
 #: Neighbour weights; ``"cosine+1"`` is scimpute's.
 WEIGHTINGS: tuple[str, ...] = ("cosine+1", "cosine", "softmax", "uniform")
 #: Default softmax temperature: the best of the held-out sweep on the real
@@ -292,7 +294,7 @@ OPTIONS: dict[str, Option] = _options(
            "reference instead of an identity table", "--cluster-key", "KEY"),
     Option("normalize", "none", Choice(NORMALIZATIONS),
            "transform of the shared genes for the neighbour search only: none (scimpute), "
-           "cpm, log1p_cpm, scale (each gene divided by its standard deviation in its "
+           "cpm, log1p, log1p_cpm, scale (each gene divided by its standard deviation in its "
            "dataset) or zscore (also centred on its mean; prefer softmax or cosine+1 weights "
            "then). The imputed values stay weighted means of the raw reference",
            "--normalize"),
@@ -301,6 +303,10 @@ OPTIONS: dict[str, Option] = _options(
            "uniform", "--weighting"),
     Option("temperature", DEFAULT_TEMPERATURE, Interval(float, 0, open_low=True),
            "softmax temperature (weighting softmax only)", "--temperature", "T"),
+    Option("average", "mean", Choice(AVERAGES),
+           "space the neighbours' profiles are averaged in: mean (scimpute: the weighted mean "
+           "of the values) or log1p (expm1 of the weighted mean of log1p values, which fills "
+           "in fewer zeros)", "--average"),
     # the inputs
     Option("query_layout", "genes_x_cells", Choice(LAYOUTS),
            "orientation of a text query: genes_x_cells (scimpute's TSV: first row = cell "
@@ -372,15 +378,15 @@ OPTIONS: dict[str, Option] = _options(
 
 #: The options of each entry point, in the order their help lists them.
 RUN_OPTIONS = ("k", "consider_clusters", "cell_name_column_idx", "cluster_key", "normalize",
-               "weighting", "temperature", "query_layout", "reference_layout", "layer",
+               "weighting", "temperature", "average", "query_layout", "reference_layout", "layer",
                "reference_layer", "coords", "memory_limit", "chunk_size",
                "reference_chunk_size", "gene_chunk_size", "scheduler", "restart", "progress",
                "tsv_genes", "save_chunks", "h5ad", "anndata", "report", "plot_genes",
                "validation")
 VALIDATE_OPTIONS = ("k", "consider_clusters", "cell_name_column_idx", "folds", "seed",
-                    "normalize", "weighting", "temperature", "reliability", "query_layout",
-                    "reference_layout", "memory_limit", "chunk_size", "plot", "progress",
-                    "scheduler")
+                    "normalize", "weighting", "temperature", "average", "reliability",
+                    "query_layout", "reference_layout", "memory_limit", "chunk_size", "plot",
+                    "progress", "scheduler")
 
 
 class _Settings:

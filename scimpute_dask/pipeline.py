@@ -54,9 +54,9 @@ OUTPUT_NAMES = frozenset({
 
 #: The settings ``run.json`` (and ``uns["scimpute"]``) records, planned block sizes included.
 RECORDED = ("k", "consider_clusters", "chunk_size", "memory_limit", "threads",
-            "reference_chunk_size", "gene_chunk_size", "save_chunks", "normalize", "weighting",
-            "temperature", "tsv_genes", "layer", "reference_layer", "cluster_key", "coords",
-            "validation")
+            "reference_chunk_size", "gene_chunk_size", "save_chunks", "normalize",
+            "weighting", "temperature", "average", "tsv_genes", "layer", "reference_layer",
+            "cluster_key", "coords", "validation")
 
 
 @dataclass
@@ -134,6 +134,7 @@ def run_imputation(
     normalize: str = "none",
     weighting: str = "cosine+1",
     temperature: float = 0.1,
+    average: str = "mean",
     validation: str | os.PathLike | None = None,
 ) -> RunResult:
     """Impute every reference gene for every query cell, out of core.
@@ -176,7 +177,7 @@ def run_imputation(
         scheduler=scheduler, layer=layer, reference_layer=reference_layer,
         cluster_key=cluster_key, coords=coords, anndata=anndata, report=report,
         plot_genes=plot_genes, normalize=normalize, weighting=weighting,
-        temperature=temperature, validation=validation)
+        temperature=temperature, average=average, validation=validation)
     return run(query, reference, identities, outdir, config, client=client)
 
 
@@ -231,7 +232,8 @@ def _check(query, reference, identities, outdir, config: RunConfig) -> _Checked:
         config.validation, {"query": (query, config.query_layout, layers[0]),
                             "reference": (reference, config.reference_layout, layers[1])},
         {"query": inputs.q_label, "reference": inputs.r_label}, inputs.q_cells,
-        inputs.r_genes, inputs.measured, {"k": config.k, **config.search()})
+        inputs.r_genes, inputs.measured,
+        {"k": config.k, **config.search(), "average": config.average})
     checksums = provenance.checksums({"query": query, "reference": reference,
                                       "identities": identities, "coords": config.coords})
     return _Checked(outdir, out.work_dir_for(outdir), parse_memory(config.memory_limit),
@@ -268,10 +270,11 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
             clock.lap("knn")
             # 4. Imputation of every reference gene, streamed to Zarr.
             log.info("imputing %d genes", len(inputs.r_genes))
-            stages.imputation_stage(zarr_dir, nbrs, r_store, key, inputs, blocks.gene_chunk)
+            stages.imputation_stage(zarr_dir, nbrs, r_store, key, inputs, blocks.gene_chunk,
+                                    config.average)
             clock.lap("impute")
             # 5. scimpute's validation score per query cell.
-            scores = stages.score_stage(nbrs, data)
+            scores = stages.score_stage(nbrs, data, config.average)
             clock.lap("score")
 
         # 6. Export, streamed from the stores.

@@ -18,11 +18,11 @@ def _reference_topk(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(sim, order, axis=1), order
 
 
-@pytest.mark.parametrize("k", [1, 3, 10, 40])
+@pytest.mark.parametrize("k", [1, 3, 10, 40, 200, 450])
 def test_topk_with_ties_matches_stable_sort(k):
     rng = np.random.default_rng(k)
-    sim = rng.integers(0, 6, size=(50, 40)).astype(np.float32) / 5  # many exact ties
-    packed = knn.topk(sim, np.broadcast_to(np.arange(40), sim.shape), k)
+    sim = rng.integers(0, 6, size=(50, 900)).astype(np.float32) / 5  # many exact ties
+    packed = knn.topk(sim, np.broadcast_to(np.arange(900), sim.shape), k)
     want_sim, want_idx = _reference_topk(sim, k)
     np.testing.assert_array_equal(packed[..., 1].astype(int), want_idx)
     np.testing.assert_array_equal(packed[..., 0], want_sim)
@@ -43,9 +43,49 @@ def test_merging_tiles_equals_one_pass():
     np.testing.assert_array_equal(merged[..., 0], want_sim)
 
 
+@pytest.mark.parametrize("k", [1, 25, 199, 200, 300, 700])
+def test_selection_and_insertion_give_the_same_lists(k):
+    """Large k selects, small k inserts: both are the same total order (sim desc, row asc)."""
+    rng = np.random.default_rng(k)
+    sim = np.round(rng.normal(size=(40, 1500)), 1)  # near-ties galore
+    idx = np.tile(rng.permutation(5000)[:1500], (40, 1))
+    idx[rng.random(idx.shape) < 0.2] = knn.EMPTY  # gaps, as merged lists have
+    a = knn._empty(40, k)
+    knn._topk_into(sim, idx, *a)
+    b = knn._empty(40, k)
+    knn._select_into(sim, idx, *b)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+
+
 def test_fewer_candidates_than_k_leaves_empty_slots():
     packed = knn.topk(np.array([[0.5, 0.9]], dtype=np.float32), np.array([[4, 2]]), 4)
     assert packed[0, :, 1].tolist() == [2, 4, knn.EMPTY, knn.EMPTY]
+
+
+@pytest.mark.parametrize("k", [2, 300])
+def test_fewer_candidates_than_a_large_k(k):
+    packed = knn.topk(np.array([[0.5, 0.9, 0.9]]), np.array([[4, 7, 2]]), k)
+    assert packed[0, :3, 1].tolist() == [2, 7, 4][:k]
+    assert (packed[0, 3:, 1] == knn.EMPTY).all()
+
+
+def test_log1p_average_equals_numpy():
+    rng = np.random.default_rng(5)
+    ref = rng.gamma(0.3, 50.0, (60, 17)).astype(np.float32)
+    idx = rng.integers(0, 60, (25, 9))
+    idx[3, 4:] = -1
+    idx[7] = -1
+    w = rng.random((25, 9))
+    got = imputation.weighted_mean(idx, w, ref, average="log1p")
+    logs = np.log1p(ref.astype(np.float64))[np.maximum(idx, 0)]
+    ww = np.where(idx >= 0, w, 0.0)
+    with np.errstate(invalid="ignore"):
+        want = np.expm1(np.einsum("ik,ikg->ig", ww, logs) / ww.sum(axis=1)[:, None])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert np.isnan(got[7]).all()
+    plain = imputation.weighted_mean(idx, w, ref)
+    assert (got[~np.isnan(got)] <= plain[~np.isnan(plain)] + 1e-9).all()  # AM-GM
 
 
 def test_normalize_rows_keeps_zero_rows_zero():

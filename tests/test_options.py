@@ -93,7 +93,7 @@ def test_cpm_finds_the_same_neighbours_as_none(tmp_path, small_pair):
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
-    ("normalize", "log", "normalize must be one of 'none', 'cpm', 'log1p_cpm', 'scale', 'z"),
+    ("normalize", "log", "normalize must be one of 'none', 'cpm', 'log1p', 'log1p_cpm', 's"),
     ("weighting", "gauss", r"weighting must be one of 'cosine\+1', 'cosine', 'softmax'"),
     ("temperature", 0.0, "temperature must be a positive finite number"),
 ])

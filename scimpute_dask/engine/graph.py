@@ -160,8 +160,8 @@ def exclude_self(indices: da.Array, similarity: da.Array) -> tuple[da.Array, da.
     return packed[..., 0].astype(np.int32), packed[..., 1].astype(np.float32)
 
 
-def _impute_block(indices, weights, reference, dtype) -> np.ndarray:
-    return imputation.weighted_mean(indices, weights, reference, dtype=dtype)
+def _impute_block(indices, weights, reference, dtype, average) -> np.ndarray:
+    return imputation.weighted_mean(indices, weights, reference, dtype=dtype, average=average)
 
 
 def impute_graph(
@@ -169,6 +169,7 @@ def impute_graph(
     weights: da.Array,
     reference: da.Array,
     dtype: type = np.float64,
+    average: str = "mean",
 ) -> da.Array:
     """Weighted mean of the neighbours' reference rows, tiled (query block × gene block).
 
@@ -185,6 +186,9 @@ def impute_graph(
     dtype
         Output dtype; float64 by default because scimpute's 2-decimal values
         need more than float32's 7 significant digits once CPM passes 10^4.
+    average
+        ``"mean"`` (scimpute) or ``"log1p"`` (the mean taken in log1p space);
+        see :func:`scimpute_dask.kernels.imputation.weighted_mean`.
 
     Returns
     -------
@@ -193,7 +197,7 @@ def impute_graph(
     """
     reference = reference.rechunk({0: -1})
     return da.blockwise(
-        partial(_impute_block, dtype=dtype), "ig",
+        partial(_impute_block, dtype=dtype, average=average), "ig",
         indices.rechunk({1: -1}), "ik",
         weights.rechunk({1: -1}), "ik",
         reference, "cg",
@@ -212,6 +216,7 @@ def scores_graph(
     weights: da.Array,
     reference_shared: da.Array,
     query_shared: da.Array,
+    average: str = "mean",
 ) -> da.Array:
     """scimpute's per-cell validation score, computed without reading the full imputation.
 
@@ -220,7 +225,8 @@ def scores_graph(
     decimals as scimpute's table is, and compared with the measured values by
     cosine similarity accumulated across the gene blocks.
     """
-    imputed = impute_graph(indices, weights, reference_shared.rechunk((-1, SCORE_GENE_BLOCK)))
+    imputed = impute_graph(indices, weights, reference_shared.rechunk((-1, SCORE_GENE_BLOCK)),
+                           average=average)
     imputed = imputed.map_blocks(scoring.round_like_scimpute, dtype=np.float64)
     measured = query_shared.rechunk((indices.chunks[0], SCORE_GENE_BLOCK)).astype(np.float64)
     return da.map_blocks(

@@ -155,12 +155,17 @@ def neighbours_stage(zarr_dir: Location, data: SearchData, key: dict, inputs: Ru
 
 
 def imputation_stage(zarr_dir: Location, nbrs: zarr.Group, r_store: ExpressionStore,
-                     key: dict, inputs: RunInputs, gene_chunk: int) -> zarr.Group:
+                     key: dict, inputs: RunInputs, gene_chunk: int, average: str = "mean"
+                     ) -> zarr.Group:
     """The weighted mean of the neighbours' profiles, every reference gene, stored resumably."""
     imputed = graph.impute_graph(da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]),
-                                 r_store.to_dask((len(inputs.r_cells), gene_chunk)))
+                                 r_store.to_dask((len(inputs.r_cells), gene_chunk)),
+                                 average=average)
+    # scimpute's average keeps the key it always had, so older runs still resume
+    extra = {} if average == "mean" else {"average": average}
     out = store_stage(
-        zarr_dir / "imputed.zarr", {"X": (imputed, np.nan)}, {**key, "genes": gene_chunk},
+        zarr_dir / "imputed.zarr", {"X": (imputed, np.nan)},
+        {**key, "genes": gene_chunk, **extra},
         {"format": "scimpute-dask-expression", "fingerprint": {"source": "imputation"}},
     )
     names_array(out, "obs_names", inputs.q_cells)
@@ -168,7 +173,7 @@ def imputation_stage(zarr_dir: Location, nbrs: zarr.Group, r_store: ExpressionSt
     return out
 
 
-def score_stage(nbrs: zarr.Group, data: SearchData) -> np.ndarray:
+def score_stage(nbrs: zarr.Group, data: SearchData, average: str = "mean") -> np.ndarray:
     """scimpute's validation score of every query cell (computed, not stored)."""
     return graph.scores_graph(da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]),
-                              data.reference, data.query).compute()
+                              data.reference, data.query, average=average).compute()

@@ -50,7 +50,7 @@ def neighbour_weights(similarity, weighting: str = "cosine+1",
 
 
 @numba.njit(nogil=True, cache=True)
-def _weighted_mean_into(indices, weights, reference, out):  # pragma: no cover - compiled
+def _weighted_mean_into(indices, weights, reference, out, log_space):  # pragma: no cover
     n, k = indices.shape
     g = reference.shape[1]
     acc = np.empty(g, dtype=np.float64)
@@ -63,11 +63,19 @@ def _weighted_mean_into(indices, weights, reference, out):  # pragma: no cover -
                 continue
             w = weights[i, j]
             total += w
-            for c in range(g):
-                acc[c] += w * reference[r, c]
+            if log_space:
+                for c in range(g):
+                    acc[c] += w * np.log1p(np.float64(reference[r, c]))
+            else:
+                for c in range(g):
+                    acc[c] += w * reference[r, c]
         if total > 0.0:
-            for c in range(g):
-                out[i, c] = acc[c] / total
+            if log_space:
+                for c in range(g):
+                    out[i, c] = np.expm1(acc[c] / total)
+            else:
+                for c in range(g):
+                    out[i, c] = acc[c] / total
         else:
             for c in range(g):
                 out[i, c] = np.nan
@@ -78,6 +86,7 @@ def weighted_mean(
     weights: np.ndarray,
     reference: np.ndarray,
     dtype: type = np.float64,
+    average: str = "mean",
 ) -> np.ndarray:
     """Weighted mean of the neighbours' rows, accumulated in float64.
 
@@ -91,17 +100,25 @@ def weighted_mean(
         ``(n_reference, g)`` expression of one gene block of the reference.
     dtype
         Output dtype.
+    average
+        ``"mean"`` (scimpute): ``Σ w·x / Σ w``. ``"log1p"``: the same mean of
+        ``log1p(x)``, mapped back by ``expm1`` — a weighted geometric mean of
+        ``1 + x``, which a few expressing neighbours do not pull as far from
+        zero as the plain mean does.
 
     Returns
     -------
     numpy.ndarray
         ``(n, g)``; rows without neighbours are NaN.
     """
+    if average not in ("mean", "log1p"):
+        raise ValueError(f"unknown average {average!r}")
     out = np.empty((indices.shape[0], reference.shape[1]), dtype=dtype)
     _weighted_mean_into(
         np.ascontiguousarray(indices, dtype=np.int64),
         np.ascontiguousarray(weights, dtype=np.float64),
         np.ascontiguousarray(reference),
         out,
+        average == "log1p",
     )
     return out

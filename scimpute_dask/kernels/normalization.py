@@ -27,6 +27,11 @@ def cpm(x: np.ndarray) -> np.ndarray:
     return x / np.where(totals > 0, totals, 1.0) * 1e6
 
 
+def log1p(x: np.ndarray) -> np.ndarray:
+    """``log(1 + x)`` of the values as given (already normalised data, e.g. CPM)."""
+    return np.log1p(np.asarray(x, dtype=np.float64))
+
+
 def log1p_cpm(x: np.ndarray) -> np.ndarray:
     """``log(1 + CPM)`` of each row: compresses the range of high-expression genes."""
     return np.log1p(cpm(x))
@@ -51,4 +56,4 @@ def zscore_genes(x: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
     return out
 
 
-ROW_TRANSFORMS = {"cpm": cpm, "log1p_cpm": log1p_cpm}
+ROW_TRANSFORMS = {"cpm": cpm, "log1p": log1p, "log1p_cpm": log1p_cpm}

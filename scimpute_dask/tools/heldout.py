@@ -36,7 +36,7 @@ RELIABILITY = "reliability.tsv"
 #: Columns of ``reliability.tsv`` that join the run's ``var`` (``shared`` is ``measured``).
 VAR_COLUMNS = ("agreement", "predicted_pearson", "heldout_pearson")
 #: Search parameters that change what the held-out scores describe.
-_SEARCH = ("k", "normalize", "weighting", "temperature")
+_SEARCH = ("k", "normalize", "weighting", "temperature", "average")
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,9 @@ def load(directory: str | os.PathLike, sources: dict[str, tuple], labels: dict[s
     if list(cells) != [str(c) for c in q_cells]:
         raise InputError(f"{directory / CELLS}: scores other cells than the query cells of "
                          f"{labels['query']}")
-    differ = {p: (params.get(p), parameters[p]) for p in _SEARCH
-              if params.get(p) != parameters[p]}
+    recorded = {"average": "mean", **params}  # validations before --average averaged so
+    differ = {p: (recorded.get(p), parameters[p]) for p in _SEARCH
+              if recorded.get(p) != parameters[p]}
     if differ:
         log.warning("%s was validated with other search parameters than this run (%s): its "
                     "held-out scores describe those", directory, ", ".join(

@@ -126,6 +126,7 @@ def cross_validate(
     normalize: str = "none",
     weighting: str = "cosine+1",
     temperature: float = 0.1,
+    average: str = "mean",
     reliability: bool = True,
     query_layout: str = "genes_x_cells",
     reference_layout: str = "genes_x_cells",
@@ -166,7 +167,7 @@ def cross_validate(
     config = RunConfig.create(
         VALIDATE_OPTIONS, k=k, consider_clusters=consider_clusters,
         cell_name_column_idx=cell_name_column_idx, folds=folds, seed=seed,
-        normalize=normalize, weighting=weighting, temperature=temperature,
+        normalize=normalize, weighting=weighting, temperature=temperature, average=average,
         reliability=reliability, query_layout=query_layout, reference_layout=reference_layout,
         memory_limit=memory_limit, chunk_size=chunk_size, plot=plot, progress=progress,
         scheduler=scheduler)
@@ -203,7 +204,7 @@ def cross_validate(
     with cluster.compute_on(client, config.scheduler, blocks.threads, config.progress):
         clock = time.perf_counter()
         search = _Search(zarr_dir, q_store, r_store, inputs, blocks, k, options,
-                         config.consider_clusters)
+                         config.consider_clusters, config.average)
         imputed, moments = [], []
         for f in range(folds):
             test = order[bounds[f]:bounds[f + 1]]
@@ -258,6 +259,7 @@ def cross_validate(
         "inputs": {"query": q_store.fingerprint, "reference": r_store.fingerprint},
         "parameters": {"k": k, "folds": folds, "seed": config.seed,
                        "consider_clusters": config.consider_clusters, **options,
+                       "average": config.average,
                        "chunk_size": blocks.query_chunk, "memory_limit": limit},
         "folds": {str(f): list(gene_table.loc[gene_table["fold"] == f, "gene"])
                   for f in range(folds)},
@@ -269,8 +271,10 @@ def cross_validate(
 class _Search:
     """One dataset pair's kNN-and-impute runs on gene subsets, each stored to Zarr."""
 
-    def __init__(self, zarr_dir, q_store, r_store, inputs, blocks, k, options, clusters):
+    def __init__(self, zarr_dir, q_store, r_store, inputs, blocks, k, options, clusters,
+                 average="mean"):
         self.zarr_dir, self.k, self.options, self.blocks = zarr_dir, k, options, blocks
+        self.average = average
         bq, br = blocks.query_chunk, blocks.reference_chunk
         self.q_shared = q_store.to_dask()[:, inputs.q_cols].rechunk((bq, -1))
         self.r_shared = r_store.to_dask()[:, inputs.r_cols].rechunk((br, -1))
@@ -308,9 +312,11 @@ class _Search:
         idx, w = self.neighbours(name, search_genes)
         ref = self._reference_genes(reference_genes)
         group = store_stage(self.zarr_dir / f"{name}_imputed.zarr",
-                            {"X": (graph.impute_graph(idx, w, ref), np.nan)},
+                            {"X": (graph.impute_graph(idx, w, ref, average=self.average),
+                                   np.nan)},
                             {**self.base_key, "search_genes": digest(search_genes),
-                             "genes": digest(reference_genes), "gene_chunk": ref.chunks[1][0]},
+                             "genes": digest(reference_genes), "gene_chunk": ref.chunks[1][0],
+                             "average": self.average},
                             {})
         return da.from_zarr(group["X"]), da.stack(graph.neighbour_moments(idx, w, ref))
 
