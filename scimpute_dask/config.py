@@ -367,24 +367,42 @@ OPTIONS: dict[str, Option] = _options(
            "reference: its per-gene reliability joins the AnnData var and reliability.tsv, "
            "its held-out score vs. sparsity plot and summary join report.html",
            "--validation", "DIR"),
+    # self-tuning
+    Option("tune", False, Boolean(),
+           "choose normalize, k, weighting, temperature and average by held-out validation on "
+           "the shared genes (each scored while hidden from the neighbour search), then run "
+           "with the winner", "--tune"),
+    Option("tune_metric", "pearson", Choice(("pearson", "log_pearson", "css")),
+           "what tuning maximises: per-gene Pearson of imputed and measured values as given "
+           "(pearson), of their log1p (log_pearson), or per-gene cosine (css)",
+           "--tune-metric"),
+    Option("tune_cells", 20_000, Interval(int, 100),
+           "query cells tuning uses at most (a seeded subsample beyond)", "--tune-cells", "N"),
     # held-out validation
     Option("folds", 5, Interval(int, 2), "gene folds of the cross-validation", "--folds"),
-    Option("seed", 0, Interval(int, 0), "seed of the gene split", "--seed"),
+    Option("seed", 0, Interval(int, 0),
+           "seed of the gene folds (validation, tuning) and of tuning's cell subsample",
+           "--seed"),
     Option("reliability", True, Boolean(),
            "also rate every reference-only gene (one more kNN and pass over the reference)",
            "--no-reliability", negated=True),
     Option("plot", True, Boolean(), "write the per-gene score vs. sparsity plot"),
 )
 
+TUNE_OPTIONS = ("consider_clusters", "cell_name_column_idx", "tune_metric", "tune_cells",
+                "folds", "seed", "query_layout", "reference_layout", "memory_limit",
+                "progress", "scheduler")
 #: The options of each entry point, in the order their help lists them.
 RUN_OPTIONS = ("k", "consider_clusters", "cell_name_column_idx", "cluster_key", "normalize",
-               "weighting", "temperature", "average", "query_layout", "reference_layout", "layer",
+               "weighting", "temperature", "average", "tune", "tune_metric", "tune_cells", "seed",
+               "query_layout", "reference_layout", "layer",
                "reference_layer", "coords", "memory_limit", "chunk_size",
                "reference_chunk_size", "gene_chunk_size", "scheduler", "restart", "progress",
                "tsv_genes", "save_chunks", "h5ad", "anndata", "report", "plot_genes",
                "validation")
 VALIDATE_OPTIONS = ("k", "consider_clusters", "cell_name_column_idx", "folds", "seed",
-                    "normalize", "weighting", "temperature", "average", "reliability",
+                    "normalize", "weighting", "temperature", "average", "tune", "tune_metric",
+                    "tune_cells", "reliability",
                     "query_layout", "reference_layout", "memory_limit", "chunk_size", "plot",
                     "progress", "scheduler")
 

@@ -38,6 +38,7 @@ from scimpute_dask.kernels.scoring import summary_stats
 from scimpute_dask.plotting import figures
 from scimpute_dask.plotting.report import REPORT, write_report
 from scimpute_dask.tools import heldout
+from scimpute_dask.tools import tune as tuning
 
 log = logging.getLogger("scimpute_dask")
 
@@ -49,13 +50,16 @@ OUTPUT_NAMES = frozenset({
     "imputation.tsv", "imputations", "sim_matrix.tsv", "scores.txt", "stats.txt",
     tables.HISTOGRAM, "unimputable_cells.txt", "zarr", "adata.zarr", "imputed.h5ad", REPORT,
     figures.SHARED_PNG, figures.IMPUTED_PNG, out.MANIFEST, heldout.RELIABILITY,
-    figures.SCORE_PNG,
+    figures.SCORE_PNG, figures.TUNING_PNG, "tuning.tsv",
 })
+#: The tuning table of a run with ``tune``.
+TUNING = "tuning.tsv"
 
 #: The settings ``run.json`` (and ``uns["scimpute"]``) records, planned block sizes included.
 RECORDED = ("k", "consider_clusters", "chunk_size", "memory_limit", "threads",
             "reference_chunk_size", "gene_chunk_size", "save_chunks", "normalize",
-            "weighting", "temperature", "average", "tsv_genes", "layer", "reference_layer",
+            "weighting", "temperature", "average", "tune", "tsv_genes", "layer",
+            "reference_layer",
             "cluster_key", "coords", "validation")
 
 
@@ -135,6 +139,10 @@ def run_imputation(
     weighting: str = "cosine+1",
     temperature: float = 0.1,
     average: str = "mean",
+    tune: bool = False,
+    tune_metric: str = "pearson",
+    tune_cells: int = 20_000,
+    seed: int = 0,
     validation: str | os.PathLike | None = None,
 ) -> RunResult:
     """Impute every reference gene for every query cell, out of core.
@@ -177,7 +185,8 @@ def run_imputation(
         scheduler=scheduler, layer=layer, reference_layer=reference_layer,
         cluster_key=cluster_key, coords=coords, anndata=anndata, report=report,
         plot_genes=plot_genes, normalize=normalize, weighting=weighting,
-        temperature=temperature, average=average, validation=validation)
+        temperature=temperature, average=average, tune=tune, tune_metric=tune_metric,
+        tune_cells=tune_cells, seed=seed, validation=validation)
     return run(query, reference, identities, outdir, config, client=client)
 
 
@@ -254,6 +263,12 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
         r_store = store_for(reference, "reference", work, outdir, config.reference_layout,
                             config.restart, config.progress, limit, layers[1], finished)
         clock.lap("convert")
+        tuned = None
+        if config.tune:
+            # settings chosen on the shared genes alone, each scored while held out
+            tuned = tuning.tune_stores(q_store, r_store, inputs, config)
+            config = dataclasses.replace(config, **tuned.best)
+            clock.lap("tune")
 
         blocks = _plan(limit, inputs, config, r_store.chunks[1])
         zarr_dir = work / "zarr"
@@ -282,6 +297,9 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
         files = tables.write_run_tables(work, inputs, blocks.query_chunk, config.save_chunks,
                                         scores, stats, blocks.threads)
         parameters = _recorded(config, blocks, limit, held)
+        if tuned is not None:
+            files["tuning"] = work / TUNING
+            tuning.write_table(files["tuning"], tuned)
         if held is not None:
             files["reliability"] = work / heldout.RELIABILITY
             with out.atomic_file(files["reliability"], "wb") as fh:
@@ -295,11 +313,19 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
                     write_adata, None if held is None else held.reliability))
         clock.lap("export")
         record = _record(inputs, parameters, scores, stats, clock.timings, checked.checksums)
+        if tuned is not None:
+            record["tuning"] = tuned.record()
         if config.report:
             with cluster.local_threads(blocks.threads, False):
                 drawn = figures.run_figures(
                     work, files, checked.obsm.get("spatial"), q_store, r_store, inputs,
                     _plot_genes(config.plot_genes), None if held is None else held.genes)
+                if tuned is not None:
+                    files["tuning_plot"] = work / figures.TUNING_PNG
+                    figures.tuning_heatmap(files["tuning_plot"], tuned.table, tuned.metric,
+                                           tuned.best)
+                    drawn.append((figures.TUNING_PNG, f"Inner-validation {tuned.metric} of "
+                                  f"every candidate setting (the winner outlined)"))
             clock.lap("figures")
             files["report"] = work / REPORT
             write_report(files["report"], _finish(record, sorted(

@@ -25,6 +25,7 @@ MAX_POINTS = 200_000
 SHARED_PNG = "spatial_measured_vs_imputed.png"
 IMPUTED_PNG = "spatial_imputed.png"
 SCORE_PNG = "genes_vs_sparsity.png"
+TUNING_PNG = "tuning.png"
 
 
 def _pyplot():
@@ -199,3 +200,41 @@ def run_figures(work: Location, files: dict[str, Location], xy: np.ndarray | Non
         figures.append((IMPUTED_PNG, "Genes the query did not measure: imputed "
                         "expression on the tissue"))
     return figures
+
+
+def tuning_heatmap(path: Location, table: pd.DataFrame, metric: str, best: dict) -> None:
+    """Inner-validation score of every candidate: one heat map (k × weighting) per search
+    transform and averaging space, the winner outlined."""
+    plt = _pyplot()
+    transforms = list(dict.fromkeys(table["normalize"]))
+    averages = list(dict.fromkeys(table["average"]))
+    label = table["weighting"].where(table["weighting"] != "softmax",
+                                     "softmax T=" + table["temperature"].map("{:g}".format))
+    table = table.assign(label=label)
+    rows = list(dict.fromkeys(table["label"]))
+    ks = sorted(table["k"].unique())
+    lo, hi = np.nanmin(table[metric]), np.nanmax(table[metric])
+    fig, axes = plt.subplots(len(averages), len(transforms), squeeze=False,
+                             figsize=(2.6 * len(transforms) + 1.2, 2.4 * len(averages) + 0.6),
+                             sharex=True, sharey=True)
+    for a, average in enumerate(averages):
+        for t, transform in enumerate(transforms):
+            ax = axes[a, t]
+            part = table[(table["normalize"] == transform) & (table["average"] == average)]
+            grid = part.pivot(index="label", columns="k", values=metric).reindex(
+                index=rows, columns=ks)
+            image = ax.imshow(grid.to_numpy(), vmin=lo, vmax=hi, cmap="viridis",
+                              aspect="auto")
+            if transform == best["normalize"] and average == best["average"]:
+                b = table[(table["normalize"] == transform) & (table["average"] == average)
+                          & (table["k"] == best["k"]) & (table["weighting"] == best["weighting"])
+                          & (table["temperature"] == best["temperature"])]["label"].iloc[0]
+                ax.add_patch(plt.Rectangle((ks.index(best["k"]) - 0.5, rows.index(b) - 0.5),
+                                           1, 1, fill=False, edgecolor="red", linewidth=2))
+            ax.set_title(f"{transform}, average {average}", fontsize=8)
+            ax.set_xticks(range(len(ks)), [str(k) for k in ks], fontsize=6)
+            ax.set_yticks(range(len(rows)), rows, fontsize=6)
+            if a == len(averages) - 1:
+                ax.set_xlabel("k", fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.8, label=f"inner-validation {metric}")
+    _save(fig, path)

@@ -79,6 +79,19 @@ def _heldout(summary: pd.DataFrame, directory: str) -> str:
             f"<table><tr>{head}</tr>{body}</table>")
 
 
+def _tuning(tuning: dict | None) -> str:
+    if not tuning:
+        return ""
+    rows = {**tuning["best"], f"expected held-out {tuning['metric']}":
+            tuning["expected_score"], "query cells used": tuning["cells"],
+            "shared genes scored": tuning["genes"], "gene folds": tuning["folds"]}
+    return ("<h2>Tuning</h2><p>The setting this run used, chosen by held-out validation on "
+            "the shared genes: each candidate imputed every shared gene while that gene was "
+            "hidden from the neighbour search, and the best mean per-gene score won. That "
+            "score is the accuracy to expect on the genes the query did not measure "
+            "(<code>tuning.tsv</code> lists every candidate).</p>" + _table(rows))
+
+
 def write_report(path: Location, record: dict, figures: list[tuple[str, str]],
                  heldout: pd.DataFrame | None = None) -> None:
     """Write ``report.html`` for a run.
@@ -126,6 +139,7 @@ def write_report(path: Location, record: dict, figures: list[tuple[str, str]],
         "measured expression of the shared genes (scimpute's score; optimistic, since these "
         "genes chose the neighbours).</p>" + _table(stats),
         "" if heldout is None else _heldout(heldout, record["parameters"]["validation"]),
+        _tuning(record.get("tuning")),
         "<h2>Inputs</h2>" + _table(inputs),
         "<h2>Parameters</h2>" + _table(record.get("parameters", {})),
         "<h2>Timings (s)</h2>" + _table(timings, ("stage", "seconds")),

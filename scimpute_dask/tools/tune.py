@@ -1,0 +1,271 @@
+"""Self-tuning: the search and averaging settings chosen by held-out validation on the
+shared genes.
+
+Two sections of one assay and two technologies (an in-situ panel against a
+SMART-seq or 10x reference) want different neighbour spaces and different
+amounts of smoothing; no fixed setting wins both. The shared genes are the
+held-out data needed to choose honestly: they are split into folds, and for
+each fold the neighbours are found on the other genes and the fold's genes
+imputed and scored against their measured values. Each candidate setting's
+score is the mean per-gene score over all shared genes, each scored while it
+was held out; the best candidate wins.
+
+The search is cheap: one kNN per (fold × search transform) at the largest k;
+every smaller k, every weighting and temperature and both averaging spaces
+come from the same sorted neighbour lists
+(:func:`scimpute_dask.kernels.tuning.prefix_scores`). A large query is tuned
+on a seeded subsample of its cells. The tuner is given only the genes it may
+use: inside ``validate --tune`` those are each outer fold's training genes,
+so the outer scores are honest estimates of the tuned mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+from scimpute_dask.config import AVERAGES, DEFAULT_TEMPERATURE, RunConfig
+from scimpute_dask.engine import graph
+from scimpute_dask.engine.inputs import RunInputs
+from scimpute_dask.errors import InputError
+from scimpute_dask.export.outdir import atomic_file
+from scimpute_dask.io.storage import Location
+from scimpute_dask.io.store import ExpressionStore
+from scimpute_dask.kernels.imputation import neighbour_weights
+from scimpute_dask.kernels.tuning import prefix_scores
+
+log = logging.getLogger("scimpute_dask")
+
+#: Metrics a tuning can maximise: per-gene Pearson on the values as given, on log1p values,
+#: or the per-gene cosine similarity.
+TUNE_METRICS = ("pearson", "log_pearson", "css")
+#: Columns of the tuning table that name a setting.
+SETTING = ("normalize", "k", "weighting", "temperature", "average")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The candidate settings: every combination, in both averaging spaces, is scored.
+
+    Weightings must be positive (``cosine`` is not offered: with centred genes
+    a cell's weights can sum to zero).
+    """
+
+    normalizations: tuple[str, ...] = ("none", "scale", "zscore", "log1p")
+    ks: tuple[int, ...] = (10, 25, 50, 100, 200, 500)
+    weightings: tuple[tuple[str, float], ...] = (
+        ("cosine+1", DEFAULT_TEMPERATURE), ("uniform", DEFAULT_TEMPERATURE),
+        *(("softmax", t) for t in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)))
+
+
+GRID = Grid()
+
+
+@dataclass
+class TuneResult:
+    """Every candidate's inner-validation score, and the winner."""
+
+    table: pd.DataFrame  # one row per candidate: SETTING columns, then each metric
+    metric: str
+    best: dict  # the winning setting (SETTING keys)
+    score: float  # its inner-validation score: the expected held-out score
+    n_cells: int  # query cells the tuning used
+    n_genes: int  # shared genes it scored
+    folds: int
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """What ``run.json`` keeps of a tuning."""
+        return {"metric": self.metric, "best": self.best, "expected_score": self.score,
+                "cells": self.n_cells, "genes": self.n_genes, "folds": self.folds,
+                "seed": self.seed, "timings_s": self.timings}
+
+    def __str__(self) -> str:
+        b = self.best
+        weight = b["weighting"] + (f" (T = {b['temperature']:g})"
+                                   if b["weighting"] == "softmax" else "")
+        return (f"Tuned on {self.n_genes} shared genes × {self.n_cells} query cells "
+                f"({self.folds} gene folds): normalize {b['normalize']}, k {b['k']}, "
+                f"{weight}, average {b['average']}; expected held-out {self.metric} "
+                f"{self.score:.3f} ({len(self.table)} candidates)")
+
+
+def feasible_ks(ks: tuple[int, ...], limit: int) -> np.ndarray:
+    """The grid's k values a search can honour (``≤ limit``), and ``limit`` if it cuts any."""
+    kept = sorted({k for k in ks if k <= limit} | ({limit} if max(ks) > limit else set()))
+    return np.asarray(kept, dtype=np.int64)
+
+
+def candidate_limit(n_reference: int, query_clusters: np.ndarray | None,
+                    reference_clusters: np.ndarray | None) -> int:
+    """The largest k every query cell has candidates for (its cluster's reference cells)."""
+    if query_clusters is None:
+        return n_reference
+    counts = pd.Series(reference_clusters).value_counts()
+    present = pd.unique(np.asarray(query_clusters))
+    return int(min(counts.get(c, 0) for c in present))
+
+
+def tune(
+    query: np.ndarray,
+    reference: np.ndarray,
+    *,
+    query_clusters: np.ndarray | None = None,
+    reference_clusters: np.ndarray | None = None,
+    metric: str = "pearson",
+    folds: int = 5,
+    seed: int = 0,
+    max_cells: int = 20_000,
+    grid: Grid = GRID,
+) -> TuneResult:
+    """Score every candidate setting by held-out validation on these genes; pick the best.
+
+    Parameters
+    ----------
+    query, reference
+        ``(n_query, g)`` and ``(n_reference, g)``: the values of the genes the
+        tuning may use — the shared genes of a run, or a validation fold's
+        training genes — in the same column order. Nothing else is seen.
+    query_clusters, reference_clusters
+        Cluster codes restricting each query cell's neighbours, as in the run.
+    metric
+        What to maximise: ``"pearson"`` (per-gene Pearson of imputed and measured
+        values as given), ``"log_pearson"`` (of their log1p) or ``"css"``.
+    folds
+        Gene folds of the inner validation.
+    seed
+        Seed of the gene folds and of the cell subsample.
+    max_cells
+        Query cells used at most (a seeded subsample beyond).
+    grid
+        The candidates.
+    """
+    if metric not in TUNE_METRICS:
+        raise InputError(f"tune_metric must be one of {', '.join(map(repr, TUNE_METRICS))}, "
+                         f"got {metric!r}")
+    query, reference = np.asarray(query, np.float32), np.asarray(reference, np.float32)
+    n_genes = query.shape[1]
+    if n_genes < max(2, folds):
+        raise InputError(f"tuning needs at least {max(2, folds)} shared genes to hold out in "
+                         f"{folds} folds; there are {n_genes}")
+    clock = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    cells = np.arange(len(query))
+    if len(cells) > max_cells:
+        cells = np.sort(rng.choice(len(query), max_cells, replace=False))
+    q = query[cells]
+    qc = None if query_clusters is None else np.asarray(query_clusters)[cells]
+    limit = candidate_limit(len(reference), qc, reference_clusters)
+    ks = feasible_ks(grid.ks, limit)
+    fold = _gene_folds(n_genes, folds, seed)
+    n_w, n_k, n_t = len(grid.weightings), len(ks), len(grid.normalizations)
+    scores = {m: np.full((n_t, 2, n_w, n_k, n_genes), np.nan) for m in TUNE_METRICS}
+    timings = {"knn": 0.0, "scores": 0.0}
+    codes = _codes(qc, reference_clusters)
+    for f in range(folds):
+        train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        for t, normalize in enumerate(grid.normalizations):
+            lap = time.perf_counter()
+            indices, similarity = _neighbours(q[:, train], reference[:, train], normalize,
+                                              int(ks[-1]), codes)
+            timings["knn"] += time.perf_counter() - lap
+            lap = time.perf_counter()
+            weights = np.stack([neighbour_weights(similarity, w, temp)
+                                for w, temp in grid.weightings])
+            got = prefix_scores(indices, np.nan_to_num(weights, nan=0.0),
+                                reference[:, test], q[:, test], ks)
+            for m in TUNE_METRICS:
+                scores[m][t][..., test] = got[m]
+            timings["scores"] += time.perf_counter() - lap
+    table = _table(scores, grid, ks)
+    best_row = table[metric].idxmax() if table[metric].notna().any() else 0
+    best = {c: _plain(table.at[best_row, c]) for c in SETTING}
+    timings = {k: round(v, 3) for k, v in timings.items()}
+    timings["total"] = round(time.perf_counter() - clock, 3)
+    result = TuneResult(table, metric, best, float(table.at[best_row, metric]), len(cells),
+                        n_genes, folds, seed, timings)
+    log.info("%s", result)
+    return result
+
+
+def tune_stores(q_store: ExpressionStore, r_store: ExpressionStore, inputs: RunInputs,
+                config: RunConfig, genes: np.ndarray | None = None, folds: int = 5
+                ) -> TuneResult:
+    """:func:`tune` on a run's converted inputs: the shared genes (or ``genes``, positions
+    among them) of a seeded subsample of query cells, and of every reference cell."""
+    genes = np.arange(len(inputs.q_cols)) if genes is None else np.asarray(genes)
+    rng = np.random.default_rng(config.seed)
+    n_q = len(inputs.q_cells)
+    cells = np.arange(n_q) if n_q <= config.tune_cells else \
+        np.sort(rng.choice(n_q, config.tune_cells, replace=False))
+    query = q_store.group["X"].get_orthogonal_selection((cells, inputs.q_cols[genes]))
+    reference = r_store.group["X"].get_orthogonal_selection(
+        (slice(None), inputs.r_cols[genes]))
+    clusters = config.consider_clusters and inputs.q_ids is not None
+    return tune(query, reference,
+                query_clusters=inputs.q_ids[cells] if clusters else None,
+                reference_clusters=inputs.r_ids if clusters else None,
+                metric=config.tune_metric, folds=folds, seed=config.seed,
+                max_cells=config.tune_cells)
+
+
+def write_table(path: Location, result: TuneResult) -> None:
+    """The tuning table as TSV: one row per candidate, its inner-validation scores."""
+    with atomic_file(path) as fh:
+        result.table.to_csv(fh, sep="\t", index=False, float_format="%.6g", na_rep="nan")
+
+
+def _gene_folds(n_genes: int, folds: int, seed: int) -> np.ndarray:
+    fold = np.empty(n_genes, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(n_genes)] = np.arange(n_genes) % folds
+    return fold
+
+
+def _codes(query_clusters, reference_clusters):
+    if query_clusters is None:
+        return None
+    codes, _ = pd.factorize(np.concatenate([query_clusters, reference_clusters]))
+    return codes[: len(query_clusters)], codes[len(query_clusters):]
+
+
+def _neighbours(query: np.ndarray, reference: np.ndarray, normalize: str, k: int, codes
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's own exact kNN (the same graph as a run), on arrays in memory."""
+    bq, br = 2048, 8192
+    q, r = graph.search_space(da.from_array(query, chunks=(bq, -1)),
+                              da.from_array(reference, chunks=(br, -1)), normalize)
+    qc = rc = None
+    if codes is not None:
+        qc, rc = da.from_array(codes[0], chunks=bq), da.from_array(codes[1], chunks=br)
+    indices, similarity = graph.knn_graph(q, r, k, qc, rc)
+    with dask.config.set(scheduler="threads"):
+        indices, similarity = dask.compute(indices, similarity)
+    return np.asarray(indices, np.int64), np.asarray(similarity, np.float64)
+
+
+def _table(scores: dict[str, np.ndarray], grid: Grid, ks: np.ndarray) -> pd.DataFrame:
+    rows = []
+    for t, normalize in enumerate(grid.normalizations):
+        for a, average in enumerate(AVERAGES):  # prefix_scores' axis 0
+            for w, (weighting, temperature) in enumerate(grid.weightings):
+                for j, k in enumerate(ks):
+                    row = {"normalize": normalize, "k": int(k), "weighting": weighting,
+                           "temperature": float(temperature), "average": average}
+                    for m in TUNE_METRICS:
+                        per_gene = scores[m][t, a, w, j]
+                        row[m] = float(np.nanmean(per_gene)) if np.isfinite(per_gene).any() \
+                            else np.nan
+                    rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _plain(value):
+    """NumPy scalars as Python ones, for JSON and RunConfig."""
+    return value.item() if hasattr(value, "item") else value
