@@ -21,16 +21,17 @@ import numpy as np
 SUMS = ("p", "pp", "pm", "q", "qq", "qm")
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, parallel=True)
 def _prefix_sums(indices, weights, raw, logs, measured, log_measured, centre, log_centre,
                  ks, out, counts):  # pragma: no cover - compiled
     n, kmax = indices.shape
     n_w = weights.shape[0]
     g = raw.shape[1]
     n_k = ks.shape[0]
-    acc = np.empty(g, dtype=np.float64)
-    accl = np.empty(g, dtype=np.float64)
-    for w in range(n_w):
+    # one weighting per thread: each writes only its own out[:, w] (and w = 0 the counts)
+    for w in numba.prange(n_w):
+        acc = np.empty(g, dtype=np.float64)
+        accl = np.empty(g, dtype=np.float64)
         for i in range(n):
             if indices[i, 0] < 0:
                 continue  # no neighbours: left out of every score
@@ -105,12 +106,17 @@ def prefix_scores(indices: np.ndarray, weights: np.ndarray, reference: np.ndarra
     m = np.asarray(measured, dtype=np.float64)
     defined = indices[:, 0] >= 0
     lm = np.log1p(m)
-    centre = m[defined].mean(axis=0) if defined.any() else np.zeros(m.shape[1])
-    log_centre = lm[defined].mean(axis=0) if defined.any() else np.zeros(m.shape[1])
-    mc, lmc = m - centre, lm - log_centre
+    zeros = np.zeros(m.shape[1])
+    m_centre = m[defined].mean(axis=0) if defined.any() else zeros
+    lm_centre = lm[defined].mean(axis=0) if defined.any() else zeros
+    mc, lmc = m - m_centre, lm - lm_centre
+    # Imputed values are weighted means of reference values: centred on the reference's
+    # mean, their sums of squares keep their digits (no cancellation against a large mean).
+    logs = np.log1p(raw)
+    centre, log_centre = raw.mean(axis=0), logs.mean(axis=0)
     out = np.zeros((2, weights.shape[0], len(ks), raw.shape[1], len(SUMS)))
     counts = np.zeros(len(ks), dtype=np.int64)
-    _prefix_sums(indices, np.ascontiguousarray(weights, dtype=np.float64), raw, np.log1p(raw),
+    _prefix_sums(indices, np.ascontiguousarray(weights, dtype=np.float64), raw, logs,
                  np.ascontiguousarray(mc), np.ascontiguousarray(lmc), centre, log_centre,
                  ks, out, counts)
     n = counts[None, None, :, None].astype(np.float64)
@@ -123,10 +129,10 @@ def prefix_scores(indices: np.ndarray, weights: np.ndarray, reference: np.ndarra
         pearson = pm / np.sqrt(var_p * mm)
         var_q = qq - q * q / n
         log_pearson = qm / np.sqrt(var_q * ll)
-        # uncentred: Σ(p+c)(m+c) = Σpm + cΣp + cΣm(=0) + n c²
-        c = centre[None, None, None, :]
-        num = pm + c * p + n * c * c
-        den = np.sqrt((pp + 2 * c * p + n * c * c) * (mm + n * c * c))
+        # uncentred: Σ(p+c)(m+d) = Σpm + dΣp + cΣm(=0) + n·c·d
+        c, d = centre[None, None, None, :], m_centre[None, None, None, :]
+        num = pm + d * p + n * c * d
+        den = np.sqrt((pp + 2 * c * p + n * c * c) * (mm + n * d * d))
         css = num / den
     bad_p = ~(var_p > 1e-12 * np.maximum(pp, 1e-300)) | ~(mm > 0)
     bad_q = ~(var_q > 1e-12 * np.maximum(qq, 1e-300)) | ~(ll > 0)

@@ -88,13 +88,17 @@ class TuneResult:
                 "seed": self.seed, "timings_s": self.timings}
 
     def __str__(self) -> str:
-        b = self.best
-        weight = b["weighting"] + (f" (T = {b['temperature']:g})"
-                                   if b["weighting"] == "softmax" else "")
         return (f"Tuned on {self.n_genes} shared genes × {self.n_cells} query cells "
-                f"({self.folds} gene folds): normalize {b['normalize']}, k {b['k']}, "
-                f"{weight}, average {b['average']}; expected held-out {self.metric} "
-                f"{self.score:.3f} ({len(self.table)} candidates)")
+                f"({self.folds} gene folds): {describe(self.best)}; expected held-out "
+                f"{self.metric} {self.score:.3f} ({len(self.table)} candidates)")
+
+
+def describe(setting: dict) -> str:
+    """``normalize zscore, k 50, softmax T=0.1, average mean``."""
+    weight = setting["weighting"] + (f" T={setting['temperature']:g}"
+                                     if setting["weighting"] == "softmax" else "")
+    return (f"normalize {setting['normalize']}, k {setting['k']}, {weight}, "
+            f"average {setting['average']}")
 
 
 def feasible_ks(ks: tuple[int, ...], limit: int) -> np.ndarray:

@@ -17,6 +17,7 @@ agreement of the genes only the reference has into a predicted accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.kernels.metrics import METRICS, paired_scores, summarize
 from scimpute_dask.plotting.figures import SCORE_PNG, heldout_sparsity_plot
 from scimpute_dask.tools import heldout
+from scimpute_dask.tools import tune as tuning
 
 log = logging.getLogger("scimpute_dask")
 
@@ -58,6 +60,12 @@ class ValidationResult:
     summary: pd.DataFrame  # level × metric: n, mean, median, q25, q75
     reliability: pd.DataFrame | None  # per reference gene
     timings: dict[str, float] = field(default_factory=dict)
+    tuning: dict | None = None  # validate --tune: each fold's chosen setting
+
+    @property
+    def mean_gene_scores(self) -> dict[str, float]:
+        """Mean over the shared genes of each held-out per-gene metric (Li et al.'s score)."""
+        return {m: float(np.nanmean(self.genes[m])) for m in METRICS}
 
     def __str__(self) -> str:
         s = self.summary.set_index(["level", "metric"])
@@ -67,6 +75,11 @@ class ValidationResult:
             lines.append("  per " + level + ": " + ", ".join(
                 f"{m} {s.loc[(level, m), 'median']:.3f} [{s.loc[(level, m), 'q25']:.3f}, "
                 f"{s.loc[(level, m), 'q75']:.3f}]" for m in METRICS))
+        lines.append("  mean per gene: " + ", ".join(
+            f"{m} {v:.3f}" for m, v in self.mean_gene_scores.items()))
+        if self.tuning:
+            lines.append("  tuned per fold: " + "; ".join(
+                f"{f}: {tuning.describe(b)}" for f, b in self.tuning.items()))
         lines += [f"  {name:<12} {path}" for name, path in self.files.items()]
         return "\n".join(lines)
 
@@ -127,6 +140,9 @@ def cross_validate(
     weighting: str = "cosine+1",
     temperature: float = 0.1,
     average: str = "mean",
+    tune: bool = False,
+    tune_metric: str = "pearson",
+    tune_cells: int = 20_000,
     reliability: bool = True,
     query_layout: str = "genes_x_cells",
     reference_layout: str = "genes_x_cells",
@@ -168,7 +184,8 @@ def cross_validate(
         VALIDATE_OPTIONS, k=k, consider_clusters=consider_clusters,
         cell_name_column_idx=cell_name_column_idx, folds=folds, seed=seed,
         normalize=normalize, weighting=weighting, temperature=temperature, average=average,
-        reliability=reliability, query_layout=query_layout, reference_layout=reference_layout,
+        tune=tune, tune_metric=tune_metric, tune_cells=tune_cells, reliability=reliability,
+        query_layout=query_layout, reference_layout=reference_layout,
         memory_limit=memory_limit, chunk_size=chunk_size, plot=plot, progress=progress,
         scheduler=scheduler)
     if config.consider_clusters and identities is None:
@@ -203,16 +220,26 @@ def cross_validate(
 
     with cluster.compute_on(client, config.scheduler, blocks.threads, config.progress):
         clock = time.perf_counter()
-        search = _Search(zarr_dir, q_store, r_store, inputs, blocks, k, options,
-                         config.consider_clusters, config.average)
-        imputed, moments = [], []
+        def searcher(settings: RunConfig) -> _Search:
+            return _Search(zarr_dir, q_store, r_store, inputs, blocks, settings.k,
+                           settings.search(), settings.consider_clusters, settings.average)
+
+        search = searcher(config)
+        imputed, moments, tuned = [], [], {}
         for f in range(folds):
             test = order[bounds[f]:bounds[f + 1]]
             train = np.sort(order[np.r_[0:bounds[f], bounds[f + 1]:n_shared]])
             log.info("fold %d/%d: %d genes held out", f + 1, folds, len(test))
-            x, mom = search.impute(f"fold{f}", train, inputs.r_cols[test])
+            fold_search = search
+            if config.tune:
+                # nested: the fold's settings are chosen on its training genes alone
+                result = tuning.tune_stores(q_store, r_store, inputs, config, genes=train)
+                tuned[str(f)] = {**result.best, "inner_score": result.score}
+                fold_search = searcher(dataclasses.replace(config, **result.best))
+            x, mom = fold_search.impute(f"fold{f}", train, inputs.r_cols[test])
             imputed.append(x)
             moments.append(mom)
+
         out_of_fold = da.concatenate(imputed, axis=1)
         measured = search.q_shared[:, order].astype(np.float64)
         agree = agreement(*np.concatenate(dask.compute(*moments), axis=1))
@@ -230,6 +257,11 @@ def cross_validate(
         gene_table["agreement"] = agree
         if config.reliability:
             clock = time.perf_counter()
+            if config.tune:
+                # the setting a run --tune of these inputs would use: tuned on every shared gene
+                result = tuning.tune_stores(q_store, r_store, inputs, config)
+                tuned["all"] = {**result.best, "inner_score": result.score}
+                search = searcher(dataclasses.replace(config, **result.best))
             rel = _reliability(search, inputs, gene_table)
             timings["reliability"] = round(time.perf_counter() - clock, 3)
 
@@ -259,13 +291,15 @@ def cross_validate(
         "inputs": {"query": q_store.fingerprint, "reference": r_store.fingerprint},
         "parameters": {"k": k, "folds": folds, "seed": config.seed,
                        "consider_clusters": config.consider_clusters, **options,
-                       "average": config.average,
+                       "average": config.average, "tune": config.tune,
                        "chunk_size": blocks.query_chunk, "memory_limit": limit},
         "folds": {str(f): list(gene_table.loc[gene_table["fold"] == f, "gene"])
                   for f in range(folds)},
+        **({"tuning": {"metric": config.tune_metric, "chosen": tuned}} if config.tune else {}),
         "timings_s": timings,
     })
-    return ValidationResult(outdir, files, gene_table, cell_table, summary, rel, timings)
+    return ValidationResult(outdir, files, gene_table, cell_table, summary, rel, timings,
+                            tuned or None)
 
 
 class _Search:
