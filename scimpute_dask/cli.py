@@ -20,6 +20,7 @@ from scimpute_dask.config import (
     LAYOUTS,
     OPTIONS,
     RUN_OPTIONS,
+    TUNE_OPTIONS,
     VALIDATE_OPTIONS,
     Interval,
     RunConfig,
@@ -31,6 +32,7 @@ from scimpute_dask.errors import InputError
 #: RUN_OPTIONS/VALIDATE_OPTIONS are Python-only or set by the command itself).
 _RUN = RUN_OPTIONS
 _VALIDATE = tuple(o for o in VALIDATE_OPTIONS if o != "consider_clusters")
+_TUNE = tuple(o for o in TUNE_OPTIONS if o != "consider_clusters")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -108,6 +110,24 @@ def _parser() -> argparse.ArgumentParser:
     add_cli_options(val, _VALIDATE)
     _add_common(val)
 
+    tn = sub.add_parser(
+        "tune", help="choose the search and averaging settings by held-out validation",
+        description="Split the shared genes into folds; for every candidate setting (search "
+        "transform, k, weighting and temperature, averaging space) impute each fold's genes "
+        "from neighbours found on the others and score them; write every candidate's score "
+        "(tuning.tsv), the winner (tuning.json) and a heat map (tuning.png). 'run --tune' "
+        "does this and then runs with the winner.",
+    )
+    tn.add_argument("--query", required=True, metavar="PATH",
+                    help="spatial matrix (same forms as for run)")
+    tn.add_argument("--reference", required=True, metavar="PATH",
+                    help="single-cell matrix (same forms as for run)")
+    tn.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    tn.add_argument("--identities", metavar="TSV",
+                    help="restrict neighbours to the query cell's cluster, as the run will")
+    add_cli_options(tn, _TUNE)
+    _add_common(tn)
+
     tr = sub.add_parser(
         "transfer", help="label each query cell of a finished run by its neighbours' vote",
         description="Project reference labels (clusters, cell types) onto the query cells of a "
@@ -165,6 +185,16 @@ def _validate(args: argparse.Namespace) -> None:
         **{name: getattr(config, name) for name in _VALIDATE},
     )
     print(result)
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from scimpute_dask.tools.tune import tune_inputs
+
+    config = RunConfig.from_cli(args, _TUNE)
+    print(tune_inputs(args.query, args.reference, args.out, identities=args.identities,
+                      consider_clusters=args.identities is not None,
+                      **{name: getattr(config, name) for name in _TUNE}))
+    print(f"  table        {args.out}/tuning.tsv\n  winner       {args.out}/tuning.json")
 
 
 def _transfer(args: argparse.Namespace) -> None:
@@ -248,7 +278,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 _COMMANDS = {"run": _run, "convert": _convert, "demo": _demo, "validate": _validate,
-             "transfer": _transfer}
+             "tune": _tune, "transfer": _transfer}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,13 +71,7 @@ def make_pair(
         raise ValueError(f"n_panel must be in 1..n_genes ({n_genes}), got {n_panel}")
     rng = np.random.default_rng(seed)
     genes = np.array([f"gene{i:05d}" for i in range(n_genes)])
-    base = rng.lognormal(0.0, 1.5, n_genes)
-    programmes = np.tile(base, (n_types, 1))
-    markers_per_type = max(1, n_genes // (n_types * 10))
-    markers = rng.choice(n_genes, size=(n_types, markers_per_type), replace=False)
-    for t in range(n_types):
-        programmes[t, markers[t]] *= rng.lognormal(2.0, 0.5, markers_per_type)
-    programmes /= programmes.sum(axis=1, keepdims=True)
+    programmes, markers = _programmes(rng, n_genes, n_types)
 
     def cells(n: int, library: float, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         types = rng.integers(0, n_types, n)
@@ -120,6 +114,77 @@ def make_pair(
         truth=pd.DataFrame(programmes[q_types] * 1e6, index=q_names, columns=genes)
         if truth else None,
     )
+
+
+def make_cross_technology_pair(
+    n_query: int = 3000,
+    n_reference: int = 2000,
+    n_genes: int = 1000,
+    n_panel: int = 60,
+    n_types: int = 8,
+    seed: int = 0,
+) -> SyntheticPair:
+    """A single-cell reference and an in-situ panel of the same tissue, by two technologies.
+
+    The reference is :func:`make_pair`'s (negative-binomial counts, CPM). The
+    query measures the same cell types' molecules through what makes an
+    imaging panel differ from sequencing gene by gene:
+
+    - **capture efficiency**: each gene's probes detect a different fraction of
+      its molecules (log-normal, a 10-fold spread);
+    - **saturation**: dense transcripts crowd optically, so detection flattens
+      at high expression (``x → x / (1 + x / s_g)``, ``s_g`` per gene);
+    - **ambient background**: mis-assigned and off-target spots add a gene's
+      tissue-wide mean, a few percent of it, to every cell.
+
+    The query keeps its raw detected counts per cell (as imaging tools export
+    them); the ground truth is each query cell's type profile in the
+    reference's CPM, as in :func:`make_pair`.
+    """
+    if not 0 < n_panel <= n_genes:
+        raise ValueError(f"n_panel must be in 1..n_genes ({n_genes}), got {n_panel}")
+    rng = np.random.default_rng(seed)
+    genes = np.array([f"gene{i:05d}" for i in range(n_genes)])
+    programmes, markers = _programmes(rng, n_genes, n_types)
+    r_types = rng.integers(0, n_types, n_reference)
+    libs = rng.lognormal(np.log(8000.0), 0.35, n_reference)[:, None]
+    r_counts = _nb_counts(rng, programmes[r_types] * libs, dispersion=4.0)
+    panel_markers = np.unique(markers[:, : max(1, n_panel // (2 * n_types))])[:n_panel]
+    rest = np.setdiff1d(np.arange(n_genes), panel_markers)
+    panel = np.sort(np.concatenate(
+        [panel_markers, rng.choice(rest, n_panel - len(panel_markers), replace=False)]))
+
+    q_types = rng.integers(0, n_types, n_query)
+    volume = rng.lognormal(0.0, 0.3, n_query)[:, None]  # cell size: molecules scale with it
+    molecules = programmes[q_types][:, panel] * 2.0e4 * volume
+    efficiency = np.exp(rng.normal(0.0, 0.6, n_panel))  # ~10-fold spread (2 sd)
+    saturation = rng.lognormal(np.log(40.0), 0.5, n_panel)
+    detected = efficiency * molecules
+    detected = detected / (1.0 + detected / saturation)
+    ambient = 0.05 * detected.mean(axis=0) + 0.02
+    counts = _nb_counts(rng, detected + ambient, dispersion=10.0)
+    q_names = np.array([f"sp_{i:06d}" for i in range(n_query)])
+    r_names = np.array([f"sc_{i:06d}" for i in range(n_reference)])
+    return SyntheticPair(
+        query=pd.DataFrame(counts, index=q_names, columns=genes[panel]),
+        reference=pd.DataFrame(_cpm(r_counts), index=r_names, columns=genes),
+        identities=pd.DataFrame({"cell": np.concatenate([q_names, r_names]),
+                                 "id": np.concatenate([q_types, r_types])}),
+        truth=pd.DataFrame(programmes[q_types] * 1e6, index=q_names, columns=genes),
+    )
+
+
+def _programmes(rng: np.random.Generator, n_genes: int, n_types: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell type's expected expression share of every gene, and its marker genes."""
+    base = rng.lognormal(0.0, 1.5, n_genes)
+    programmes = np.tile(base, (n_types, 1))
+    markers_per_type = max(1, n_genes // (n_types * 10))
+    markers = rng.choice(n_genes, size=(n_types, markers_per_type), replace=False)
+    for t in range(n_types):
+        programmes[t, markers[t]] *= rng.lognormal(2.0, 0.5, markers_per_type)
+    programmes /= programmes.sum(axis=1, keepdims=True)
+    return programmes, markers
 
 
 def write_scimpute_tsv(frame: pd.DataFrame, path, decimals: int = 4) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 #: Column names of :func:`paired_scores`, in order.
-METRICS = ("css", "pearson", "spearman", "mse", "rmse")
+METRICS = ("css", "pearson", "spearman", "mse", "rmse", "log_pearson")
 
 
 def _cosine(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
@@ -30,7 +30,7 @@ def _pearson(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
 
 
 def paired_scores(measured: np.ndarray, imputed: np.ndarray, axis: int) -> np.ndarray:
-    """CSS, Pearson, Spearman, MSE and RMSE of matching vectors along ``axis``.
+    """CSS, Pearson, Spearman, MSE, RMSE and log1p Pearson of matching vectors along ``axis``.
 
     Parameters
     ----------
@@ -43,7 +43,7 @@ def paired_scores(measured: np.ndarray, imputed: np.ndarray, axis: int) -> np.nd
     Returns
     -------
     numpy.ndarray
-        ``(n_vectors, 5)`` float64, columns :data:`METRICS`. CSS is NaN when
+        ``(n_vectors, 6)`` float64, columns :data:`METRICS`. CSS is NaN when
         either vector is all zero; Pearson and Spearman are NaN when either is
         constant (Spearman ranks ties by their average rank, as SciPy).
     """
@@ -58,6 +58,9 @@ def paired_scores(measured: np.ndarray, imputed: np.ndarray, axis: int) -> np.nd
         _pearson(rankdata(a, axis=axis), rankdata(b, axis=axis), axis),
         mse,
         np.sqrt(mse),
+        # the same correlation on log1p values: how well the pattern across cells is
+        # caught where most values are small, which a few large values dominate otherwise
+        _pearson(np.log1p(np.maximum(a, 0)), np.log1p(np.maximum(b, 0)), axis),
     ])
 
 

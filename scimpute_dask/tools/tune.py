@@ -22,6 +22,7 @@ so the outer scores are honest estimates of the tuned mode.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -30,15 +31,23 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from scimpute_dask.config import AVERAGES, DEFAULT_TEMPERATURE, RunConfig
-from scimpute_dask.engine import graph
-from scimpute_dask.engine.inputs import RunInputs
+from scimpute_dask.config import (
+    AVERAGES,
+    DEFAULT_TEMPERATURE,
+    TUNE_OPTIONS,
+    RunConfig,
+    parse_memory,
+)
+from scimpute_dask.engine import cluster, graph
+from scimpute_dask.engine.inputs import RunInputs, check_inputs, store_for
 from scimpute_dask.errors import InputError
-from scimpute_dask.export.outdir import atomic_file
-from scimpute_dask.io.storage import Location
+from scimpute_dask.export.outdir import atomic_file, check_creatable
+from scimpute_dask.export.tables import write_manifest
+from scimpute_dask.io.storage import Location, location
 from scimpute_dask.io.store import ExpressionStore
 from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.kernels.tuning import prefix_scores
+from scimpute_dask.plotting.figures import TUNING_PNG, tuning_heatmap
 
 log = logging.getLogger("scimpute_dask")
 
@@ -218,6 +227,40 @@ def tune_stores(q_store: ExpressionStore, r_store: ExpressionStore, inputs: RunI
                 reference_clusters=inputs.r_ids if clusters else None,
                 metric=config.tune_metric, folds=folds, seed=config.seed,
                 max_cells=config.tune_cells)
+
+
+def tune_inputs(query, reference, outdir, identities=None, *, client=None, **options
+                ) -> TuneResult:
+    """``scimpute-dask tune``: the search alone, on a query and a reference as a run takes them.
+
+    The inputs are converted into ``outdir/zarr`` (reused by a rerun); the
+    table of every candidate (``tuning.tsv``), the winner and its expected
+    held-out score (``tuning.json``) and the heat map (``tuning.png``) are
+    written to ``outdir``. ``options`` are those of
+    :data:`~scimpute_dask.config.TUNE_OPTIONS`.
+    """
+    config = RunConfig.create(TUNE_OPTIONS, **options)
+    if config.consider_clusters and identities is None:
+        raise InputError("consider_clusters=True needs the cell identity table")
+    limit = parse_memory(config.memory_limit)
+    inputs = check_inputs(query, reference, identities, config, tsv=False)
+    outdir = location(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"{outdir}: output path exists and is not a directory")
+    if not outdir.exists():
+        check_creatable(outdir)
+    (outdir / "zarr").mkdir(parents=True, exist_ok=True)
+    q_store = store_for(query, "query", outdir, outdir, config.query_layout, False,
+                        config.progress, limit)
+    r_store = store_for(reference, "reference", outdir, outdir, config.reference_layout, False,
+                        config.progress, limit)
+    with cluster.compute_on(client, config.scheduler, os.cpu_count() or 1, config.progress):
+        result = tune_stores(q_store, r_store, inputs, config, folds=config.folds)
+    write_table(outdir / "tuning.tsv", result)
+    write_manifest(outdir / "tuning.json", {"query": inputs.q_label,
+                                            "reference": inputs.r_label, **result.record()})
+    tuning_heatmap(outdir / TUNING_PNG, result.table, result.metric, result.best)
+    return result
 
 
 def write_table(path: Location, result: TuneResult) -> None:
