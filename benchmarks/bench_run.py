@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,7 +79,8 @@ def main() -> None:
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--panel", type=int, default=300)
     p.add_argument("--types", type=int, default=12)
-    p.add_argument("--k", type=int, default=25)
+    p.add_argument("--k", type=int, nargs="+", default=[25],
+                   help="neighbours per query cell; several values run one after the other")
     p.add_argument("--clusters", choices=["both", "yes", "no"], default="both")
     p.add_argument("--memory-limit", default=None, help="passed to the run (e.g. 4GB)")
     p.add_argument("--tsv-genes", default="all", help="passed to the run")
@@ -96,13 +98,15 @@ def main() -> None:
             q = work / f"query_{n_query}.tsv"
             print(f"generated {n_query} query cells in {time.perf_counter() - t0:.0f} s "
                   f"({q.stat().st_size / 2**20:,.0f} MiB of TSV)", flush=True)
-            for clustered in {"both": (True, False), "yes": (True,), "no": (False,)}[
-                    args.clusters]:
-                out = work / f"out_{n_query}_{'cl' if clustered else 'all'}"
-                cmd = ["scimpute-dask", "run", "--query", str(q),
+            for clustered, k in [(c, k) for c in {"both": (True, False), "yes": (True,),
+                                                  "no": (False,)}[args.clusters]
+                                 for k in args.k]:
+                out = work / f"out_{n_query}_{'cl' if clustered else 'all'}_{k}"
+                # the CLI of the Python running this script: no need for it on PATH
+                cmd = [sys.executable, "-m", "scimpute_dask.cli", "run", "--query", str(q),
                        "--reference", str(work / "reference.tsv"),
                        "--identities", str(work / f"ids_{n_query}.tsv"), "--out", str(out),
-                       "--k", str(args.k), "--tsv-genes", args.tsv_genes, "--quiet",
+                       "--k", str(k), "--tsv-genes", args.tsv_genes, "--quiet",
                        "--restart"]
                 cmd += [] if clustered else ["--no-clusters"]
                 cmd += ["--memory-limit", args.memory_limit] if args.memory_limit else []
@@ -122,15 +126,15 @@ def main() -> None:
                 print(f"  kNN {knn_rate:.1f} GFLOP/s {'(all-pairs equivalent) ' * clustered}"
                       f"vs sgemm floor {floor:.1f} GFLOP/s on {params['chunk_size']} × "
                       f"{params['reference_chunk_size']} tiles", flush=True)
-                rows.append((n_query, clustered, stages, wall, peak, knn_rate, floor))
+                rows.append((n_query, clustered, k, stages, wall, peak, knn_rate, floor))
                 for path in out.rglob("*"):  # the next size needs the disk
                     if path.is_file():
                         path.unlink()
 
-    print("\n| query cells | clusters | convert | kNN | impute | export | total | peak RSS "
-          "| kNN GFLOP/s (floor) |\n|---|---|---|---|---|---|---|---|---|")
-    for n_query, clustered, st, wall, peak, rate, floor in rows:
-        print(f"| {n_query:,} | {'yes' if clustered else 'no'} | {st['convert']:.0f} s "
+    print("\n| query cells | clusters | k | convert | kNN | impute | export | total | peak RSS "
+          "| kNN GFLOP/s (floor) |\n|---|---|---|---|---|---|---|---|---|---|")
+    for n_query, clustered, k, st, wall, peak, rate, floor in rows:
+        print(f"| {n_query:,} | {'yes' if clustered else 'no'} | {k} | {st['convert']:.0f} s "
               f"| {st['knn']:.0f} s | {st['impute']:.0f} s | {st['export']:.0f} s "
               f"| {wall:.0f} s | {peak / 1024:.2f} GiB | {rate:.0f} ({floor:.0f}) |")
 

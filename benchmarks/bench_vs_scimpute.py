@@ -319,7 +319,7 @@ def main() -> None:
                       flush=True)
 
             ours_out = work / "out_scimpute_dask"
-            cmd = ["scimpute-dask", "run", "--query", str(paths["query"]),
+            cmd = [sys.executable, "-m", "scimpute_dask.cli", "run", "--query", str(paths["query"]),
                    "--reference", str(paths["reference"]),
                    "--identities", str(paths["identities"]), "--name-column", "0",
                    "--out", str(ours_out), "--k", str(args.k), "--quiet"]

@@ -35,6 +35,8 @@ def impute(
     scheduler: str | None = None,
     client=None,
     validation: str | os.PathLike | None = None,
+    tune: bool = False,
+    tune_metric: str = "pearson",
 ):
     """Impute every gene of a single-cell reference for the cells of a spatial dataset.
 
@@ -78,6 +80,13 @@ def impute(
         Show progress bars.
     scheduler, client
         Run on a Dask cluster (see :func:`~scimpute_dask.run_imputation`).
+    tune
+        Choose the search transform, ``k``, weighting and averaging space by
+        held-out validation on the shared genes, then impute with the winner
+        (``uns["scimpute"]["parameters"]`` records it). Recommended across
+        technologies; off by default, which is scimpute's method exactly.
+    tune_metric
+        What tuning maximises: ``"pearson"``, ``"log_pearson"`` or ``"css"``.
     validation
         The output directory of :func:`~scimpute_dask.cross_validate` for the
         same data: ``var`` then also holds each gene's ``agreement``,
@@ -106,7 +115,8 @@ def impute(
             consider_clusters=cluster_key is not None, cluster_key=cluster_key,
             layer=layer, reference_layer=reference_layer, tsv_genes=None, anndata=True,
             report=outdir is not None, memory_limit=memory_limit, progress=progress,
-            scheduler=scheduler, client=client, validation=validation,
+            scheduler=scheduler, client=client, validation=validation, tune=tune,
+            tune_metric=tune_metric,
         )
         result = anndata_io.read_lazy(out / OUTPUT)
         if outdir is None:

@@ -376,7 +376,7 @@ OPTIONS: dict[str, Option] = _options(
            "what tuning maximises: per-gene Pearson of imputed and measured values as given "
            "(pearson), of their log1p (log_pearson), or per-gene cosine (css)",
            "--tune-metric"),
-    Option("tune_cells", 20_000, Interval(int, 100),
+    Option("tune_cells", 10_000, Interval(int, 100),
            "query cells tuning uses at most (a seeded subsample beyond)", "--tune-cells", "N"),
     # held-out validation
     Option("folds", 5, Interval(int, 2), "gene folds of the cross-validation", "--folds"),

@@ -141,7 +141,7 @@ def run_imputation(
     average: str = "mean",
     tune: bool = False,
     tune_metric: str = "pearson",
-    tune_cells: int = 20_000,
+    tune_cells: int = 10_000,
     seed: int = 0,
     validation: str | os.PathLike | None = None,
 ) -> RunResult:

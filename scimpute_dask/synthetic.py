@@ -26,6 +26,21 @@ class SyntheticPair:
     reference: pd.DataFrame  # cells × all genes, CPM
     identities: pd.DataFrame  # columns: cell, id
     truth: pd.DataFrame | None  # query cells × all genes: expected CPM of each cell's type
+    coords: pd.DataFrame | None = None  # query cells: cell, x, y (µm) of a layered tissue
+
+
+def layered_tissue(types: np.ndarray, n_types: int, seed: int, width: float = 2000.0,
+                   depth: float = 1200.0) -> np.ndarray:
+    """Positions of cells in a layered tissue (cortex-like): each type keeps to its own
+    depth band, with some spill into the neighbouring layers; ``(n, 2)`` in µm.
+
+    Drawn from its own generator, so adding positions changes no expression value.
+    """
+    rng = np.random.default_rng([seed, 2])
+    band = (np.asarray(types) + 0.5) / n_types
+    y = np.clip(rng.normal(band, 0.35 / n_types), 0.0, 1.0) * depth
+    x = rng.uniform(0.0, width, len(types))
+    return np.column_stack([x, y])
 
 
 def _cpm(counts: np.ndarray) -> np.ndarray:
@@ -107,12 +122,14 @@ def make_pair(
         "cell": np.concatenate([q_names, r_names]),
         "id": np.concatenate([q_types, r_types]),
     })
+    xy = layered_tissue(q_types, n_types, seed)
     return SyntheticPair(
         query=pd.DataFrame(_cpm(measured), index=q_names, columns=genes[panel]),
         reference=pd.DataFrame(_cpm(r_counts), index=r_names, columns=genes),
         identities=identities,
         truth=pd.DataFrame(programmes[q_types] * 1e6, index=q_names, columns=genes)
         if truth else None,
+        coords=pd.DataFrame({"cell": q_names, "x": xy[:, 0], "y": xy[:, 1]}),
     )
 
 

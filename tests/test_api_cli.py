@@ -104,3 +104,22 @@ def test_step_wise_api_keeps_numeric_cell_names_as_strings(tmp_path, small_pair)
     scores = scimpute_dask.validate_results(q, tmp_path / "imputation.tsv", tmp_path)
     assert np.isfinite(scores).sum() > 250
     assert len(sim) == 3 * 257
+
+
+def test_demo_report_shows_the_tissue_and_the_unmeasured_genes_accuracy(tmp_path, capsys):
+    from scimpute_dask.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--query-cells", "400", "--reference-cells", "300",
+                 "--genes", "600", "--panel", "60", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "median per-gene Pearson r vs. ground truth" in printed
+    run = out / "imputation"
+    assert (run / "spatial_imputed.png").exists()
+    assert (run / "spatial_measured_vs_imputed.png").exists()
+    page = (run / "report.html").read_text()
+    assert "Accuracy on the genes the panel did not measure" in page
+    median = float(printed.rsplit("= ", 1)[1])
+    assert f"{median:.4f}"[:5] in page
+    coords = (out / "inputs" / "coords.csv").read_text().splitlines()
+    assert coords[0] == "cell,x,y" and len(coords) == 401

@@ -154,3 +154,15 @@ def write_report(path: Location, record: dict, figures: list[tuple[str, str]],
             f"<style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
     with atomic_file(path) as fh:
         fh.write(page)
+
+
+def add_section(path: Location, title: str, text: str, rows: dict) -> None:
+    """Add a section (a paragraph and a table) to a written report, before its inputs.
+
+    For what is known only after the run, such as the demo's accuracy against
+    the simulation's ground truth. The page is rewritten atomically.
+    """
+    page = path.read_text()
+    section = f"<h2>{_esc(title)}</h2><p>{_esc(text)}</p>" + _table(rows)
+    with atomic_file(path) as fh:
+        fh.write(page.replace("<h2>Inputs</h2>", section + "<h2>Inputs</h2>", 1))

@@ -135,7 +135,7 @@ def tune(
     metric: str = "pearson",
     folds: int = 5,
     seed: int = 0,
-    max_cells: int = 20_000,
+    max_cells: int = 10_000,
     grid: Grid = GRID,
 ) -> TuneResult:
     """Score every candidate setting by held-out validation on these genes; pick the best.

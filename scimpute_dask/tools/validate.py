@@ -142,7 +142,7 @@ def cross_validate(
     average: str = "mean",
     tune: bool = False,
     tune_metric: str = "pearson",
-    tune_cells: int = 20_000,
+    tune_cells: int = 10_000,
     reliability: bool = True,
     query_layout: str = "genes_x_cells",
     reference_layout: str = "genes_x_cells",
