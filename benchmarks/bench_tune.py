@@ -28,6 +28,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from scimpute_dask import plan
 from scimpute_dask.engine import cluster, graph
 from scimpute_dask.synthetic import make_pair
 from scimpute_dask.tools.tune import tune
@@ -59,8 +60,6 @@ def main() -> None:
           f"{result.timings['scores']:.1f} s)", flush=True)
 
     # the run's kNN stage: the same graph, blocks as a run plans them for a 4 GB budget
-    from scimpute_dask import plan
-
     blocks = plan.plan_run(4 * 10**9, len(query), len(reference), args.panel, args.genes)
     q = da.from_array(query, chunks=(blocks.query_chunk, -1))
     r = da.from_array(reference, chunks=(blocks.reference_chunk, -1))

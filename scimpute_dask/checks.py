@@ -7,7 +7,7 @@ validation.
 
 from __future__ import annotations
 
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 import pandas as pd
@@ -77,20 +77,6 @@ def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def check_choice(value: object, allowed: tuple[str, ...], name: str) -> str:
-    """``value`` if it is one of ``allowed``, or an error listing them."""
-    if not isinstance(value, str) or value not in allowed:
-        raise InputError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-
-def check_positive_float(value: object, name: str) -> float:
-    """``value`` as a finite float > 0, or an error naming the parameter."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < np.inf:
-        raise InputError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def check_k(

@@ -472,12 +472,6 @@ RunConfig = make_dataclass(
 RunConfig.__module__ = __name__
 
 
-def check_exclusive(a: str, a_value: object, b: str, b_value: object) -> None:
-    """Refuse two options given together that exclude each other."""
-    if a_value is not None and b_value is not None:
-        raise InputError(f"give {a} or {b}, not both")
-
-
 # --------------------------------------------------------------------------- #
 # The CLI and the docs, from the same declarations
 # --------------------------------------------------------------------------- #
