@@ -43,6 +43,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                        help="also log block sizes, stage timings and peak memory")
 
 
+def _add_pair(p: argparse.ArgumentParser, identities_help: str) -> None:
+    """The inputs and output of the commands that study a pair (validate, tune)."""
+    p.add_argument("--query", required=True, metavar="PATH",
+                   help="spatial matrix (same forms as for run)")
+    p.add_argument("--reference", required=True, metavar="PATH",
+                   help="single-cell matrix (same forms as for run)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--identities", metavar="TSV", help=identities_help)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scimpute-dask",
@@ -99,14 +109,8 @@ def _parser() -> argparse.ArgumentParser:
         "genes.tsv, cells.tsv, summary.tsv, reliability.tsv (predicted accuracy of every "
         "reference gene) and genes_vs_sparsity.png.",
     )
-    val.add_argument("--query", required=True, metavar="PATH",
-                     help="spatial matrix (same forms as for run)")
-    val.add_argument("--reference", required=True, metavar="PATH",
-                     help="single-cell matrix (same forms as for run)")
-    val.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    val.add_argument("--identities", metavar="TSV",
-                     help="restrict neighbours to the query cell's cluster (the clustering must "
-                     "not have used the held-out genes)")
+    _add_pair(val, "restrict neighbours to the query cell's cluster (the clustering must not "
+              "have used the held-out genes)")
     add_cli_options(val, _VALIDATE)
     _add_common(val)
 
@@ -118,13 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         "(tuning.tsv), the winner (tuning.json) and a heat map (tuning.png). 'run --tune' "
         "does this and then runs with the winner.",
     )
-    tn.add_argument("--query", required=True, metavar="PATH",
-                    help="spatial matrix (same forms as for run)")
-    tn.add_argument("--reference", required=True, metavar="PATH",
-                    help="single-cell matrix (same forms as for run)")
-    tn.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    tn.add_argument("--identities", metavar="TSV",
-                    help="restrict neighbours to the query cell's cluster, as the run will")
+    _add_pair(tn, "restrict neighbours to the query cell's cluster, as the run will")
     add_cli_options(tn, _TUNE)
     _add_common(tn)
 
