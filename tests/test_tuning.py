@@ -272,3 +272,24 @@ def test_validate_tune_records_each_fold_setting(tmp_path, small_pair, monkeypat
     assert res.reliability is not None
     assert "tuned per fold" in str(res)
     assert validate.METRICS[1] == "pearson"
+
+
+def test_tune_command_writes_its_table_winner_and_heat_map(tmp_path, small_inputs, capsys,
+                                                          monkeypatch):
+    real = tuning.tune
+    monkeypatch.setattr(tuning, "tune", lambda q, r, **kw: real(q, r, **{**kw,
+                                                                         "grid": SMALL_GRID}))
+    out = tmp_path / "t"
+    assert main(["tune", "--query", str(small_inputs.query), "--reference",
+                 str(small_inputs.reference), "--out", str(out), "--folds", "3", "--seed", "2",
+                 "--tune-metric", "log_pearson", "-q"]) == 0
+    assert "expected held-out log_pearson" in capsys.readouterr().out
+    winner = json.loads((out / "tuning.json").read_text())
+    table = pd.read_csv(out / "tuning.tsv", sep="\t")
+    assert winner["metric"] == "log_pearson" and winner["folds"] == 3 and winner["seed"] == 2
+    assert table["log_pearson"].max() == pytest.approx(winner["expected_score"])
+    assert (out / "tuning.png").stat().st_size > 0
+    with pytest.raises(SystemExit) as info:  # argparse's own choices check
+        main(["tune", "--query", str(small_inputs.query), "--reference",
+              str(small_inputs.reference), "--out", str(out), "--tune-metric", "r2"])
+    assert info.value.code == 2
