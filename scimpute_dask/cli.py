@@ -214,9 +214,8 @@ def _transfer(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from scimpute_dask.export.outdir import check_creatable
     from scimpute_dask.io.convert import convert
-    from scimpute_dask.io.storage import is_remote, location
+    from scimpute_dask.io.storage import check_creatable, is_remote, location
 
     config = RunConfig.from_cli(args, ("layer", "restart", "memory_limit"))
     target = location(args.output)
@@ -233,14 +232,15 @@ def _demo(args: argparse.Namespace) -> None:
     import numpy as np
     import pandas as pd
 
-    from scimpute_dask.export.outdir import check_creatable
+    from scimpute_dask.io.storage import check_creatable
     from scimpute_dask.pipeline import run
     from scimpute_dask.plotting.report import add_section
     from scimpute_dask.synthetic import make_pair, write_scimpute_tsv
 
     config = RunConfig.from_cli(args, ("k", "seed", "scheduler"))
-    sizes = {flag: Interval(int, 1).check(Interval(int, 1).parse(getattr(args, flag)),
-                                          "--" + flag.replace("_", "-"), getattr(args, flag))
+    count = Interval(int, 1)
+    sizes = {flag: count.check(count.parse(getattr(args, flag)),
+                               "--" + flag.replace("_", "-"), getattr(args, flag))
              for flag in ("query_cells", "reference_cells", "genes", "panel")}
     if sizes["panel"] >= sizes["genes"]:
         raise InputError(f"--panel ({sizes['panel']}) must be smaller than --genes "

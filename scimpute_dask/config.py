@@ -8,9 +8,9 @@ and its help text. From that one declaration come
   validation, and the ``parameters`` that ``run.json`` records;
 - the CLI's options (:func:`add_cli_options`), which hand the values over as
   written so that a refusal quotes them;
-- the parameter documentation of :func:`~scimpute_dask.run_imputation`,
-  :func:`~scimpute_dask.cross_validate` and :func:`~scimpute_dask.impute`
-  (:func:`doc_options`), whose defaults a test holds equal to these.
+- the parameter documentation of :func:`~scimpute_dask.run_imputation` and
+  :func:`~scimpute_dask.cross_validate` (:func:`documented`), whose defaults
+  a test holds equal to these (and those :func:`~scimpute_dask.impute` shares).
 
 Every invalid value is refused before any work with a message that names the
 option (as the caller spelled it: ``--k`` on the command line, ``k`` in
@@ -35,6 +35,9 @@ LAYOUTS: tuple[str, ...] = ("genes_x_cells", "cells_x_genes")
 NORMALIZATIONS: tuple[str, ...] = ("none", "cpm", "log1p", "log1p_cpm", "scale", "zscore")
 #: Spaces the neighbours' profiles are averaged in; ``"mean"`` is scimpute's.
 AVERAGES: tuple[str, ...] = ("mean", "log1p")
+#: What tuning can maximise: per-gene Pearson on the values as given, on log1p values,
+#: or per-gene cosine similarity.
+TUNE_METRICS: tuple[str, ...] = ("pearson", "log_pearson", "css")
 #: Neighbour weights; ``"cosine+1"`` is scimpute's.
 WEIGHTINGS: tuple[str, ...] = ("cosine+1", "cosine", "softmax", "uniform")
 #: Default softmax temperature: the best of the held-out sweep on the real
@@ -372,7 +375,7 @@ OPTIONS: dict[str, Option] = _options(
            "choose normalize, k, weighting, temperature and average by held-out validation on "
            "the shared genes (each scored while hidden from the neighbour search), then run "
            "with the winner", "--tune"),
-    Option("tune_metric", "pearson", Choice(("pearson", "log_pearson", "css")),
+    Option("tune_metric", "pearson", Choice(TUNE_METRICS),
            "what tuning maximises: per-gene Pearson of imputed and measured values as given "
            "(pearson), of their log1p (log_pearson), or per-gene cosine (css)",
            "--tune-metric"),

@@ -87,7 +87,7 @@ def test_tuning_table_scores_equal_an_independent_cross_validation(small_pair):
     computed plainly with dense NumPy."""
     q, r = _shared(small_pair)
     result = tuning.tune(q, r, folds=3, seed=5, grid=SMALL_GRID)
-    fold = tuning._gene_folds(q.shape[1], 3, 5)
+    fold = validate.gene_folds(q.shape[1], 3, 5)
     for _, row in result.table.sample(6, random_state=0).iterrows():
         oof = np.full(q.shape, np.nan)
         for f in range(3):

@@ -24,7 +24,7 @@ from scimpute_dask.errors import InputError
 from scimpute_dask.io import anndata_io
 from scimpute_dask.io.convert import Layout, convert, label_of, read_names, source_fingerprint
 from scimpute_dask.io.identities import clusters_of, read_identities
-from scimpute_dask.io.storage import Location, link_tree, location, remove_tree
+from scimpute_dask.io.storage import Location, check_creatable, link_tree, location, remove_tree
 from scimpute_dask.io.store import ExpressionStore, is_store
 
 
@@ -107,6 +107,29 @@ def check_inputs(query, reference, identities, config: RunConfig, *, tsv: bool =
     check_plot_genes(config.plot_genes, r_genes, r_label)
     return RunInputs(q_label, r_label, table_label, q_cells, r_cells, r_genes, q_cols, r_cols,
                      q_ids, r_ids, tsv_cols)
+
+
+def check_study(query, reference, identities, config: RunConfig) -> RunInputs:
+    """:func:`check_inputs` for the commands that study a pair (validate, tune): no TSV,
+    and clusters only from an identity table."""
+    if config.consider_clusters and identities is None:
+        raise InputError("consider_clusters=True needs the cell identity table")
+    return check_inputs(query, reference, identities, config, tsv=False)
+
+
+def study_stores(query, reference, outdir: Location, config: RunConfig
+                 ) -> tuple[ExpressionStore, ExpressionStore]:
+    """The stores of a studied pair, converted into (or reused from) ``outdir/zarr``."""
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"{outdir}: output path exists and is not a directory")
+    if not outdir.exists():
+        check_creatable(outdir)
+    (outdir / "zarr").mkdir(parents=True, exist_ok=True)
+    limit = parse_memory(config.memory_limit)
+    return (store_for(query, "query", outdir, outdir, config.query_layout, False,
+                      config.progress, limit),
+            store_for(reference, "reference", outdir, outdir, config.reference_layout, False,
+                      config.progress, limit))
 
 
 def check_plot_genes(plot_genes, r_genes: np.ndarray, r_label: str) -> None:

@@ -21,14 +21,13 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from scimpute_dask.errors import InputError
-from scimpute_dask.io.storage import Location, is_remote, remove_tree
+from scimpute_dask.io.storage import Location, check_creatable, is_remote, remove_tree
 
 log = logging.getLogger("scimpute_dask")
 
@@ -118,24 +117,6 @@ def check_output_dir(outdir: Location, may_write: frozenset[str] = frozenset()) 
             f"{outdir}: holds files a previous run did not write ({', '.join(foreign[:5])}); "
             f"refusing to replace it. Move them away or choose another output directory"
         )
-
-
-def check_creatable(path: Path) -> None:
-    """Refuse, before any work, a local output that cannot be created where it is asked.
-
-    The nearest existing ancestor must be a directory in which a directory can
-    be made (tried with a temporary one, removed at once): nothing is left behind.
-    """
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InputError(f"{path}: cannot be created: {ancestor} is not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=ancestor))
-    except OSError as err:
-        raise InputError(f"{path}: cannot be created in {ancestor} "
-                         f"({err.strerror or err})") from None
 
 
 @contextlib.contextmanager

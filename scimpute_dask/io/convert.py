@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 
-from scimpute_dask.config import parse_memory
+from scimpute_dask.config import OPTIONS, parse_memory
 from scimpute_dask.errors import InputError
 from scimpute_dask.io import anndata_io, frame, tenx, text
 from scimpute_dask.io import store as stores
-from scimpute_dask.io.registry import LAYOUTS, Layout, Reader, ReadOptions, as_source, reader_for
+from scimpute_dask.io.registry import Layout, Reader, ReadOptions, as_source, reader_for
 from scimpute_dask.io.storage import is_location, location, remove_tree
 from scimpute_dask.io.store import ExpressionStore
 
@@ -29,7 +29,7 @@ READERS: tuple[Reader, ...] = (
     text.READER,
 )
 
-__all__ = ["LAYOUTS", "ExpressionStore", "Layout", "convert", "label_of", "read_names",
+__all__ = ["ExpressionStore", "Layout", "convert", "label_of", "read_names",
            "source_fingerprint"]
 
 
@@ -42,9 +42,7 @@ def label_of(source: object, role: str | None = None) -> str:
 
 
 def _options(source, layout, sep, layer, name, **kwargs) -> ReadOptions:
-    if layout not in LAYOUTS:
-        raise InputError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}; "
-                         f"got {layout!r}")
+    OPTIONS["query_layout"].constraint.check(layout, "layout")
     return ReadOptions(label=name or label_of(source), layout=layout, sep=sep, layer=layer,
                        **kwargs)
 

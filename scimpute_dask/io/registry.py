@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
     from scimpute_dask.io.store import ExpressionStore
 
+#: A text input's orientation: one of :data:`~scimpute_dask.config.LAYOUTS`.
 Layout = Literal["genes_x_cells", "cells_x_genes"]
-LAYOUTS: tuple[str, ...] = ("genes_x_cells", "cells_x_genes")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path, PurePath
 from typing import TypeAlias
@@ -114,3 +115,21 @@ def link_tree(src: Path, dst: Path) -> None:
             shutil.copy2(s, d)
 
     shutil.copytree(src, dst, copy_function=_link)
+
+
+def check_creatable(path: Path) -> None:
+    """Refuse, before any work, a local output that cannot be created where it is asked.
+
+    The nearest existing ancestor must be a directory in which a directory can
+    be made (tried with a temporary one, removed at once): nothing is left behind.
+    """
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{path}: cannot be created: {ancestor} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=ancestor))
+    except OSError as err:
+        raise InputError(f"{path}: cannot be created in {ancestor} "
+                         f"({err.strerror or err})") from None

@@ -38,7 +38,7 @@ from scimpute_dask.io.storage import Location, is_location
 #: First bytes of each compression this reader streams through.
 MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
          b"\x28\xb5\x2f\xfd": "zstd"}
-#: Decompression errors of a damaged file (zstd raises ZstdError, a plain Exception).
+#: What the standard library's decompressors raise on a damaged file.
 _DAMAGED = (OSError, EOFError, zlib.error, lzma.LZMAError)
 #: Bytes looked at to tell text from a binary file.
 _SNIFF = 1 << 16
@@ -51,43 +51,43 @@ def compression(path: Location) -> str | None:
     return next((kind for magic, kind in MAGIC.items() if head.startswith(magic)), None)
 
 
-def _decompressed(raw, kind: str | None, label: str):
+def _decompressed(raw, kind: str | None, label: str) -> tuple[object, tuple[type, ...]]:
+    """The decompressing stream over ``raw``, and the errors it raises on a damaged file."""
     if kind is None:
-        return raw
+        return raw, _DAMAGED
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb"), _DAMAGED
     if kind == "bzip2":
-        return bz2.BZ2File(raw, mode="rb")
+        return bz2.BZ2File(raw, mode="rb"), _DAMAGED
     if kind == "xz":
-        return lzma.LZMAFile(raw, mode="rb")
+        return lzma.LZMAFile(raw, mode="rb"), _DAMAGED
     try:
         import zstandard
     except ImportError:
         raise InputError(f"{label}: zstd-compressed text needs the zstandard package: "
                          f"pip install 'scimpute-dask[zstd]'") from None
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20)
+    stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20)
+    return stream, (*_DAMAGED, zstandard.ZstdError)
 
 
 @contextlib.contextmanager
-def open_text(path: Location, label: str) -> Iterator[io.BufferedIOBase]:
-    """The file's text as a binary stream, decompressed on the fly if it is compressed.
+def open_text(path: Location, label: str, offset: int = 0) -> Iterator[io.BufferedIOBase]:
+    """The file's text as a binary stream from ``offset``, decompressed on the fly if the
+    file is compressed.
 
-    A damaged compressed file, or one that is binary rather than text, is an
-    :class:`InputError` naming the file.
+    A damaged compressed file is an :class:`InputError` naming the file.
     """
     kind = compression(path)
     with path.open("rb") as raw:
-        fh = _decompressed(raw, kind, label)
+        fh, damaged = _decompressed(raw, kind, label)
         try:
+            if offset:
+                _skip_to(fh, offset, kind)
             yield fh
         except InputError:
             raise
-        except _DAMAGED as err:
+        except damaged as err:
             raise InputError(f"{label}: damaged {kind or 'text'} file ({err})") from None
-        except Exception as err:
-            if type(err).__name__ == "ZstdError":
-                raise InputError(f"{label}: damaged zstd file ({err})") from None
-            raise
         finally:
             if fh is not raw:
                 fh.close()
@@ -297,8 +297,7 @@ def _convert(src: Location, store: Location, options: ReadOptions) -> stores.Exp
     done, offset = int(state["rows_done"]), int(state["offset"]) or scanned.header_bytes
     bar = stores.progress_bar(options.progress, total=len(rows), initial=done,
                               desc=f"convert {src.name}")
-    with open_text(src, label) as fh:
-        _skip_to(fh, offset, compression(src))
+    with open_text(src, label, offset) as fh:
         while done < len(rows):
             text, n = _read_lines(fh, block_rows)
             if n == 0:

@@ -72,6 +72,16 @@ def _prefix_sums(indices, weights, raw, logs, measured, log_measured, centre, lo
                         break
 
 
+def gene_folds(n_genes: int, folds: int, seed: int) -> np.ndarray:
+    """Fold of each of ``n_genes`` genes: a seeded permutation dealt into ``folds`` folds.
+
+    Fold sizes differ by at most one gene.
+    """
+    fold = np.empty(n_genes, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(n_genes)] = np.arange(n_genes) % folds
+    return fold
+
+
 def prefix_scores(indices: np.ndarray, weights: np.ndarray, reference: np.ndarray,
                   measured: np.ndarray, ks: np.ndarray) -> dict[str, np.ndarray]:
     """Per-gene held-out metrics of every (average, weighting, k) from one neighbour list.

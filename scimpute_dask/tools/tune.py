@@ -34,26 +34,24 @@ import pandas as pd
 from scimpute_dask.config import (
     AVERAGES,
     DEFAULT_TEMPERATURE,
+    OPTIONS,
+    TUNE_METRICS,
     TUNE_OPTIONS,
     RunConfig,
-    parse_memory,
 )
 from scimpute_dask.engine import cluster, graph
-from scimpute_dask.engine.inputs import RunInputs, check_inputs, store_for
+from scimpute_dask.engine.inputs import RunInputs, check_study, study_stores
 from scimpute_dask.errors import InputError
-from scimpute_dask.export.outdir import atomic_file, check_creatable
+from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.export.tables import write_manifest
 from scimpute_dask.io.storage import Location, location
 from scimpute_dask.io.store import ExpressionStore
 from scimpute_dask.kernels.imputation import neighbour_weights
-from scimpute_dask.kernels.tuning import prefix_scores
+from scimpute_dask.kernels.tuning import gene_folds, prefix_scores
 from scimpute_dask.plotting.figures import TUNING_PNG, tuning_heatmap
 
 log = logging.getLogger("scimpute_dask")
 
-#: Metrics a tuning can maximise: per-gene Pearson on the values as given, on log1p values,
-#: or the per-gene cosine similarity.
-TUNE_METRICS = ("pearson", "log_pearson", "css")
 #: Columns of the tuning table that name a setting.
 SETTING = ("normalize", "k", "weighting", "temperature", "average")
 
@@ -110,6 +108,13 @@ def describe(setting: dict) -> str:
             f"average {setting['average']}")
 
 
+def subsample(n: int, max_cells: int, seed: int) -> np.ndarray:
+    """The query cells tuning uses: all of them, or a seeded sorted sample of ``max_cells``."""
+    if n <= max_cells:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
+
+
 def feasible_ks(ks: tuple[int, ...], limit: int) -> np.ndarray:
     """The grid's k values a search can honour (``≤ limit``), and ``limit`` if it cuts any."""
     kept = sorted({k for k in ks if k <= limit} | ({limit} if max(ks) > limit else set()))
@@ -160,24 +165,19 @@ def tune(
     grid
         The candidates.
     """
-    if metric not in TUNE_METRICS:
-        raise InputError(f"tune_metric must be one of {', '.join(map(repr, TUNE_METRICS))}, "
-                         f"got {metric!r}")
+    OPTIONS["tune_metric"].constraint.check(metric, "tune_metric")
     query, reference = np.asarray(query, np.float32), np.asarray(reference, np.float32)
     n_genes = query.shape[1]
     if n_genes < max(2, folds):
         raise InputError(f"tuning needs at least {max(2, folds)} shared genes to hold out in "
                          f"{folds} folds; there are {n_genes}")
     clock = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    cells = np.arange(len(query))
-    if len(cells) > max_cells:
-        cells = np.sort(rng.choice(len(query), max_cells, replace=False))
+    cells = subsample(len(query), max_cells, seed)
     q = query[cells]
     qc = None if query_clusters is None else np.asarray(query_clusters)[cells]
     limit = candidate_limit(len(reference), qc, reference_clusters)
     ks = feasible_ks(grid.ks, limit)
-    fold = _gene_folds(n_genes, folds, seed)
+    fold = gene_folds(n_genes, folds, seed)
     n_w, n_k, n_t = len(grid.weightings), len(ks), len(grid.normalizations)
     scores = {m: np.full((n_t, 2, n_w, n_k, n_genes), np.nan) for m in TUNE_METRICS}
     timings = {"knn": 0.0, "scores": 0.0}
@@ -214,10 +214,8 @@ def tune_stores(q_store: ExpressionStore, r_store: ExpressionStore, inputs: RunI
     """:func:`tune` on a run's converted inputs: the shared genes (or ``genes``, positions
     among them) of a seeded subsample of query cells, and of every reference cell."""
     genes = np.arange(len(inputs.q_cols)) if genes is None else np.asarray(genes)
-    rng = np.random.default_rng(config.seed)
-    n_q = len(inputs.q_cells)
-    cells = np.arange(n_q) if n_q <= config.tune_cells else \
-        np.sort(rng.choice(n_q, config.tune_cells, replace=False))
+    # drawn as tune() draws it, so that tune() keeps every cell read here
+    cells = subsample(len(inputs.q_cells), config.tune_cells, config.seed)
     query = q_store.group["X"].get_orthogonal_selection((cells, inputs.q_cols[genes]))
     reference = r_store.group["X"].get_orthogonal_selection(
         (slice(None), inputs.r_cols[genes]))
@@ -240,20 +238,9 @@ def tune_inputs(query, reference, outdir, identities=None, *, client=None, **opt
     :data:`~scimpute_dask.config.TUNE_OPTIONS`.
     """
     config = RunConfig.create(TUNE_OPTIONS, **options)
-    if config.consider_clusters and identities is None:
-        raise InputError("consider_clusters=True needs the cell identity table")
-    limit = parse_memory(config.memory_limit)
-    inputs = check_inputs(query, reference, identities, config, tsv=False)
+    inputs = check_study(query, reference, identities, config)
     outdir = location(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(f"{outdir}: output path exists and is not a directory")
-    if not outdir.exists():
-        check_creatable(outdir)
-    (outdir / "zarr").mkdir(parents=True, exist_ok=True)
-    q_store = store_for(query, "query", outdir, outdir, config.query_layout, False,
-                        config.progress, limit)
-    r_store = store_for(reference, "reference", outdir, outdir, config.reference_layout, False,
-                        config.progress, limit)
+    q_store, r_store = study_stores(query, reference, outdir, config)
     with cluster.compute_on(client, config.scheduler, os.cpu_count() or 1, config.progress):
         result = tune_stores(q_store, r_store, inputs, config, folds=config.folds)
     write_table(outdir / "tuning.tsv", result)
@@ -267,12 +254,6 @@ def write_table(path: Location, result: TuneResult) -> None:
     """The tuning table as TSV: one row per candidate, its inner-validation scores."""
     with atomic_file(path) as fh:
         result.table.to_csv(fh, sep="\t", index=False, float_format="%.6g", na_rep="nan")
-
-
-def _gene_folds(n_genes: int, folds: int, seed: int) -> np.ndarray:
-    fold = np.empty(n_genes, dtype=np.int64)
-    fold[np.random.default_rng(seed).permutation(n_genes)] = np.arange(n_genes) % folds
-    return fold
 
 
 def _codes(query_clusters, reference_clusters):

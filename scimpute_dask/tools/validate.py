@@ -35,18 +35,21 @@ from sklearn.isotonic import IsotonicRegression
 from scimpute_dask import __version__, plan
 from scimpute_dask.config import VALIDATE_OPTIONS, RunConfig, documented, parse_memory
 from scimpute_dask.engine import cluster, graph
-from scimpute_dask.engine.inputs import check_inputs, store_for
+from scimpute_dask.engine.inputs import check_study, study_stores
 from scimpute_dask.engine.stages import digest, store_stage
 from scimpute_dask.errors import InputError
-from scimpute_dask.export.outdir import atomic_file, check_creatable
+from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.export.tables import write_manifest
 from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.kernels.metrics import METRICS, paired_scores, summarize
+from scimpute_dask.kernels.tuning import gene_folds
 from scimpute_dask.plotting.figures import SCORE_PNG, heldout_sparsity_plot
 from scimpute_dask.tools import heldout
 from scimpute_dask.tools import tune as tuning
 
 log = logging.getLogger("scimpute_dask")
+
+__all__ = ["ValidationResult", "cross_validate", "gene_folds"]
 
 
 @dataclass
@@ -82,16 +85,6 @@ class ValidationResult:
                 f"{f}: {tuning.describe(b)}" for f, b in self.tuning.items()))
         lines += [f"  {name:<12} {path}" for name, path in self.files.items()]
         return "\n".join(lines)
-
-
-def gene_folds(n_genes: int, folds: int, seed: int) -> np.ndarray:
-    """Fold of each of ``n_genes`` genes: a seeded permutation dealt into ``folds`` folds.
-
-    Fold sizes differ by at most one gene.
-    """
-    fold = np.empty(n_genes, dtype=np.int64)
-    fold[np.random.default_rng(seed).permutation(n_genes)] = np.arange(n_genes) % folds
-    return fold
 
 
 def agreement(sum_m: np.ndarray, sum_m2: np.ndarray, sum_v: np.ndarray, n: np.ndarray
@@ -188,27 +181,16 @@ def cross_validate(
         query_layout=query_layout, reference_layout=reference_layout,
         memory_limit=memory_limit, chunk_size=chunk_size, plot=plot, progress=progress,
         scheduler=scheduler)
-    if config.consider_clusters and identities is None:
-        raise InputError("consider_clusters=True needs the cell identity table")
     limit = parse_memory(config.memory_limit)
-    inputs = check_inputs(query, reference, identities, config, tsv=False)
+    inputs = check_study(query, reference, identities, config)
     k, folds, options = config.k, config.folds, config.search()
     n_shared = len(inputs.q_cols)
     if not 2 <= folds <= n_shared:
         raise InputError(f"folds must be between 2 and the number of shared genes ({n_shared}), "
                          f"got {folds}")
     outdir = Path(outdir).absolute()
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(f"{outdir}: output path exists and is not a directory")
-    if not outdir.exists():
-        check_creatable(outdir)
     zarr_dir = outdir / "zarr"
-    zarr_dir.mkdir(parents=True, exist_ok=True)
-
-    q_store = store_for(query, "query", outdir, outdir, config.query_layout, False,
-                        config.progress, limit)
-    r_store = store_for(reference, "reference", outdir, outdir, config.reference_layout, False,
-                        config.progress, limit)
+    q_store, r_store = study_stores(query, reference, outdir, config)
     timings["convert"] = round(time.perf_counter() - clock, 3)
     n_q, n_r = len(inputs.q_cells), len(inputs.r_cells)
     blocks = plan.plan_run(limit, n_q, n_r, n_shared, len(inputs.r_genes),
