@@ -43,19 +43,29 @@ def test_merging_tiles_equals_one_pass():
     np.testing.assert_array_equal(merged[..., 0], want_sim)
 
 
-@pytest.mark.parametrize("k", [1, 25, 199, 200, 300, 700])
-def test_selection_and_insertion_give_the_same_lists(k):
-    """Large k selects, small k inserts: both are the same total order (sim desc, row asc)."""
+@pytest.mark.parametrize("select", [False, True])
+@pytest.mark.parametrize("k", [1, 25, 199, 300, 700])
+def test_selection_and_insertion_give_the_same_lists_fed_in_any_blocks(k, select, monkeypatch):
+    """Insertion (small k) and buffered selection (large k), fed column blocks of any
+    width, both give the one-pass total order (sim desc, row asc)."""
+    monkeypatch.setattr(knn, "SELECT_FROM_K", 1 if select else 10**9)
     rng = np.random.default_rng(k)
-    sim = np.round(rng.normal(size=(40, 1500)), 1)  # near-ties galore
+    sim = np.round(rng.normal(size=(40, 1500)), 1).astype(np.float32)  # near-ties galore
     idx = np.tile(rng.permutation(5000)[:1500], (40, 1))
     idx[rng.random(idx.shape) < 0.2] = knn.EMPTY  # gaps, as merged lists have
-    a = knn._empty(40, k)
-    knn._topk_into(sim, idx, *a)
-    b = knn._empty(40, k)
-    knn._select_into(sim, idx, *b)
-    np.testing.assert_array_equal(a[1], b[1])
-    np.testing.assert_array_equal(a[0], b[0])
+    best = knn.TopK(40, k, np.float32)
+    assert best.select == select
+    cuts = np.sort(rng.choice(np.arange(1, 1500), 6, replace=False))
+    for lo, hi in zip([0, *cuts], [*cuts, 1500], strict=True):
+        best.add(sim[:, lo:hi], idx[:, lo:hi])
+    got = best.result()
+    key = np.where(idx == knn.EMPTY, np.inf, -sim.astype(np.float64))
+    order = np.lexsort((idx, key), axis=1)[:, :k]
+    want_idx = np.where(np.isinf(np.take_along_axis(key, order, 1)), knn.EMPTY,
+                        np.take_along_axis(idx, order, 1))
+    np.testing.assert_array_equal(got[..., 1].astype(int), want_idx)
+    want_sim = np.where(want_idx == knn.EMPTY, -np.inf, np.take_along_axis(sim, order, 1))
+    np.testing.assert_array_equal(got[..., 0], want_sim)
 
 
 def test_fewer_candidates_than_k_leaves_empty_slots():
@@ -149,6 +159,34 @@ def test_exact_ties_resolve_the_same_whatever_the_tiling():
         results.append(idx)
     for idx in results:
         np.testing.assert_array_equal(idx, np.tile(np.arange(5), (7, 1)))
+
+
+@pytest.mark.parametrize("k", [5, 40, 230])
+def test_search_equals_brute_force_float64_on_near_ties(k):
+    """Small integer counts on few genes: thousands of exact ties and near-ties within
+    float32 rounding. Whatever the tiling and with clusters or not, the search returns
+    exactly the brute-force float64 order (cosine on a 1e-12 grid desc, row asc)."""
+    rng = np.random.default_rng(k)
+    r = rng.integers(0, 3, (700, 6)).astype(np.float32) * rng.choice([1, 2, 3], (700, 1))
+    q = rng.integers(0, 3, (90, 6)).astype(np.float32)
+    q[0] = 0  # undefined cosine
+    zero = knn.zero_rows(q)
+    qc, rc = rng.integers(0, 2, 90), rng.integers(0, 2, 700)
+    for clustered in (False, True):
+        dense = np.round(cosine_similarity(q.astype(np.float64), r.astype(np.float64)), 12)
+        if clustered:
+            dense = np.where(qc[:, None] == rc[None, :], dense, -np.inf)
+        want_sim, want_idx = _reference_topk(dense, k)
+        for bq, br in ((90, 700), (32, 256), (7, 61)):
+            codes = ((da.from_array(qc, chunks=bq), da.from_array(rc, chunks=br)) if clustered
+                     else (None, None))
+            with dask.config.set(scheduler="sync"):
+                idx, sim = dask.compute(*graph.knn_graph(
+                    da.from_array(q, chunks=(bq, -1)), da.from_array(r, chunks=(br, -1)), k,
+                    *codes, split_every=3))
+            np.testing.assert_array_equal(idx[~zero], want_idx[~zero])
+            np.testing.assert_allclose(sim[~zero], want_sim[~zero], rtol=0, atol=1e-7)
+            assert (idx[zero] == knn.EMPTY).all() and np.isnan(sim[zero]).all()
 
 
 def test_parser_reads_numbers_as_float_does():

@@ -53,9 +53,9 @@ def search_space(query: da.Array, reference: da.Array, normalize: str = "none"
     return tuple(out)
 
 
-def _pair_topk(q, qn, qnorm, r, rn, rnorm, rows, *clusters, k: int) -> np.ndarray:
+def _pair_screen(qn, rn, rows, *clusters, k: int) -> np.ndarray:
     qc, rc = clusters if clusters else (None, None)
-    return knn.block_topk(knn.Block(q, qn, qnorm), knn.Block(r, rn, rnorm), rows, k, qc, rc)
+    return knn.screen(qn, rn, rows, k, qc, rc)
 
 
 # ``axis``/``keepdims`` are the interface da.reduction calls its functions with.
@@ -65,6 +65,28 @@ def _merge(packed: np.ndarray, axis=None, keepdims=True, *, k: int) -> np.ndarra
 
 def _keep(packed: np.ndarray, axis=None, keepdims=True) -> np.ndarray:
     return packed
+
+
+def _pair_exact(q, r, rows, screened, *clusters, k: int) -> np.ndarray:
+    qc, rc = clusters if clusters else (None, None)
+    return knn.exact_topk(q, r, rows, screened, k, qc, rc)
+
+
+def _merge_tree(lists: da.Array, k: int, split_every: int) -> da.Array:
+    """Merge the per-reference-block lists of each query cell into one, as a tree."""
+    return da.reduction(
+        lists,
+        chunk=_keep,
+        combine=partial(_merge, k=k),
+        aggregate=partial(_merge, k=k),
+        axis=1,
+        keepdims=True,
+        output_size=k,
+        dtype=np.float64,
+        split_every=split_every,
+        concatenate=True,
+        meta=np.empty((0, 0, 0), dtype=np.float64),
+    )
 
 
 def knn_graph(
@@ -77,6 +99,15 @@ def knn_graph(
 ) -> tuple[da.Array, da.Array]:
     """Exact cosine kNN of every query row among the reference rows.
 
+    Two passes over the (query block × reference block) tiles, neither holding
+    more than one tile (:mod:`scimpute_dask.kernels.knn`): a float32 screen
+    keeps ``k + RERANK_MARGIN`` candidates per tile, merged by a tree
+    reduction into one candidate list per query cell; then each candidate's
+    cosine is computed in float64 in the reference block that holds it
+    (cells whose candidates the screen cannot vouch for are searched
+    exhaustively there), and the best k are merged again. The exact pass
+    costs ``n·(k + margin)·g`` once per cell, not once per tile.
+
     Parameters
     ----------
     query, reference
@@ -88,7 +119,7 @@ def knn_graph(
         Integer cluster codes (chunked like the rows). When given, candidates are
         restricted to the query cell's cluster.
     split_every
-        Fan-in of the tree reduction that merges per-tile top-k lists.
+        Fan-in of the tree reduction that merges per-tile candidate lists.
 
     Returns
     -------
@@ -100,44 +131,31 @@ def knn_graph(
     """
     query = _single_chunk_columns(query).astype(np.float32)
     reference = _single_chunk_columns(reference).astype(np.float32)
+    m = k + knn.RERANK_MARGIN
     rows = da.arange(reference.shape[0], chunks=(reference.chunks[0],), dtype=np.int64)
-    args: list = []
-    # Normalised rows and float64 norms once per block, not once per tile.
-    for x, i in ((query, "i"), (reference, "j")):
-        args += [x, f"{i}g",
-                 x.map_blocks(knn.normalize_rows, dtype=np.float32), f"{i}g",
-                 x.map_blocks(knn.row_norms, drop_axis=1, dtype=np.float64), i]
-    args += [rows, "j"]
+    # Normalised rows once per block, not once per tile.
+    args = [query.map_blocks(knn.normalize_rows, dtype=np.float32), "ig",
+            reference.map_blocks(knn.normalize_rows, dtype=np.float32), "jg", rows, "j"]
     if query_clusters is not None:
         args += [query_clusters.rechunk((query.chunks[0],)), "i",
                  reference_clusters.rechunk((reference.chunks[0],)), "j"]
     with warnings.catch_warnings():
-        # one (k, 2) list per tile is the point of the tiling, not a chunking accident
+        # one (m, 2) list per tile is the point of the tiling, not a chunking accident
         warnings.simplefilter("ignore", da.PerformanceWarning)
-        tiles = da.blockwise(
-            partial(_pair_topk, k=k), "ijp", *args,
-            new_axes={"p": 2},
-            adjust_chunks={"j": k},
-            concatenate=True,
-            dtype=np.float64,
-            meta=np.empty((0, 0, 0), dtype=np.float64),
-        )
-    merged = da.reduction(
-        tiles,
-        chunk=_keep,
-        combine=partial(_merge, k=k),
-        aggregate=partial(_merge, k=k),
-        axis=1,
-        keepdims=True,
-        output_size=k,
-        dtype=np.float64,
-        split_every=split_every,
-        concatenate=True,
-        meta=np.empty((0, 0, 0), dtype=np.float64),
-    )
+        screened = _merge_tree(da.blockwise(
+            partial(_pair_screen, k=k), "ijp", *args,
+            new_axes={"p": 2}, adjust_chunks={"j": m}, concatenate=True,
+            dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
+        ), m, split_every)
+        exact = [query, "ig", reference, "jg", rows, "j", screened, "icp", *args[6:]]
+        best = _merge_tree(da.blockwise(
+            partial(_pair_exact, k=k), "ijp", *exact,
+            adjust_chunks={"j": k}, concatenate=True,
+            dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
+        ), k, split_every)
     undefined = query.map_blocks(knn.zero_rows, drop_axis=1, dtype=bool)[:, None]
-    indices = da.where(undefined, knn.EMPTY, merged[..., 1]).astype(np.int32)
-    similarity = da.where(undefined, np.nan, merged[..., 0]).astype(np.float32)
+    indices = da.where(undefined, knn.EMPTY, best[..., 1]).astype(np.int32)
+    similarity = da.where(undefined, np.nan, best[..., 0]).astype(np.float32)
     return indices, similarity
 
 

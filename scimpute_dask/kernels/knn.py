@@ -1,17 +1,27 @@
 """Exact cosine k-nearest-neighbour kernels on NumPy blocks.
 
-The Dask graph (:mod:`scimpute_dask.engine.graph`) tiles the query × reference
-similarity into blocks; these functions work on one block at a time and never
-see more than one tile. A top-k list is packed as a float64 array of shape
-``(n, k, 2)``: ``[..., 0]`` the cosine similarity, ``[..., 1]`` the global
-reference row (exact in float64), ``-1`` marking an empty slot. Ties in
-similarity go to the lower reference row, so the result does not depend on
-how the reference is chunked.
+The search has three steps, each on one block at a time (the Dask graph in
+:mod:`scimpute_dask.engine.graph` tiles them):
+
+1. :func:`screen`: each (query block × reference block) tile is screened with
+   float32 products of the L2-normalised rows, a cache-sized sub-tile at a
+   time, keeping the best ``k + RERANK_MARGIN`` candidates per query cell;
+2. :func:`merge_topk`: the tiles' candidate lists are merged into one per cell;
+3. :func:`exact_topk`: the merged candidates' cosines are computed again in
+   float64 from the raw values, in the reference block that holds each, and
+   the best k kept (merged again over the blocks). A cell whose candidates
+   the float32 screen cannot vouch for (:func:`incomplete`: a group of equal
+   cosines wider than the margin at its k-th place) is searched exhaustively
+   in float64 instead.
+
+A top-k list is packed as a float64 array of shape ``(n, k, 2)``: ``[..., 0]``
+the similarity, ``[..., 1]`` the global reference row (exact in float64),
+``-1`` marking an empty slot. Ties in similarity go to the lower reference row,
+and the final ranking uses values that depend only on the two rows compared,
+so the result does not depend on how the data were tiled.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -43,7 +53,8 @@ def _topk_into(sim, idx, out_sim, out_idx):  # pragma: no cover - compiled
 
     ``out_sim``/``out_idx`` hold the running top-k (sorted, ``EMPTY`` padded) and
     are updated in place. A sorted insertion buffer beats a heap for k ~ 25, and
-    after the first few columns almost every candidate fails the threshold test.
+    after the first few columns almost every candidate fails the threshold test;
+    its ``O(width·k)`` worst case makes :func:`_collect_into` better for large k.
     """
     n, m = sim.shape
     k = out_sim.shape[1]
@@ -75,61 +86,82 @@ def _topk_into(sim, idx, out_sim, out_idx):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _select_into(sim, idx, out_sim, out_idx):  # pragma: no cover - compiled
-    """The same top-k as :func:`_topk_into`, by selection: for large k.
+def _compact(v, d, cnt, m):  # pragma: no cover - compiled
+    """Keep in place the best ``m`` of ``v[:cnt]``/``d[:cnt]`` (unordered); return the m-th value.
 
-    Per row, the k-th best similarity is found by a linear-time partition,
-    everything above it is kept together with the lowest-index ties at it, and
-    only those k are sorted (similarity desc, index asc): ``O(m + k log k)``
-    per row instead of the insertion buffer's ``O(m·k)`` worst case, which
-    dominates once k reaches the hundreds. ``out_*`` must be empty.
+    A linear-time partition finds the m-th best similarity; everything above
+    it stays, with the lowest-index ties at it.
     """
-    n, m = sim.shape
-    k = out_sim.shape[1]
-    vals = np.empty(m, dtype=np.float64)
-    ids = np.empty(m, dtype=np.int64)
+    th = np.partition(v[:cnt], cnt - m)[cnt - m]
+    tied = np.sort(d[:cnt][v[:cnt] == th])
+    pos = 0
+    for j in range(cnt):
+        if v[j] > th:
+            v[pos] = v[j]
+            d[pos] = d[j]
+            pos += 1
+    for t in tied[: m - pos]:
+        v[pos] = th
+        d[pos] = t
+        pos += 1
+    return th
+
+
+@numba.njit(nogil=True, cache=True)
+def _collect_into(sim, idx, buf_v, buf_d, counts, floor, m):  # pragma: no cover - compiled
+    """The top-k of :func:`_topk_into` by buffered selection, for large k.
+
+    Per row, candidates at or above the running floor (the m-th best value so
+    far) are appended unsorted to a buffer of ``2·m``; a full buffer is
+    compacted to its best ``m`` by :func:`_compact`, which raises the floor,
+    and :func:`_finish_into` sorts the survivors once: ``O(width)`` per row
+    plus ``O(m)`` per compaction.
+    """
+    n, w = sim.shape
+    cap = buf_v.shape[1]
     for i in range(n):
-        cnt = 0
-        for j in range(m):
-            t = idx[i, j]
-            if t != EMPTY:
-                vals[cnt] = sim[i, j]
-                ids[cnt] = t
+        cnt = counts[i]
+        th = floor[i]
+        for j in range(w):
+            s = sim[i, j]
+            if s >= th:
+                t = idx[i, j]
+                if t == EMPTY:
+                    continue
+                buf_v[i, cnt] = s
+                buf_d[i, cnt] = t
                 cnt += 1
+                if cnt == cap:
+                    th = _compact(buf_v[i], buf_d[i], cnt, m)
+                    cnt = m
+        counts[i] = cnt
+        floor[i] = th
+
+
+@numba.njit(nogil=True, cache=True)
+def _finish_into(buf_v, buf_d, counts, out_sim, out_idx):  # pragma: no cover - compiled
+    """The best ``m`` of each :func:`_collect_into` buffer, sorted (similarity desc, index asc)."""
+    m = out_sim.shape[1]
+    for i in range(buf_v.shape[0]):
+        cnt = counts[i]
         if cnt == 0:
             continue
-        v, d = vals[:cnt], ids[:cnt]
-        if cnt > k:
-            th = np.partition(v, cnt - k)[cnt - k]  # the k-th largest value
-            above = 0
-            for j in range(cnt):
-                if v[j] > th:
-                    above += 1
-            tied = np.sort(d[v == th])[: k - above]
-            keep_v = np.empty(k, dtype=np.float64)
-            keep_d = np.empty(k, dtype=np.int64)
-            pos = 0
-            for j in range(cnt):
-                if v[j] > th:
-                    keep_v[pos] = v[j]
-                    keep_d[pos] = d[j]
-                    pos += 1
-            for t in tied:
-                keep_v[pos] = th
-                keep_d[pos] = t
-                pos += 1
-            v, d = keep_v, keep_d
+        if cnt > m:
+            _compact(buf_v[i], buf_d[i], cnt, m)
+            cnt = m
+        v, d = buf_v[i, :cnt], buf_d[i, :cnt]
         # index ascending first, then a stable sort by similarity descending
         order = np.argsort(d, kind="mergesort")
         v, d = v[order], d[order]
         order = np.argsort(-v, kind="mergesort")
-        for j in range(len(order)):
+        for j in range(cnt):
             out_sim[i, j] = v[order[j]]
             out_idx[i, j] = d[order[j]]
 
 
-#: From this k on, :func:`topk` selects instead of inserting (measured: insertion is
-#: 2-6x faster at k <= 100 on a 4,000-candidate tile, selection 2x faster at k = 516).
+#: From this k on, :class:`TopK` selects instead of inserting (measured on one
+#: 4,096 × 11,913 screen: insertion 10-20 % faster at k <= 100, buffered
+#: selection 2× faster at k = 516).
 SELECT_FROM_K = 200
 
 
@@ -138,7 +170,44 @@ def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pack(sim: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return np.stack([sim, idx.astype(np.float64)], axis=-1)
+    return np.stack([sim.astype(np.float64), idx.astype(np.float64)], axis=-1)
+
+
+class TopK:
+    """Running top-k lists of ``n`` rows, fed candidate blocks one after another.
+
+    Any split of the candidates into blocks gives the same lists (similarity
+    descending, then reference row ascending). Values keep the dtype given
+    (a float32 screen is compared in float32, without a float64 copy).
+    """
+
+    def __init__(self, n: int, k: int, dtype: type = np.float64) -> None:
+        self.k = k
+        self.select = k >= SELECT_FROM_K
+        width = 2 * k if self.select else k
+        self.values = np.full((n, width), -np.inf, dtype=dtype)
+        self.rows = np.full((n, width), EMPTY, dtype=np.int64)
+        self.counts = np.zeros(n, dtype=np.int64)
+        self.floor = np.full(n, -np.inf, dtype=dtype)
+
+    def add(self, sim: np.ndarray, idx: np.ndarray, lo: int = 0) -> None:
+        """Offer candidates ``sim``/``idx`` (``-1`` = none) to rows ``lo:lo + len(sim)``."""
+        hi = lo + sim.shape[0]
+        sim = np.asarray(sim, dtype=self.values.dtype)
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.select:
+            _collect_into(sim, idx, self.values[lo:hi], self.rows[lo:hi], self.counts[lo:hi],
+                          self.floor[lo:hi], self.k)
+        else:
+            _topk_into(sim, idx, self.values[lo:hi], self.rows[lo:hi])
+
+    def result(self) -> np.ndarray:
+        """The packed ``(n, k, 2)`` lists, best first."""
+        if not self.select:
+            return _pack(self.values, self.rows)
+        out_sim, out_idx = _empty(self.values.shape[0], self.k)
+        _finish_into(self.values, self.rows, self.counts, out_sim, out_idx)
+        return _pack(out_sim, out_idx)
 
 
 def topk(sim: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
@@ -158,29 +227,106 @@ def topk(sim: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
     numpy.ndarray
         Packed ``(n, k, 2)`` top-k list, best first.
     """
-    out_sim, out_idx = _empty(sim.shape[0], k)
-    kernel = _select_into if k >= SELECT_FROM_K else _topk_into
-    kernel(np.asarray(sim, dtype=np.float64), np.asarray(idx, dtype=np.int64), out_sim,
-           out_idx)
-    return _pack(out_sim, out_idx)
+    sim = np.asarray(sim)
+    best = TopK(sim.shape[0], k, np.float32 if sim.dtype == np.float32 else np.float64)
+    best.add(sim, idx)
+    return best.result()
+
+
+def merge_topk(packed: np.ndarray, k: int) -> np.ndarray:
+    """Merge concatenated top-k lists ``(n, m, 2)`` into one ``(n, k, 2)`` list."""
+    return topk(packed[..., 0], packed[..., 1].astype(np.int64), k)
+
+
+#: Extra candidates kept through the screen and the merge: float32 products
+#: can only misorder values closer than ~1e-7, so a true neighbour would need
+#: more than this many rivals within 1e-7 of the k-th similarity to be lost
+#: before the exact float64 ranking.
+RERANK_MARGIN = 16
+
+#: Sub-tile of the float32 screen: a (rows × columns) product that stays in
+#: cache while its candidates are collected, and a buffer reused for the whole
+#: tile (writing a whole tile's products to fresh memory costs as much as
+#: computing them).
+SCREEN_ROWS = 1024
+SCREEN_COLUMNS = 512
+
+
+def _screen_tile(q: np.ndarray, r: np.ndarray, rows: np.ndarray, m: int) -> np.ndarray:
+    best = TopK(q.shape[0], m, np.float32)
+    buf = np.empty((min(SCREEN_ROWS, q.shape[0]), min(SCREEN_COLUMNS, r.shape[0])),
+                   dtype=np.float32)
+    for lo in range(0, q.shape[0], SCREEN_ROWS):
+        qs = q[lo : lo + SCREEN_ROWS]
+        for c in range(0, r.shape[0], SCREEN_COLUMNS):
+            rs = r[c : c + SCREEN_COLUMNS]
+            sim = np.matmul(qs, rs.T, out=buf[: qs.shape[0], : rs.shape[0]])
+            best.add(sim, np.broadcast_to(rows[c : c + rs.shape[0]], sim.shape), lo)
+    return best.result()
+
+
+def screen(
+    query: np.ndarray,
+    reference: np.ndarray,
+    reference_rows: np.ndarray,
+    k: int,
+    query_clusters: np.ndarray | None = None,
+    reference_clusters: np.ndarray | None = None,
+) -> np.ndarray:
+    """Candidate neighbours of one query block in one reference block, by float32 cosine.
+
+    Parameters
+    ----------
+    query, reference
+        ``(bq, g)`` and ``(br, g)`` L2-normalised float32 rows
+        (:func:`normalize_rows`) on the shared genes.
+    reference_rows
+        ``(br,)`` global row numbers of the reference block.
+    k
+        Neighbours wanted; ``k + RERANK_MARGIN`` candidates are kept.
+    query_clusters, reference_clusters
+        Integer cluster codes; when given, only same-cluster pairs are compared,
+        and only their similarities are computed (one product per cluster), so a
+        clustered search costs less than an unrestricted one.
+
+    Returns
+    -------
+    numpy.ndarray
+        Packed ``(bq, k + RERANK_MARGIN, 2)`` list of float32 similarities, best
+        first; slots stay empty when the block has fewer candidates for a cell.
+    """
+    m = k + RERANK_MARGIN
+    query = np.ascontiguousarray(query, dtype=np.float32)
+    reference = np.ascontiguousarray(reference, dtype=np.float32)
+    reference_rows = np.asarray(reference_rows, dtype=np.int64)
+    if query_clusters is None:
+        return _screen_tile(query, reference, reference_rows, m)
+    out = _pack(*_empty(query.shape[0], m))
+    for code in np.intersect1d(query_clusters, reference_clusters):
+        qi = np.flatnonzero(query_clusters == code)
+        ri = np.flatnonzero(reference_clusters == code)
+        out[qi] = _screen_tile(query[qi], reference[ri], reference_rows[ri], m)
+    return out
 
 
 @numba.njit(nogil=True, cache=True)
-def _cosine64(query, reference, query_norms, reference_norms, candidates, out
-              ):  # pragma: no cover - compiled
-    """float64 cosine of each query row with its candidate reference rows.
+def _cosine64_into(query, query_norms, reference, reference_norms, first, candidates, out
+                   ):  # pragma: no cover - compiled
+    """float64 cosine of each query row with its candidates in ``reference``.
 
-    A plain sequential sum over the genes of the raw values: the value depends
-    only on the two rows, never on how the matrix was tiled (BLAS sums do), and
-    equals scikit-learn's float64 cosine to rounding.
+    ``reference`` holds global rows ``first .. first + len(reference)``; other
+    candidates are left as they are. A plain sequential sum over the genes of
+    the raw values: the value depends only on the two rows, never on how the
+    matrix was tiled (BLAS sums do), and equals scikit-learn's float64 cosine
+    to rounding.
     """
     n, m = candidates.shape
+    nr = reference.shape[0]
     g = query.shape[1]
     for i in range(n):
         for j in range(m):
-            c = candidates[i, j]
-            if c < 0:
-                out[i, j] = -np.inf
+            c = candidates[i, j] - first
+            if candidates[i, j] < 0 or c < 0 or c >= nr:
                 continue
             denom = query_norms[i] * reference_norms[c]
             if denom == 0.0:
@@ -193,94 +339,99 @@ def _cosine64(query, reference, query_norms, reference_norms, candidates, out
             out[i, j] = acc / denom
 
 
-#: Extra candidates re-ranked per tile: float32 products can only misorder
-#: values closer than ~1e-7, so a near-tie would need more than this many
-#: rivals within 1e-7 of the k-th similarity to escape the re-ranking.
-RERANK_MARGIN = 16
+def screen_error(n_genes: int) -> float:
+    """Bound on ``|float32 screen value − true cosine|`` for unit rows of ``n_genes``.
+
+    Rounding the normalised rows to float32 moves a dot product of unit
+    vectors by at most ``2u`` and any summation order of ``g`` products by at
+    most ``γ_g ≈ g·u`` (``u = 2**-24``; Cauchy-Schwarz bounds the sums of
+    magnitudes by 1), whatever BLAS kernel computed it; 1 % is added for the
+    higher-order terms.
+    """
+    return 1.01 * (n_genes + 2) * 2.0**-24
 
 
-@dataclass(frozen=True)
-class Block:
-    """Rows of one block on the shared genes, ready for tiles: raw, normalised, norms."""
+def incomplete(screened: np.ndarray, k: int, n_genes: int) -> np.ndarray:
+    """Cells whose screened candidates may miss one of their exact k nearest.
 
-    raw: np.ndarray  # float32
-    normalized: np.ndarray  # float32
-    norms: np.ndarray  # float64
+    A candidate the screen dropped scored at most the last kept value; if
+    that is below the k-th kept value by more than twice :func:`screen_error`
+    (plus the 1e-12 grid of the exact ranking), k kept candidates are truly
+    more similar, so the dropped one cannot be among the k nearest. Otherwise
+    (big groups of equal cosines, e.g. integer counts on few genes) the cell is
+    searched again exactly.
+    """
+    last = screened[:, -1, 0]
+    kth = screened[:, min(k, screened.shape[1]) - 1, 0]
+    full = screened[:, -1, 1] != EMPTY
+    return full & (last >= kth - 2 * screen_error(n_genes) - 1e-11)
 
-    @classmethod
-    def of(cls, x: np.ndarray) -> Block:
-        raw = np.ascontiguousarray(x, dtype=np.float32)
-        return cls(raw, normalize_rows(raw), row_norms(raw))
 
-    def take(self, rows: np.ndarray) -> Block:
-        return Block(self.raw[rows], self.normalized[rows], self.norms[rows])
+#: Query cells searched exhaustively at once: bounds the (cells × block) float64 buffer.
+EXHAUSTIVE_ROWS = 256
 
 
-def _tile_topk(q: Block, r: Block, rows: np.ndarray, k: int) -> np.ndarray:
-    """Screen a tile with a float32 product, then rank the best by exact float64 cosine."""
-    sim = q.normalized @ r.normalized.T
-    m = min(k + RERANK_MARGIN, sim.shape[1])
-    pre = topk(sim, np.broadcast_to(np.arange(sim.shape[1]), sim.shape), m)
-    local = pre[..., 1].astype(np.int64)
-    exact = np.empty(local.shape, dtype=np.float64)
-    _cosine64(q.raw, r.raw, q.norms, r.norms, local, exact)
+def _rank(exact: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
     # Mathematically equal cosines (e.g. cells expressing a single shared gene)
     # differ in their last bits; on a 1e-12 grid they tie, and ties go to the
     # lower reference row whatever the tiling.
-    return topk(np.round(exact, 12), np.where(local >= 0, rows[np.maximum(local, 0)], EMPTY),
-                k)
+    return topk(np.round(exact, 12), np.where(np.isfinite(exact), candidates, EMPTY), k)
 
 
-def block_topk(
-    query: np.ndarray | Block,
-    reference: np.ndarray | Block,
+def exact_topk(
+    query: np.ndarray,
+    reference: np.ndarray,
     reference_rows: np.ndarray,
+    screened: np.ndarray,
     k: int,
     query_clusters: np.ndarray | None = None,
     reference_clusters: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Top-k reference cells of one reference block for each cell of one query block.
+    """The k best of each query cell's screened candidates held by one reference block,
+    ranked by float64 cosine; cells the screen cannot vouch for are searched exhaustively.
 
-    The tile is screened with a float32 BLAS product of the normalised rows;
-    the best ``k + RERANK_MARGIN`` candidates are then ranked by their exact
-    float64 cosine, so the result does not depend on how the data were tiled.
+    Merged over all reference blocks (:func:`merge_topk`), the result is the exact
+    float64 kNN.
 
     Parameters
     ----------
     query, reference
-        ``(bq, g)`` and ``(br, g)`` expression on the shared genes, or
-        :class:`Block` s prepared once per block.
+        ``(bq, g)`` and ``(br, g)`` raw expression on the shared genes.
     reference_rows
-        ``(br,)`` global row numbers of the reference block.
+        ``(br,)`` global rows of the reference block: consecutive.
+    screened
+        ``(bq, m, 2)`` merged candidate lists of :func:`screen` (``m > k``).
     k
         Neighbours to keep.
     query_clusters, reference_clusters
-        Integer cluster codes; when given, only same-cluster pairs are compared,
-        and only their similarities are computed (one product per cluster), so a
-        clustered search costs less than an unrestricted one.
+        Cluster codes, as for :func:`screen`.
 
     Returns
     -------
     numpy.ndarray
-        Packed ``(bq, k, 2)`` top-k list; slots stay empty when the block has
-        fewer than k candidates for a cell.
+        Packed ``(bq, k, 2)`` lists of float64 cosines (on a 1e-12 grid).
     """
-    q = query if isinstance(query, Block) else Block.of(query)
-    r = reference if isinstance(reference, Block) else Block.of(reference)
+    query = np.ascontiguousarray(query, dtype=np.float32)
+    reference = np.ascontiguousarray(reference, dtype=np.float32)
     reference_rows = np.asarray(reference_rows, dtype=np.int64)
-    if query_clusters is None:
-        return _tile_topk(q, r, reference_rows, k)
-    out = _pack(*_empty(q.raw.shape[0], k))
-    for code in np.intersect1d(query_clusters, reference_clusters):
-        qi = np.flatnonzero(query_clusters == code)
-        ri = np.flatnonzero(reference_clusters == code)
-        out[qi] = _tile_topk(q.take(qi), r.take(ri), reference_rows[ri], k)
+    qn, rn = row_norms(query), row_norms(reference)
+    first = int(reference_rows[0]) if len(reference_rows) else 0
+    candidates = screened[..., 1].astype(np.int64)
+    again = np.flatnonzero(incomplete(screened, k, query.shape[1]))
+    candidates[again] = EMPTY  # found by the exhaustive search instead, never twice
+    exact = np.full(candidates.shape, -np.inf)
+    _cosine64_into(query, qn, reference, rn, first, candidates, exact)
+    out = _rank(exact, candidates, k)
+    for lo in range(0, len(again), EXHAUSTIVE_ROWS):
+        cells = again[lo : lo + EXHAUSTIVE_ROWS]
+        every = np.repeat(reference_rows[None, :], len(cells), axis=0)
+        if query_clusters is not None:
+            every[np.asarray(query_clusters)[cells, None]
+                  != np.asarray(reference_clusters)[None, :]] = EMPTY
+        exact = np.full(every.shape, -np.inf)
+        _cosine64_into(query[cells], qn[cells], reference, rn, first, every, exact)
+        out[cells] = _rank(exact, every, k)
     return out
-
-
-def merge_topk(packed: np.ndarray, k: int) -> np.ndarray:
-    """Merge concatenated top-k lists ``(n, m, 2)`` into one ``(n, k, 2)`` list."""
-    return topk(packed[..., 0], packed[..., 1].astype(np.int64), k)
 
 
 def drop_self(indices: np.ndarray, similarity: np.ndarray, rows: np.ndarray
