@@ -43,7 +43,8 @@ from scimpute_dask.tools import tune as tuning
 log = logging.getLogger("scimpute_dask")
 
 #: Stores of the work directory that a rerun resumes rather than rebuilds.
-RESUMABLE = ("query.zarr", "reference.zarr", "neighbors.zarr", "imputed.zarr")
+RESUMABLE = ("query.zarr", "reference.zarr", "neighbors.zarr", "imputed.zarr",
+             stages.WIDE_STORE)
 
 #: Every name a run can write into its output directory.
 OUTPUT_NAMES = frozenset({

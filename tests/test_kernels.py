@@ -201,3 +201,26 @@ def test_parser_reads_numbers_as_float_does():
     np.testing.assert_array_equal(values[0], want)
     for bad in ["infxxxxx", "1e", "-", "0x10", "1.2.3", "abc"]:
         assert textio.parse_rows(f"g\t{bad}\n".encode(), "\t", 1, 1)[1][0] == textio.BAD_FIELD
+
+
+def test_float32_keeping_text_rounds_as_float64_does():
+    """Values on and around every kind of 2-decimal rounding boundary: the float32 kept
+    rounds to the float64's 2 decimals, within one float32 step of it."""
+    rng = np.random.default_rng(7)
+    centi = rng.integers(0, 3_276_700, 200_000)
+    edges = (centi + 0.5) / 100  # the .xx5 boundaries, where float32 rounding crosses
+    jitter = rng.normal(scale=1e-3, size=edges.size) * np.spacing(edges.astype(np.float32))
+    values = np.concatenate([edges, edges + jitter, rng.random(50_000) * 32767,
+                             [0.0, np.nan, 0.005, 0.015, 32767.995, 1e-9]])
+    got = imputation.float32_keeping_text(values)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(scoring.round_like_scimpute(got),
+                                  scoring.round_like_scimpute(values))
+    finite = np.isfinite(values)
+    assert (np.abs(got[finite] - values[finite])
+            <= np.spacing(np.abs(values[finite]).astype(np.float32))).all()
+    # the plain cast does cross boundaries here: the test covers the correction
+    assert (scoring.round_like_scimpute(values.astype(np.float32))
+            != scoring.round_like_scimpute(values))[finite].any()
+    with pytest.raises(ValueError, match="need float64"):
+        imputation.float32_keeping_text(np.array([1e7 + 0.005]))

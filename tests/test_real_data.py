@@ -75,3 +75,25 @@ def test_mc_cortex_end_to_end(mc_inputs, clusters, capsys):
     scores = np.array((out / "scores.txt").read_text().split(), dtype=float)
     assert len(scores) == len(query)
     assert np.nanmedian(scores) > 0.5
+
+
+def test_float32_store_writes_the_float64_table_byte_for_byte(mc_inputs, monkeypatch):
+    """Raw counts stay far below the float32 limit: the imputed store is float32 (half
+    the disk) and imputation.tsv is byte-identical to the one written from float64."""
+    import zarr
+
+    from scimpute_dask.kernels import imputation
+
+    tmp, ref_csv, query_tsv, table, *_ = mc_inputs
+    argv = ["run", "--query", str(query_tsv), "--reference", str(ref_csv),
+            "--reference-layout", "cells_x_genes", "--k", "30", "--quiet", "--no-clusters",
+            "--weighting", "softmax", "--average", "log1p"]
+    assert main([*argv, "--out", str(tmp / "f32")]) == 0
+    monkeypatch.setattr(imputation, "FLOAT32_TEXT_LIMIT", 0.0)  # nothing fits: float64
+    assert main([*argv, "--out", str(tmp / "f64")]) == 0
+    stores = {d: zarr.open_group(tmp / d / "zarr" / "imputed.zarr", mode="r")["X"]
+              for d in ("f32", "f64")}
+    assert stores["f32"].dtype == np.float32 and stores["f64"].dtype == np.float64
+    assert (tmp / "f32" / "imputation.tsv").read_bytes() == \
+        (tmp / "f64" / "imputation.tsv").read_bytes()
+    np.testing.assert_allclose(stores["f32"][:], stores["f64"][:], rtol=2.5e-7)

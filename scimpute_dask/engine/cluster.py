@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 import dask
@@ -41,6 +42,9 @@ def scheduler_address(scheduler: str | None) -> str | None:
 
 
 def _active_client():
+    # A client exists only if distributed was imported: don't pay its import to learn there is none.
+    if "distributed" not in sys.modules:
+        return None
     try:
         from distributed import default_client
 

@@ -178,8 +178,14 @@ def exclude_self(indices: da.Array, similarity: da.Array) -> tuple[da.Array, da.
     return packed[..., 0].astype(np.int32), packed[..., 1].astype(np.float32)
 
 
-def _impute_block(indices, weights, reference, dtype, average) -> np.ndarray:
-    return imputation.weighted_mean(indices, weights, reference, dtype=dtype, average=average)
+def _impute_block(indices, weights, reference, wide, dtype, average) -> np.ndarray:
+    values = imputation.weighted_mean(indices, weights, reference, average=average)
+    if dtype != np.float32:
+        return values.astype(dtype, copy=False)
+    out = values.astype(np.float32)
+    narrow = ~wide
+    out[:, narrow] = imputation.float32_keeping_text(values[:, narrow])
+    return out
 
 
 def impute_graph(
@@ -188,6 +194,7 @@ def impute_graph(
     reference: da.Array,
     dtype: type = np.float64,
     average: str = "mean",
+    wide: np.ndarray | None = None,
 ) -> da.Array:
     """Weighted mean of the neighbours' reference rows, tiled (query block × gene block).
 
@@ -202,8 +209,13 @@ def impute_graph(
     reference
         ``(n_reference, n_genes)`` expression to average.
     dtype
-        Output dtype; float64 by default because scimpute's 2-decimal values
-        need more than float32's 7 significant digits once CPM passes 10^4.
+        Output dtype. The mean is accumulated in float64 either way; float32
+        values are rounded so that they keep the float64 values' 2-decimal text
+        (:func:`~scimpute_dask.kernels.imputation.float32_keeping_text`), which
+        requires every value below ``FLOAT32_TEXT_LIMIT`` in magnitude.
+    wide
+        With ``dtype=np.float32``: the genes (columns) exempt from that, which
+        get the nearest float32 (the caller keeps their float64 values).
     average
         ``"mean"`` (scimpute) or ``"log1p"`` (the mean taken in log1p space);
         see :func:`scimpute_dask.kernels.imputation.weighted_mean`.
@@ -214,11 +226,15 @@ def impute_graph(
         ``(n_query, n_genes)`` chunked ``(query chunk, reference gene chunk)``.
     """
     reference = reference.rechunk({0: -1})
+    is_wide = np.zeros(reference.shape[1], dtype=bool)
+    if wide is not None:
+        is_wide[np.asarray(wide, dtype=np.int64)] = True
     return da.blockwise(
         partial(_impute_block, dtype=dtype, average=average), "ig",
         indices.rechunk({1: -1}), "ik",
         weights.rechunk({1: -1}), "ik",
         reference, "cg",
+        da.from_array(is_wide, chunks=(reference.chunks[1],)), "g",
         concatenate=True,
         dtype=dtype,
     )

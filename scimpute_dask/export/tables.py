@@ -24,6 +24,7 @@ import pandas as pd
 import zarr
 
 from scimpute_dask.engine.inputs import RunInputs
+from scimpute_dask.engine.stages import imputed_rows
 from scimpute_dask.errors import InputError
 from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.io import textcodec
@@ -155,14 +156,18 @@ def write_names(path: Path, names: np.ndarray) -> None:
 
 
 def write_histogram(path: Path, scores: np.ndarray) -> None:
-    """scimpute's histogram: 40 bins over 0..1, "cosine similarity" vs "frequency"."""
-    import matplotlib
+    """scimpute's histogram: 40 bins over 0..1, "cosine similarity" vs "frequency".
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    Drawn on a bare Agg ``Figure``: pyplot's global state is neither needed
+    nor thread-safe, and this runs beside the table writers.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     s = np.asarray(scores, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(8, 6))
+    fig = Figure(figsize=(8, 6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.spines["top"].set_visible(False)
     ax.spines["right"].set_visible(False)
     ax.hist(s[np.isfinite(s)], bins=40, range=(0, 1))
@@ -170,7 +175,6 @@ def write_histogram(path: Path, scores: np.ndarray) -> None:
     ax.set_ylabel("frequency")
     with atomic_file(path, "wb") as fh:
         fig.savefig(fh, format="png", bbox_inches="tight")
-    plt.close(fig)
 
 
 def write_manifest(path: Path, record: dict) -> None:
@@ -181,7 +185,26 @@ def write_manifest(path: Path, record: dict) -> None:
 
 def write_run_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunks: bool,
             scores: np.ndarray, stats: dict[str, float], threads: int) -> dict[str, Location]:
-    """Write scimpute's files into the work directory, streaming from the stores."""
+    """Write scimpute's files into the work directory, streaming from the stores.
+
+    The histogram is drawn on a thread of its own meanwhile: on a small run,
+    importing matplotlib and rendering cost as much as the tables.
+    """
+    histogram = work / HISTOGRAM
+    with ThreadPoolExecutor(1) as pool:
+        drawn = pool.submit(write_histogram, histogram, scores)
+        tables = _write_tables(work, inputs, chunk_size, save_chunks, scores, stats, threads)
+        drawn.result()
+    # scimpute's order, for the listing a run prints
+    names = list(tables)
+    at = names.index("unimputable")
+    return ({n: tables[n] for n in names[:at]} | {"histogram": histogram}
+            | {n: tables[n] for n in names[at:]})
+
+
+def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunks: bool,
+                  scores: np.ndarray, stats: dict[str, float], threads: int
+                  ) -> dict[str, Location]:
     zarr_dir = work / "zarr"
     imputed = zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True), mode="r")["X"]
     nbrs = zarr.open_group(zarr_store(zarr_dir / "neighbors.zarr", True), mode="r")
@@ -194,7 +217,7 @@ def write_run_tables(work: Location, inputs: RunInputs, chunk_size: int, save_ch
         every = len(cols) == len(inputs.r_genes)
 
         def imputed_block(lo: int) -> tuple[np.ndarray, np.ndarray]:
-            block = imputed[lo : lo + chunk_size]
+            block = imputed_rows(zarr_dir, imputed, lo, lo + chunk_size)
             return q_cells[lo : lo + chunk_size], round_like_scimpute(
                 block if every else block[:, cols])
 
@@ -226,8 +249,6 @@ def write_run_tables(work: Location, inputs: RunInputs, chunk_size: int, save_ch
     write_scores(files["scores"], scores)
     files["stats"] = work / "stats.txt"
     write_stats(files["stats"], stats)
-    files["histogram"] = work / HISTOGRAM
-    write_histogram(files["histogram"], scores)
     files["unimputable"] = work / "unimputable_cells.txt"
     write_names(files["unimputable"], q_cells[np.isnan(scores)])
     files["zarr"] = zarr_dir
