@@ -72,6 +72,44 @@ def _sgemm_floor(bq: int, br: int, g: int, seconds: float = 3.0) -> float:
     return 2.0 * bq * br * g * n / (time.perf_counter() - t0) / 1e9
 
 
+def _gather_floor(n_reference: int, gene_block: int, k: int, seconds: float = 2.0) -> float:
+    """GB/s of NumPy gathering random float32 reference rows of one gene block (``np.take``
+    into a reused buffer): the memory traffic the imputation's weighted mean must do."""
+    rng = np.random.default_rng(0)
+    ref = rng.random((n_reference, gene_block), dtype=np.float32)
+    rows = rng.integers(0, n_reference, 4096 * k)
+    out = np.empty((len(rows), gene_block), dtype=np.float32)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        np.take(ref, rows, axis=0, out=out)
+        n += 1
+    return out.nbytes * n / (time.perf_counter() - t0) / 1e9
+
+
+def _write_floor(directory: Path, nbytes: int) -> float:
+    """MB/s of writing ``nbytes`` (at most 2 GiB, in 64 MiB writes) to a file in ``directory``
+    and flushing it to the disk: the floor for the export's tables (gigabytes of tables
+    outrun the page cache's dirty limit, so the export runs at the disk's pace too)."""
+    nbytes = max(1, min(nbytes, 2 << 30))
+    chunk = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
+    path = directory / "write_floor.bin"
+    t0 = time.perf_counter()
+    with open(path, "wb") as fh:
+        for _ in range(0, nbytes, len(chunk)):
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    seconds = time.perf_counter() - t0
+    written = path.stat().st_size
+    path.unlink()
+    return written / seconds / 1e6
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() \
+        else path.stat().st_size if path.exists() else 0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--query-cells", type=int, nargs="+", default=[20000])
@@ -126,6 +164,18 @@ def main() -> None:
                 print(f"  kNN {knn_rate:.1f} GFLOP/s {'(all-pairs equivalent) ' * clustered}"
                       f"vs sgemm floor {floor:.1f} GFLOP/s on {params['chunk_size']} × "
                       f"{params['reference_chunk_size']} tiles", flush=True)
+                # imputation: every query cell reads k reference rows of every gene
+                gathered = 4.0 * n_query * k * args.genes
+                gather = _gather_floor(args.reference_cells, params["gene_chunk_size"], k)
+                print(f"  impute {gathered / stages['impute'] / 1e9:.1f} GB/s gathered vs NumPy "
+                      f"gather floor {gather:.1f} GB/s ({gathered / gather / 1e9:.0f} s)")
+                tables = sum(_size(out / f) for f in ("imputation.tsv", "sim_matrix.tsv"))
+                disk = _write_floor(out, tables)
+                print(f"  export {tables / stages['export'] / 1e6:.0f} MB/s of tables vs raw "
+                      f"write floor {disk:.0f} MB/s ({tables / disk / 1e6:.0f} s)")
+                store = sum(_size(p) for p in (out / "zarr").glob("imputed*.zarr"))
+                print(f"  on disk: imputation.tsv {_size(out / 'imputation.tsv') / 1e9:.2f} GB,"
+                      f" imputed store {store / 1e9:.2f} GB", flush=True)
                 rows.append((n_query, clustered, k, stages, wall, peak, knn_rate, floor))
                 for path in out.rglob("*"):  # the next size needs the disk
                     if path.is_file():

@@ -84,7 +84,7 @@ def test_float32_store_writes_the_float64_table_byte_for_byte(mc_inputs, monkeyp
 
     from scimpute_dask.kernels import imputation
 
-    tmp, ref_csv, query_tsv, table, *_ = mc_inputs
+    tmp, ref_csv, query_tsv, *_ = mc_inputs
     argv = ["run", "--query", str(query_tsv), "--reference", str(ref_csv),
             "--reference-layout", "cells_x_genes", "--k", "30", "--quiet", "--no-clusters",
             "--weighting", "softmax", "--average", "log1p"]

@@ -219,13 +219,24 @@ def _write_fixed(buf, pos, x, decimals, scale):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def _format_matrix(names, name_off, values, decimals, sep):  # pragma: no cover - compiled
+    """One pass into a buffer sized for the widest value; ``None`` if a value is >= 2**63.
+
+    Sizing the buffer exactly would take a second pass over every value, and
+    the digits are the cost: the bound (the largest magnitude's digits for
+    every value) costs only memory, trimmed on return.
+    """
     n, g = values.shape
-    size = 0
+    big = 0.0
     for i in range(n):
-        size += name_off[i + 1] - name_off[i] + 1
         for j in range(g):
-            size += 1 + _fixed_len(values[i, j], decimals)
-    buf = np.empty(size, dtype=np.uint8)
+            x = abs(values[i, j])
+            if x > big and not np.isinf(x):  # NaN compares false
+                big = x
+    if big >= 2.0**63:
+        return None
+    width = _fixed_len(big, decimals) + 2  # sign, separator
+    width = max(width, 5)  # "\t-inf"
+    buf = np.empty(name_off[n] + n + n * g * width, dtype=np.uint8)
     scale = 10.0**decimals
     pos = 0
     for i in range(n):
@@ -237,7 +248,7 @@ def _format_matrix(names, name_off, values, decimals, sep):  # pragma: no cover 
             pos = _write_fixed(buf, pos + 1, values[i, j], decimals, scale)
         buf[pos] = 10
         pos += 1
-    return buf
+    return buf[:pos]
 
 
 def string_table(strings) -> tuple[np.ndarray, np.ndarray]:
@@ -251,9 +262,10 @@ def format_matrix(names, values: np.ndarray, decimals: int = 2, sep: str = "\t")
     """Lines ``name<sep>v1<sep>...\\n`` with fixed-point values (``'%.{decimals}f'``)."""
     table, offsets = string_table(names)
     values = np.ascontiguousarray(values, dtype=np.float64)
-    if values.size and np.nanmax(np.abs(np.where(np.isinf(values), 0, values)), initial=0) >= 2**63:
+    text = _format_matrix(table, offsets, values, decimals, ord(sep))
+    if text is None:
         raise ValueError("value too large for fixed-point output")
-    return _format_matrix(table, offsets, values, decimals, ord(sep)).tobytes()
+    return text.tobytes()
 
 
 @numba.njit(nogil=True, cache=True)
