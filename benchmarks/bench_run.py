@@ -19,6 +19,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,15 +74,17 @@ def _sgemm_floor(bq: int, br: int, g: int, seconds: float = 3.0) -> float:
 
 
 def _gather_floor(n_reference: int, gene_block: int, k: int, seconds: float = 2.0) -> float:
-    """GB/s of NumPy gathering random float32 reference rows of one gene block (``np.take``
-    into a reused buffer): the memory traffic the imputation's weighted mean must do."""
+    """GB/s of NumPy gathering random float32 reference rows of one gene block into a reused
+    buffer (``np.take``, 256 cells × k rows at a time): the reads the imputation's weighted
+    mean must do, without its arithmetic."""
     rng = np.random.default_rng(0)
     ref = rng.random((n_reference, gene_block), dtype=np.float32)
-    rows = rng.integers(0, n_reference, 4096 * k)
-    out = np.empty((len(rows), gene_block), dtype=np.float32)
+    rows = rng.integers(0, n_reference, (64, 256 * k))
+    out = np.empty((256 * k, gene_block), dtype=np.float32)
+    np.take(ref, rows[0], axis=0, out=out, mode="clip")
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        np.take(ref, rows, axis=0, out=out)
+        np.take(ref, rows[n % len(rows)], axis=0, out=out, mode="clip")
         n += 1
     return out.nbytes * n / (time.perf_counter() - t0) / 1e9
 
@@ -177,9 +180,7 @@ def main() -> None:
                 print(f"  on disk: imputation.tsv {_size(out / 'imputation.tsv') / 1e9:.2f} GB,"
                       f" imputed store {store / 1e9:.2f} GB", flush=True)
                 rows.append((n_query, clustered, k, stages, wall, peak, knn_rate, floor))
-                for path in out.rglob("*"):  # the next size needs the disk
-                    if path.is_file():
-                        path.unlink()
+                shutil.rmtree(out)  # the next size needs the disk
 
     print("\n| query cells | clusters | k | convert | kNN | impute | export | total | peak RSS "
           "| kNN GFLOP/s (floor) |\n|---|---|---|---|---|---|---|---|---|---|")

@@ -182,11 +182,7 @@ def _impute_block(indices, weights, reference, wide, dtype, average) -> np.ndarr
     values = imputation.weighted_mean(indices, weights, reference, average=average)
     if dtype != np.float32:
         return values.astype(dtype, copy=False)
-    if not wide.any():
-        return imputation.float32_keeping_text(values)
-    out = values.astype(np.float32)
-    out[:, ~wide] = imputation.float32_keeping_text(values[:, ~wide])
-    return out
+    return imputation.float32_keeping_text(values, exempt=wide)
 
 
 def impute_graph(

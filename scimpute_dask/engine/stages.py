@@ -21,7 +21,7 @@ from scimpute_dask.config import RunConfig
 from scimpute_dask.engine import cluster, graph
 from scimpute_dask.engine.inputs import RunInputs
 from scimpute_dask.io.storage import Location, remove_tree, zarr_store
-from scimpute_dask.io.store import ExpressionStore
+from scimpute_dask.io.store import COMPRESSORS, ExpressionStore
 from scimpute_dask.kernels import imputation
 from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.plan import Plan
@@ -52,7 +52,7 @@ def store_stage(
     arrays: dict[str, tuple[da.Array, object]],
     key: dict,
     attrs: dict,
-    compressors: object = "auto",
+    compressors: tuple = COMPRESSORS,
 ) -> zarr.Group:
     """Store a stage's Dask arrays to a Zarr group, block by block, resumably.
 
@@ -72,7 +72,7 @@ def store_stage(
     attrs
         Extra attributes for the group.
     compressors
-        The arrays' Zarr compressors (default: Zarr's).
+        The arrays' Zarr compressors (default: the working format's).
     """
     first = next(iter(arrays.values()))[0]
     group = zarr.open_group(zarr_store(path), mode="a") if (path / "zarr.json").exists() \
@@ -162,10 +162,6 @@ def neighbours_stage(zarr_dir: Location, data: SearchData, key: dict, inputs: Ru
 #: The imputed values of the genes too large for float32's 2-decimal text, in float64.
 WIDE_STORE = "imputed_wide.zarr"
 
-#: Byte-shuffled LZ4-HC: on a 4,000 × 2,000 float32 imputation, 0.87 of the raw bytes
-#: in 0.13 s and read back in 0.02 s (Zarr's default zstd: 0.92, 0.27 s and 0.14 s;
-#: byte-shuffled zstd level 3: 0.86, 0.23 s, 0.10 s).
-IMPUTED_COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4hc", clevel=1, shuffle="shuffle"),)
 
 
 def imputation_stage(zarr_dir: Location, nbrs: zarr.Group, r_store: ExpressionStore,
@@ -203,7 +199,7 @@ def imputation_stage(zarr_dir: Location, nbrs: zarr.Group, r_store: ExpressionSt
             indices, weights, reference[:, wide].rechunk({1: -1}), average=average), np.nan)},
             {**key, **extra}, {"genes": wide.tolist()})
     out = store_stage(zarr_dir / "imputed.zarr", {"X": (imputed, np.nan)},
-                      {**key, "genes": gene_chunk, **extra}, attrs, IMPUTED_COMPRESSORS)
+                      {**key, "genes": gene_chunk, **extra}, attrs)
     names_array(out, "obs_names", inputs.q_cells)
     names_array(out, "var_names", inputs.r_genes)
     return out

@@ -132,12 +132,13 @@ FLOAT32_TEXT_LIMIT = 2.0**15
 
 
 @numba.njit(nogil=True, cache=True)
-def _float32_text_into(values, out):  # pragma: no cover - compiled
+def _float32_text_into(values, exempt, out):  # pragma: no cover - compiled
     """``out = float32(values)``, moved one step where that changes the 2-decimal text.
 
     ``rint(x · 100) / 100`` is NumPy's ``round(x, 2)`` operation for operation
-    (multiply, round half to even, divide). Returns the number of values no
-    float32 can carry (left at the nearest).
+    (multiply, round half to even, divide). Columns flagged in ``exempt`` get the
+    nearest float32. Returns the number of values no float32 can carry (left at
+    the nearest).
     """
     bad = 0
     n, g = values.shape
@@ -146,6 +147,8 @@ def _float32_text_into(values, out):  # pragma: no cover - compiled
             x = values[i, j]
             y = np.float32(x)
             out[i, j] = y
+            if exempt[j]:
+                continue
             want = np.rint(x * 100.0) / 100.0
             if np.isnan(want) or np.rint(np.float64(y) * 100.0) / 100.0 == want:
                 continue
@@ -157,7 +160,7 @@ def _float32_text_into(values, out):  # pragma: no cover - compiled
     return bad
 
 
-def float32_keeping_text(values: np.ndarray) -> np.ndarray:
+def float32_keeping_text(values: np.ndarray, exempt: np.ndarray | None = None) -> np.ndarray:
     """float32 values that round to 2 decimals exactly as the float64 ``values`` do.
 
     The nearest float32 is kept unless it lies across a rounding boundary from
@@ -172,6 +175,9 @@ def float32_keeping_text(values: np.ndarray) -> np.ndarray:
     values
         ``(n, g)`` float64 values, each NaN or of magnitude below
         :data:`FLOAT32_TEXT_LIMIT`.
+    exempt
+        ``(g,)`` booleans: columns that just get the nearest float32 (whose
+        float64 values the caller keeps elsewhere).
 
     Raises
     ------
@@ -181,7 +187,9 @@ def float32_keeping_text(values: np.ndarray) -> np.ndarray:
     values = np.ascontiguousarray(values, dtype=np.float64)
     out = np.empty(values.shape, dtype=np.float32)
     flat = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
-    if _float32_text_into(flat, out.reshape(flat.shape)):
+    exempt = (np.zeros(flat.shape[1], dtype=bool) if exempt is None
+              else np.asarray(exempt, dtype=bool))
+    if _float32_text_into(flat, exempt, out.reshape(flat.shape)):
         raise ValueError(f"values up to {np.nanmax(np.abs(values)):g} need float64 to keep "
                          "their 2-decimal text")
     return out
