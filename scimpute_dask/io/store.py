@@ -171,11 +171,12 @@ def unfinished(store: Location) -> zarr.Group | None:
     return None if group.attrs.get("complete") else group
 
 
-#: The compressor of every numeric array of the working format and of the stages:
-#: byte-shuffled LZ4-HC. On a 4,000 × 2,000 float32 imputation it keeps 0.87 of the
-#: bytes in 0.13 s and reads them back in 0.02 s, where Zarr's default zstd keeps
-#: 0.92 in 0.27 s and needs 0.14 s to read (byte-shuffled zstd level 3: 0.86,
-#: 0.23 s, 0.10 s).
+#: The compressor of the stages' dense results (neighbours, imputation): byte-shuffled
+#: LZ4-HC. On a 4,000 × 2,000 float32 imputation it keeps 0.87 of the bytes in
+#: 0.13 s and reads them back in 0.02 s, where Zarr's default zstd keeps 0.92 in
+#: 0.27 s and needs 0.14 s to read (byte-shuffled zstd level 3: 0.86, 0.23 s,
+#: 0.10 s). Converted inputs keep Zarr's zstd: on a sparse count matrix it stores
+#: half the bytes of LZ4-HC, and parsing, not compression, sets their pace.
 COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4hc", clevel=1, shuffle="shuffle"),)
 
 
@@ -199,7 +200,6 @@ def create(
         dtype="float32",
         chunks=chunks,
         fill_value=0.0,
-        compressors=COMPRESSORS,
     )
     group.attrs.update(
         {
