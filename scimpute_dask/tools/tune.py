@@ -267,10 +267,10 @@ def _neighbours(query: np.ndarray, reference: np.ndarray, normalize: str, k: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """The engine's own exact kNN (the same graph as a run), on arrays in memory.
 
-    The whole reference is one tile (up to 65,536 cells, ~256 MiB of float32
-    similarities per 1,024-cell query block): the exact float64 re-ranking of
-    the k + 16 best, the costly part at k = 500, then runs once per cell
-    instead of once per reference tile. The result does not depend on tiling.
+    The whole reference (up to 65,536 cells) is one tile: the screen streams
+    it through a cache-sized sub-tile, so a large tile costs no memory, and
+    one tile per query block means no candidate lists to merge at k = 500.
+    The result does not depend on tiling.
     """
     bq, br = 1024, 65_536
     q, r = graph.search_space(da.from_array(query, chunks=(bq, -1)),
