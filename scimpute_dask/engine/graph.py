@@ -67,9 +67,9 @@ def _keep(packed: np.ndarray, axis=None, keepdims=True) -> np.ndarray:
     return packed
 
 
-def _pair_exact(q, r, rows, screened, *clusters, k: int) -> np.ndarray:
+def _pair_exact(q, qnorm, r, rnorm, rows, screened, *clusters, k: int) -> np.ndarray:
     qc, rc = clusters if clusters else (None, None)
-    return knn.exact_topk(q, r, rows, screened, k, qc, rc)
+    return knn.exact_topk(q, qnorm, r, rnorm, rows, screened, k, qc, rc)
 
 
 def _merge_tree(lists: da.Array, k: int, split_every: int) -> da.Array:
@@ -133,23 +133,26 @@ def knn_graph(
     reference = _single_chunk_columns(reference).astype(np.float32)
     m = k + knn.RERANK_MARGIN
     rows = da.arange(reference.shape[0], chunks=(reference.chunks[0],), dtype=np.int64)
-    # Normalised rows once per block, not once per tile.
-    args = [query.map_blocks(knn.normalize_rows, dtype=np.float32), "ig",
-            reference.map_blocks(knn.normalize_rows, dtype=np.float32), "jg", rows, "j"]
-    if query_clusters is not None:
-        args += [query_clusters.rechunk((query.chunks[0],)), "i",
-                 reference_clusters.rechunk((reference.chunks[0],)), "j"]
+    codes = [] if query_clusters is None else [
+        query_clusters.rechunk((query.chunks[0],)), "i",
+        reference_clusters.rechunk((reference.chunks[0],)), "j"]
+    # Normalised rows and float64 norms once per block, not once per tile.
+    normalized = [x.map_blocks(knn.normalize_rows, dtype=np.float32) for x in (query, reference)]
+    norms = [x.map_blocks(knn.row_norms, drop_axis=1, dtype=np.float64)
+             for x in (query, reference)]
     with warnings.catch_warnings():
         # one (m, 2) list per tile is the point of the tiling, not a chunking accident
         warnings.simplefilter("ignore", da.PerformanceWarning)
         screened = _merge_tree(da.blockwise(
-            partial(_pair_screen, k=k), "ijp", *args,
+            partial(_pair_screen, k=k), "ijp",
+            normalized[0], "ig", normalized[1], "jg", rows, "j", *codes,
             new_axes={"p": 2}, adjust_chunks={"j": m}, concatenate=True,
             dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
         ), m, split_every)
-        exact = [query, "ig", reference, "jg", rows, "j", screened, "icp", *args[6:]]
         best = _merge_tree(da.blockwise(
-            partial(_pair_exact, k=k), "ijp", *exact,
+            partial(_pair_exact, k=k), "ijp",
+            query, "ig", norms[0], "i", reference, "jg", norms[1], "j", rows, "j",
+            screened, "icp", *codes,
             adjust_chunks={"j": k}, concatenate=True,
             dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
         ), k, split_every)

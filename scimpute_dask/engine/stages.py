@@ -9,6 +9,7 @@ themselves, so only the task results the caller computes travel back.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dask
@@ -211,15 +212,21 @@ def wide_genes(reference: da.Array) -> np.ndarray:
     return np.flatnonzero(largest >= imputation.FLOAT32_TEXT_LIMIT)
 
 
-def imputed_rows(zarr_dir: Location, imputed: zarr.Array, lo: int, hi: int) -> np.ndarray:
-    """Rows ``lo:hi`` of the imputation in float64, the wide genes from :data:`WIDE_STORE`."""
-    block = np.asarray(imputed[lo:hi], dtype=np.float64)
-    wide = zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True),
-                           mode="r").attrs.get("wide_genes") or []
-    if wide:
-        block[:, wide] = zarr.open_group(zarr_store(zarr_dir / WIDE_STORE, True),
-                                         mode="r")["X"][lo:hi]
-    return block
+def imputed_reader(zarr_dir: Location) -> Callable[[int, int], np.ndarray]:
+    """A reader of rows ``lo:hi`` of the imputation in float64, the wide genes taken from
+    :data:`WIDE_STORE`; the stores are opened once."""
+    group = zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True), mode="r")
+    imputed, wide = group["X"], group.attrs.get("wide_genes") or []
+    exact = (zarr.open_group(zarr_store(zarr_dir / WIDE_STORE, True), mode="r")["X"]
+             if wide else None)
+
+    def rows(lo: int, hi: int) -> np.ndarray:
+        block = np.asarray(imputed[lo:hi], dtype=np.float64)
+        if exact is not None:
+            block[:, wide] = exact[lo:hi]
+        return block
+
+    return rows
 
 
 def score_stage(nbrs: zarr.Group, data: SearchData, average: str = "mean") -> np.ndarray:

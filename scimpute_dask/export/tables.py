@@ -24,7 +24,7 @@ import pandas as pd
 import zarr
 
 from scimpute_dask.engine.inputs import RunInputs
-from scimpute_dask.engine.stages import imputed_rows
+from scimpute_dask.engine.stages import imputed_reader
 from scimpute_dask.errors import InputError
 from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.io import textcodec
@@ -206,7 +206,7 @@ def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunk
                   scores: np.ndarray, stats: dict[str, float], threads: int
                   ) -> dict[str, Location]:
     zarr_dir = work / "zarr"
-    imputed = zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True), mode="r")["X"]
+    imputed_rows = imputed_reader(zarr_dir)
     nbrs = zarr.open_group(zarr_store(zarr_dir / "neighbors.zarr", True), mode="r")
     q_cells = inputs.q_cells
     starts = range(0, len(q_cells), chunk_size)
@@ -217,7 +217,7 @@ def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunk
         every = len(cols) == len(inputs.r_genes)
 
         def imputed_block(lo: int) -> tuple[np.ndarray, np.ndarray]:
-            block = imputed_rows(zarr_dir, imputed, lo, lo + chunk_size)
+            block = imputed_rows(lo, lo + chunk_size)
             return q_cells[lo : lo + chunk_size], round_like_scimpute(
                 block if every else block[:, cols])
 

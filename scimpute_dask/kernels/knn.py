@@ -213,8 +213,9 @@ class TopK:
         width = 2 * k if self.select else k
         self.values = np.full((n, width), -np.inf, dtype=dtype)
         self.rows = np.full((n, width), EMPTY, dtype=np.int64)
-        self.counts = np.zeros(n, dtype=np.int64)
-        self.floor = np.full(n, -np.inf, dtype=dtype)
+        if self.select:  # buffer fill and running floor of each row
+            self.counts = np.zeros(n, dtype=np.int64)
+            self.floor = np.full(n, -np.inf, dtype=dtype)
 
     def add(self, sim: np.ndarray, idx: np.ndarray, lo: int = 0) -> None:
         """Offer candidates ``sim``/``idx`` (``-1`` = none) to rows ``lo:lo + len(sim)``."""
@@ -264,10 +265,9 @@ def merge_topk(packed: np.ndarray, k: int) -> np.ndarray:
     return topk(packed[..., 0], packed[..., 1].astype(np.int64), k)
 
 
-#: Extra candidates kept through the screen and the merge: float32 products
-#: can only misorder values closer than ~1e-7, so a true neighbour would need
-#: more than this many rivals within 1e-7 of the k-th similarity to be lost
-#: before the exact float64 ranking.
+#: Extra candidates kept through the screen and the merge, so that float32
+#: rounding rarely leaves a cell's exact k-th neighbour outside its list; when
+#: it might (:func:`incomplete`), the cell is searched exhaustively instead.
 RERANK_MARGIN = 16
 
 #: Sub-tile of the float32 screen: a (rows × columns) product that stays in
@@ -414,7 +414,9 @@ def _rank(exact: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
 
 def exact_topk(
     query: np.ndarray,
+    query_norms: np.ndarray,
     reference: np.ndarray,
+    reference_norms: np.ndarray,
     reference_rows: np.ndarray,
     screened: np.ndarray,
     k: int,
@@ -431,6 +433,8 @@ def exact_topk(
     ----------
     query, reference
         ``(bq, g)`` and ``(br, g)`` raw expression on the shared genes.
+    query_norms, reference_norms
+        Their rows' float64 norms (:func:`row_norms`), computed once per block.
     reference_rows
         ``(br,)`` global rows of the reference block: consecutive.
     screened
@@ -448,7 +452,8 @@ def exact_topk(
     query = np.ascontiguousarray(query, dtype=np.float32)
     reference = np.ascontiguousarray(reference, dtype=np.float32)
     reference_rows = np.asarray(reference_rows, dtype=np.int64)
-    qn, rn = row_norms(query), row_norms(reference)
+    qn = np.asarray(query_norms, dtype=np.float64)
+    rn = np.asarray(reference_norms, dtype=np.float64)
     first = int(reference_rows[0]) if len(reference_rows) else 0
     candidates = screened[..., 1].astype(np.int64)
     again = np.flatnonzero(incomplete(screened, k, query.shape[1]))
