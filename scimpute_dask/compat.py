@@ -256,7 +256,8 @@ def impute_expression(
     # scimpute writes only the chunk tables here; merge_imputation_chunks joins them.
     tables.write_matrix_tsv(
         None,
-        (partial(lambda lo: (cells[lo : lo + chunk_size], values[lo : lo + chunk_size]), lo)
+        (partial(lambda lo: (cells[lo : lo + chunk_size], values[lo : lo + chunk_size], None),
+                 lo)
          for lo in starts),
         np.asarray(y.columns), chunk_dir=outdir / "imputations", n_chunks=len(starts),
     )

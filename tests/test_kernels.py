@@ -203,6 +203,55 @@ def test_parser_reads_numbers_as_float_does():
         assert textio.parse_rows(f"g\t{bad}\n".encode(), "\t", 1, 1)[1][0] == textio.BAD_FIELD
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_parser_split_over_threads_names_the_right_row(threads):
+    from scimpute_dask.io import textcodec as textio
+
+    rng = np.random.default_rng(3)
+    values = np.round(rng.random((37, 11)) * 10.0 ** rng.integers(-2, 5, (37, 11)), 3)
+    lines = [f"g{i}\t" + "\t".join(map(repr, row)) for i, row in enumerate(values.tolist())]
+    got, status = textio.parse_rows(("\n".join(lines) + "\n").encode(), "\t", 37, 11,
+                                    threads=threads)
+    assert status == (textio.OK, 0, 0)
+    np.testing.assert_array_equal(got, values.astype(np.float32))
+    lines[29] = lines[29].replace("\t", "\tx", 1)
+    assert textio.parse_rows("\n".join(lines).encode(), "\t", 37, 11, threads=threads)[1] \
+        == (textio.BAD_FIELD, 29, 0)
+    lines[29] = lines[29].rsplit("\t", 1)[0].replace("\tx", "\t", 1)
+    assert textio.parse_rows("\n".join(lines).encode(), "\t", 37, 11, threads=threads)[1] \
+        == (textio.SHORT_ROW, 29, 10)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("decimals", [0, 2, 4, 7])
+def test_formatter_writes_what_python_writes_after_numpy_rounding(dtype, decimals):
+    """``'%.{d}f' % np.round(x, d)`` for every value: ties at every digit, signs, -0.0,
+    NaN and infinities, magnitudes from 1e-3 to 1e9, a patch of float64 columns, and
+    values beyond the compiled path's exact range."""
+    from scimpute_dask.io import textcodec as textio
+
+    rng = np.random.default_rng(11)
+    x = rng.random((300, 40)) * 10.0 ** rng.integers(-3, 10 - decimals, (300, 40))
+    x[::3] = np.round(x[::3], decimals + 1)  # halfway cases for the rounding
+    x[::5] *= -1
+    x[0, :8] = [np.nan, np.inf, -np.inf, -0.0, -1e-9, 0.5, 2.5, 2.675]
+    x = x.astype(dtype)
+    names = [f"cell{i}" for i in range(len(x))]
+    cols, patch = np.array([3, 17]), rng.random((len(x), 2)) * 1e4
+    want_values = x.astype(np.float64)
+    want_values[:, cols] = patch
+
+    def python(values):
+        return "".join(f"{n}\t" + "\t".join(f"{v:.{decimals}f}" for v in row) + "\n"
+                       for n, row in zip(names, np.round(values, decimals), strict=True))
+
+    got = textio.format_matrix(names, x, decimals, patch=(cols, patch))
+    assert bytes(got).decode() == python(want_values)
+    huge = want_values.copy()
+    huge[1, 1] = 1e300  # beyond 2**45 once scaled: Python formats the block
+    assert bytes(textio.format_matrix(names, huge, decimals)).decode() == python(huge)
+
+
 def test_float32_keeping_text_rounds_as_float64_does():
     """Values on and around every kind of 2-decimal rounding boundary: the float32 kept
     rounds to the float64's 2 decimals, within one float32 step of it."""

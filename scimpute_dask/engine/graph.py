@@ -53,9 +53,22 @@ def search_space(query: da.Array, reference: da.Array, normalize: str = "none"
     return tuple(out)
 
 
+def _one_block(block):
+    """A contracted index's only block, as ``blockwise(concatenate=False)`` passes it.
+
+    The engine's contracted indices (genes in the search, reference rows in
+    the imputation) hold one block by construction. ``concatenate=True`` would
+    copy even a single block into a new array in every task: the whole
+    reference gene block once per query block in the imputation.
+    """
+    while isinstance(block, list):
+        (block,) = block
+    return block
+
+
 def _pair_screen(qn, rn, rows, *clusters, k: int) -> np.ndarray:
     qc, rc = clusters if clusters else (None, None)
-    return knn.screen(qn, rn, rows, k, qc, rc)
+    return knn.screen(_one_block(qn), _one_block(rn), rows, k, qc, rc)
 
 
 # ``axis``/``keepdims`` are the interface da.reduction calls its functions with.
@@ -69,7 +82,8 @@ def _keep(packed: np.ndarray, axis=None, keepdims=True) -> np.ndarray:
 
 def _pair_exact(q, qnorm, r, rnorm, rows, screened, *clusters, k: int) -> np.ndarray:
     qc, rc = clusters if clusters else (None, None)
-    return knn.exact_topk(q, qnorm, r, rnorm, rows, screened, k, qc, rc)
+    return knn.exact_topk(_one_block(q), qnorm, _one_block(r), rnorm, rows,
+                          _one_block(screened), k, qc, rc)
 
 
 def _merge_tree(lists: da.Array, k: int, split_every: int) -> da.Array:
@@ -146,14 +160,14 @@ def knn_graph(
         screened = _merge_tree(da.blockwise(
             partial(_pair_screen, k=k), "ijp",
             normalized[0], "ig", normalized[1], "jg", rows, "j", *codes,
-            new_axes={"p": 2}, adjust_chunks={"j": m}, concatenate=True,
+            new_axes={"p": 2}, adjust_chunks={"j": m}, concatenate=False,
             dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
         ), m, split_every)
         best = _merge_tree(da.blockwise(
             partial(_pair_exact, k=k), "ijp",
             query, "ig", norms[0], "i", reference, "jg", norms[1], "j", rows, "j",
             screened, "icp", *codes,
-            adjust_chunks={"j": k}, concatenate=True,
+            adjust_chunks={"j": k}, concatenate=False,
             dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
         ), k, split_every)
     undefined = query.map_blocks(knn.zero_rows, drop_axis=1, dtype=bool)[:, None]
@@ -182,7 +196,8 @@ def exclude_self(indices: da.Array, similarity: da.Array) -> tuple[da.Array, da.
 
 
 def _impute_block(indices, weights, reference, wide, dtype, average) -> np.ndarray:
-    values = imputation.weighted_mean(indices, weights, reference, average=average)
+    values = imputation.weighted_mean(_one_block(indices), _one_block(weights),
+                                      _one_block(reference), average=average)
     if dtype != np.float32:
         return values.astype(dtype, copy=False)
     return imputation.float32_keeping_text(values, exempt=wide)
@@ -235,7 +250,7 @@ def impute_graph(
         weights.rechunk({1: -1}), "ik",
         reference, "cg",
         da.from_array(is_wide, chunks=(reference.chunks[1],)), "g",
-        concatenate=True,
+        concatenate=False,
         dtype=dtype,
     )
 

@@ -22,7 +22,7 @@ from scimpute_dask.config import RunConfig
 from scimpute_dask.engine import cluster, graph
 from scimpute_dask.engine.inputs import RunInputs
 from scimpute_dask.io.storage import Location, remove_tree, zarr_store
-from scimpute_dask.io.store import COMPRESSORS, ExpressionStore
+from scimpute_dask.io.store import DENSE_ARRAY, ExpressionStore
 from scimpute_dask.kernels import imputation
 from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.plan import Plan
@@ -53,7 +53,6 @@ def store_stage(
     arrays: dict[str, tuple[da.Array, object]],
     key: dict,
     attrs: dict,
-    compressors: tuple = COMPRESSORS,
 ) -> zarr.Group:
     """Store a stage's Dask arrays to a Zarr group, block by block, resumably.
 
@@ -72,8 +71,6 @@ def store_stage(
         What the stage's result depends on.
     attrs
         Extra attributes for the group.
-    compressors
-        The arrays' Zarr compressors (default: the working format's).
     """
     first = next(iter(arrays.values()))[0]
     group = zarr.open_group(zarr_store(path), mode="a") if (path / "zarr.json").exists() \
@@ -85,7 +82,7 @@ def store_stage(
         for name, (arr, fill) in arrays.items():
             group.create_array(name, shape=arr.shape, dtype=arr.dtype,
                                chunks=tuple(c[0] for c in arr.chunks), fill_value=fill,
-                               compressors=compressors)
+                               **DENSE_ARRAY)
         group.create_array("done", shape=first.numblocks, dtype=bool, chunks=(1, 1),
                            fill_value=False)
         group.attrs.update({**attrs, "key": key, "complete": False})
@@ -212,19 +209,26 @@ def wide_genes(reference: da.Array) -> np.ndarray:
     return np.flatnonzero(largest >= imputation.FLOAT32_TEXT_LIMIT)
 
 
-def imputed_reader(zarr_dir: Location) -> Callable[[int, int], np.ndarray]:
-    """A reader of rows ``lo:hi`` of the imputation in float64, the wide genes taken from
-    :data:`WIDE_STORE`; the stores are opened once."""
-    group = zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True), mode="r")
-    imputed, wide = group["X"], group.attrs.get("wide_genes") or []
-    exact = (zarr.open_group(zarr_store(zarr_dir / WIDE_STORE, True), mode="r")["X"]
-             if wide else None)
+def imputed_reader(zarr_dir: Location
+                   ) -> Callable[[int, int], tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+    """A reader of rows ``lo:hi`` of the imputation; the stores are opened once.
 
-    def rows(lo: int, hi: int) -> np.ndarray:
-        block = np.asarray(imputed[lo:hi], dtype=np.float64)
-        if exact is not None:
-            block[:, wide] = exact[lo:hi]
-        return block
+    It returns the values as stored (float32 or float64) and the patch
+    ``(columns, float64 values)`` of the wide genes from :data:`WIDE_STORE`
+    (no columns when there are none); their stored float32 values are only
+    the nearest float32. Widening and patching are left to the consumer, which
+    can do both inside one pass over the block.
+    """
+    group = zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True), mode="r")
+    imputed = group["X"]
+    wide = np.asarray(group.attrs.get("wide_genes") or [], dtype=np.int64)
+    exact = (zarr.open_group(zarr_store(zarr_dir / WIDE_STORE, True), mode="r")["X"]
+             if len(wide) else None)
+
+    def rows(lo: int, hi: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        patch = exact[lo:hi] if exact is not None else np.zeros((min(hi, imputed.shape[0])
+                                                                  - lo, 0))
+        return imputed[lo:hi], (wide, patch)
 
     return rows
 

@@ -29,7 +29,7 @@ from scimpute_dask.errors import InputError
 from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.io import textcodec
 from scimpute_dask.io.storage import Location, zarr_store
-from scimpute_dask.kernels.scoring import STAT_NAMES, round_like_scimpute
+from scimpute_dask.kernels.scoring import STAT_NAMES
 
 T = TypeVar("T")
 
@@ -57,14 +57,17 @@ def ordered(tasks: Iterable[Callable[[], T]], workers: int) -> Iterator[T]:
             yield pending.popleft().result()
 
 
-def _render_matrix(load: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[int, bytes]:
-    names, values = load()
-    return len(names), textcodec.format_matrix(names, values, decimals=2)
+Block = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]
+
+
+def _render_matrix(load: Callable[[], Block]) -> tuple[int, memoryview]:
+    names, values, patch = load()
+    return len(names), textcodec.format_matrix(names, values, decimals=2, patch=patch)
 
 
 def write_matrix_tsv(
     path: Path | None,
-    blocks: Iterable[Callable[[], tuple[np.ndarray, np.ndarray]]],
+    blocks: Iterable[Callable[[], Block]],
     columns: np.ndarray,
     *,
     chunk_dir: Path | None = None,
@@ -74,9 +77,11 @@ def write_matrix_tsv(
 ) -> None:
     """Stream blocks of rows into one TSV (unless ``path`` is None), atomically.
 
-    Each block is a function returning ``(row names, values)``, loaded and
-    formatted on ``workers`` threads. Values are written ``%.2f``; round them
-    first (:func:`~scimpute_dask.kernels.scoring.round_like_scimpute`). With ``chunk_dir``, each
+    Each block is a function returning ``(row names, values, patch)``, loaded
+    and formatted on ``workers`` threads; ``patch`` (or None) replaces some
+    columns (:func:`~scimpute_dask.io.textcodec.format_matrix`). Values are
+    written ``%.2f`` after NumPy's rounding to 2 decimals, as scimpute's
+    table is (:func:`~scimpute_dask.kernels.scoring.round_like_scimpute`). With ``chunk_dir``, each
     block is also written as one of scimpute's chunk tables
     (``CPM_imputation_<i>_<start>_<stop>.tsv``), from the same formatted text.
     The counter is zero-padded to the width ``n_chunks`` needs, so the files
@@ -97,7 +102,8 @@ def write_matrix_tsv(
             if chunk_dir is not None:
                 name = f"{CHUNK_PREFIX}{i:0{width}d}_{start}_{start + n}.tsv"
                 with atomic_file(chunk_dir / name, "wb") as part:
-                    part.write(header + text)
+                    part.write(header)
+                    part.write(text)
             start += n
 
 
@@ -126,7 +132,7 @@ def write_neighbours_tsv(
     """
     tables = [textcodec.string_table(t) for t in (clusters, query_cells, reference_cells)]
 
-    def render(load) -> bytes:
+    def render(load) -> memoryview:
         cluster, q, r, dist = load()
         codes = np.stack([cluster, q, r], axis=1)
         return textcodec.format_columns(tables, codes, np.round(dist.astype(np.float64), 7), 7)
@@ -213,13 +219,17 @@ def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunk
     files: dict[str, Location] = {}
 
     if inputs.tsv_cols is not None:
-        cols = inputs.tsv_cols
+        cols = np.asarray(inputs.tsv_cols, dtype=np.int64)
         every = len(cols) == len(inputs.r_genes)
 
-        def imputed_block(lo: int) -> tuple[np.ndarray, np.ndarray]:
-            block = imputed_rows(lo, lo + chunk_size)
-            return q_cells[lo : lo + chunk_size], round_like_scimpute(
-                block if every else block[:, cols])
+        def imputed_block(lo: int) -> Block:
+            values, (wide, exact) = imputed_rows(lo, lo + chunk_size)
+            if not every:
+                # the wide genes among the columns written, by their position there
+                kept = np.flatnonzero(np.isin(cols, wide))
+                exact = exact[:, np.searchsorted(wide, cols[kept])]
+                values, wide = values[:, cols], kept
+            return q_cells[lo : lo + chunk_size], values, (wide, exact)
 
         files["imputation"] = work / "imputation.tsv"
         if save_chunks:

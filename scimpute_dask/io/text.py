@@ -20,10 +20,13 @@ import bz2
 import contextlib
 import gzip
 import io
+import json
 import lzma
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -168,8 +171,12 @@ def scan_text(path: Location, sep: str, label: str, row_kind: str, col_kind: str
 
 
 def _blank(line: bytes) -> bool:
-    """Blank lines are skipped; the scan and the conversion must agree on which."""
-    return not line.strip()
+    """Blank lines are skipped; the scan and the conversion must agree on which.
+
+    ``isspace`` stops at a line's first non-space byte; ``strip`` would copy
+    the line (megabytes in scimpute's layout, one gene across all cells).
+    """
+    return not line or line.isspace()
 
 
 def _read_lines(fh: io.BufferedIOBase, n: int) -> tuple[bytes, int]:
@@ -212,7 +219,8 @@ def _parse_block(
     col_kind: str,
 ) -> np.ndarray:
     """Parse a block of data lines into a float32 matrix, naming any bad field."""
-    values, (code, r, c) = textcodec.parse_rows(text, sep, len(row_names), len(col_names))
+    values, (code, r, c) = textcodec.parse_rows(text, sep, len(row_names), len(col_names),
+                                                threads=os.cpu_count() or 1)
     if code == textcodec.BAD_FIELD:
         raise InputError(
             f"{label}: {row_kind} '{row_names[r]}', {col_kind} '{col_names[c]}': "
@@ -257,8 +265,22 @@ def _claims(source: object) -> bool:
     return is_location(source) and not source.is_dir()
 
 
+@lru_cache(maxsize=2)
+def _scan_once(fingerprint: str, src: Location, sep: str, label: str, layout: str
+               ) -> TextLayout:
+    return scan_text(src, sep, label, *_kinds(layout))
+
+
+def _scan(src: Location, options: ReadOptions) -> TextLayout:
+    """:func:`scan_text`, once per version of a file: a run checks the names before it
+    converts, and the scan reads the whole text (seconds per gigabyte). The key
+    is the file's identity (size, times, inode or object version), as for resuming."""
+    return _scan_once(json.dumps(_fingerprint(src, options), sort_keys=True), src,
+                      sep_for(src, options.sep), options.label, options.layout)
+
+
 def _names(src: Location, options: ReadOptions) -> tuple[np.ndarray, np.ndarray]:
-    scanned = scan_text(src, sep_for(src, options.sep), options.label, *_kinds(options.layout))
+    scanned = _scan(src, options)
     if options.layout == "genes_x_cells":
         return scanned.columns, scanned.rows
     return scanned.rows, scanned.columns
@@ -276,7 +298,7 @@ def _convert(src: Location, store: Location, options: ReadOptions) -> stores.Exp
     if group is not None and group.attrs.get("complete"):
         return stores.ExpressionStore(store)
 
-    scanned = scan_text(src, sep, label, row_kind, col_kind)
+    scanned = _scan(src, options)
     cols, rows = scanned.columns, scanned.rows
     cells, genes = (cols, rows) if genes_rows else (rows, cols)
     line_bytes = max(1, scanned.text_bytes // max(1, len(rows)))

@@ -15,6 +15,8 @@ can name them. Formatting writes fixed-point decimals exactly as
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 
@@ -146,8 +148,12 @@ def _parse_rows(buf, sep, n_rows, n_cols, out, status, pow10):  # pragma: no cov
     status[0] = OK
 
 
-def parse_rows(text: bytes, sep: str, n_rows: int, n_cols: int) -> tuple[np.ndarray, tuple]:
+def parse_rows(text: bytes, sep: str, n_rows: int, n_cols: int, threads: int = 1
+               ) -> tuple[np.ndarray, tuple]:
     """Parse ``n_rows`` lines of ``name<sep>v1<sep>...<sep>v{n_cols}``.
+
+    ``threads`` parse consecutive runs of lines at once (the kernel releases
+    the GIL), each into its own rows of the result.
 
     Returns
     -------
@@ -157,87 +163,113 @@ def parse_rows(text: bytes, sep: str, n_rows: int, n_cols: int) -> tuple[np.ndar
         ``(code, row, col)``: ``OK``, or where the first bad field or ragged row is.
     """
     out = np.empty((n_rows, n_cols), dtype=np.float32)
-    status = np.zeros(3, dtype=np.int64)
-    _parse_rows(np.frombuffer(text, dtype=np.uint8), ord(sep), n_rows, n_cols, out, status,
-                _POW10)
-    return out, (int(status[0]), int(status[1]), int(status[2]))
+    buf = np.frombuffer(text, dtype=np.uint8)
+    # runs of whole lines: cut after the newline nearest each even share of the bytes
+    cuts, rows = [0], [0]
+    for t in range(1, max(1, min(threads, n_rows))):
+        at = text.find(b"\n", max(cuts[-1], len(text) * t // threads))
+        if at < 0:
+            break
+        cuts.append(at + 1)
+        rows.append(rows[-1] + text.count(b"\n", cuts[-2], at + 1))
+    cuts.append(len(text))
+    rows.append(n_rows)
+    status = np.zeros((len(cuts) - 1, 3), dtype=np.int64)
+
+    def part(i: int) -> None:
+        _parse_rows(buf[cuts[i] : cuts[i + 1]], ord(sep), rows[i + 1] - rows[i],
+                    n_cols, out[rows[i] : rows[i + 1]], status[i], _POW10)
+
+    if len(status) == 1:
+        part(0)
+    else:
+        with ThreadPoolExecutor(len(status)) as pool:
+            list(pool.map(part, range(len(status))))
+    for i, (code, row, col) in enumerate(status):
+        if code != OK:
+            return out, (int(code), int(row) + rows[i], int(col))
+    return out, (OK, 0, 0)
 
 
 # --------------------------------------------------------------------------- #
 # Formatting
 # --------------------------------------------------------------------------- #
-@numba.njit(nogil=True, cache=True)
-def _fixed_len(x, decimals):  # pragma: no cover - compiled
-    if np.isnan(x):
-        return 3
-    if np.isinf(x):
-        return 3 + (1 if x < 0 else 0)
-    ip = np.int64(np.floor(abs(x)))
-    n = 1
-    while ip >= 10:
-        ip //= 10
-        n += 1
-    return n + (1 + decimals if decimals else 0) + (1 if x < 0 else 0)
+#: Where ``rint(x · 10**d)`` stops giving ``'%.{d}f' % np.round(x, d)``: below 2**45 the
+#: double nearest N / 10**d lies within 10**-d / 200 of it, so its text shows N.
+_EXACT_SCALED = 2.0**45
+_POW10_INT = np.array([10**i for i in range(19)], dtype=np.uint64)
 
 
-@numba.njit(nogil=True, cache=True)
-def _write_fixed(buf, pos, x, decimals, scale):  # pragma: no cover - compiled
-    """Write ``x`` as ``'%.{decimals}f'`` would (for x already rounded to decimals)."""
-    if np.isnan(x):
+@numba.njit(nogil=True, cache=True, inline="always")
+def _write_scaled(buf, pos, x, decimals, scale, pow10):  # pragma: no cover - compiled
+    """Write ``'%.{decimals}f' % np.round(x, decimals)``; ``|x| · scale`` below 2**45.
+
+    NumPy rounds ``x`` as ``rint(x · 10**d) / 10**d``; the integer
+    ``rint(x · 10**d)`` is written with the decimal point placed by hand.
+    """
+    if x != x:
         buf[pos], buf[pos + 1], buf[pos + 2] = 110, 97, 110
         return pos + 3
-    if x < 0:
+    r = np.rint(x * scale)
+    if r < 0.0 or (r == 0.0 and np.copysign(1.0, r) < 0.0):  # NumPy keeps -0.0
         buf[pos] = 45
         pos += 1
-        x = -x
-    if np.isinf(x):
+        r = -r
+    if r == np.inf:
         buf[pos], buf[pos + 1], buf[pos + 2] = 105, 110, 102
         return pos + 3
-    ip = np.floor(x)
-    frac = np.int64(np.rint((x - ip) * scale))
-    whole = np.int64(ip)
-    if frac >= scale:
-        whole += 1
-        frac -= np.int64(scale)
-    n = 1
-    t = whole
-    while t >= 10:
-        t //= 10
-        n += 1
-    for j in range(n - 1, -1, -1):
-        buf[pos + j] = 48 + whole % 10
-        whole //= 10
-    pos += n
+    # unsigned: numba's signed // and % carry Python's floor semantics (a third slower)
+    n = np.uint64(r)
+    ten = np.uint64(10)
+    digits = decimals + 1
+    while digits < 19 and n >= pow10[digits]:
+        digits += 1
+    end = pos + digits + (1 if decimals else 0)
+    at = end - 1
+    for _ in range(decimals):
+        buf[at] = np.uint8(48) + np.uint8(n % ten)
+        n //= ten
+        at -= 1
     if decimals:
-        buf[pos] = 46
-        for j in range(decimals, 0, -1):
-            buf[pos + j] = 48 + frac % 10
-            frac //= 10
-        pos += decimals + 1
-    return pos
+        buf[at] = 46
+        at -= 1
+    while at >= pos:
+        buf[at] = np.uint8(48) + np.uint8(n % ten)
+        n //= ten
+        at -= 1
+    return end
 
 
 @numba.njit(nogil=True, cache=True)
-def _format_matrix(names, name_off, values, decimals, sep):  # pragma: no cover - compiled
-    """One pass into a buffer sized for the widest value; ``None`` if a value is >= 2**63.
+def _format_rows(names, name_off, values, patch_at, patch, decimals, sep, pow10
+                 ):  # pragma: no cover - compiled
+    """One pass into a buffer sized for the widest value; ``None`` beyond ``_EXACT_SCALED``.
 
+    Column ``j`` is read from ``patch[:, patch_at[j]]`` where ``patch_at[j] >= 0``.
     Sizing the buffer exactly would take a second pass over every value, and
     the digits are the cost: the bound (the largest magnitude's digits for
     every value) costs only memory, trimmed on return.
     """
     n, g = values.shape
+    scale = 10.0**decimals
     big = 0.0
     for i in range(n):
         for j in range(g):
             x = abs(values[i, j])
-            if x > big and not np.isinf(x):  # NaN compares false
+            if x > big and x != np.inf:  # NaN compares false
                 big = x
-    if big >= 2.0**63:
+    for i in range(patch.shape[0]):
+        for j in range(patch.shape[1]):
+            x = abs(patch[i, j])
+            if x > big and x != np.inf:
+                big = x
+    if big * scale >= _EXACT_SCALED:
         return None
-    width = _fixed_len(big, decimals) + 2  # sign, separator
-    width = max(width, 5)  # "\t-inf"
+    width = decimals + 1
+    while width < 19 and big * scale >= np.float64(pow10[width]):
+        width += 1
+    width = max(width + 3, 5)  # separator, sign, point; "\t-inf"
     buf = np.empty(name_off[n] + n + n * g * width, dtype=np.uint8)
-    scale = 10.0**decimals
     pos = 0
     for i in range(n):
         for b in range(name_off[i], name_off[i + 1]):
@@ -245,7 +277,9 @@ def _format_matrix(names, name_off, values, decimals, sep):  # pragma: no cover 
             pos += 1
         for j in range(g):
             buf[pos] = sep
-            pos = _write_fixed(buf, pos + 1, values[i, j], decimals, scale)
+            at = patch_at[j]
+            x = np.float64(values[i, j]) if at < 0 else patch[i, at]
+            pos = _write_scaled(buf, pos + 1, x, decimals, scale, pow10)
         buf[pos] = 10
         pos += 1
     return buf[:pos]
@@ -258,28 +292,50 @@ def string_table(strings) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
 
 
-def format_matrix(names, values: np.ndarray, decimals: int = 2, sep: str = "\t") -> bytes:
-    """Lines ``name<sep>v1<sep>...\\n`` with fixed-point values (``'%.{decimals}f'``)."""
+def format_matrix(names, values: np.ndarray, decimals: int = 2, sep: str = "\t",
+                  patch: tuple[np.ndarray, np.ndarray] | None = None) -> memoryview:
+    """Lines ``name<sep>v1<sep>...\\n``, values written ``'%.{d}f' % np.round(v, d)``.
+
+    ``values`` may be float32 (widened exactly) or float64. ``patch``, a pair
+    ``(columns, block)``, takes those columns' values from the float64 ``block``
+    instead (the imputation's genes kept in float64). The text is returned as a
+    memoryview of the buffer it was written to (a copy would cost a tenth of
+    the formatting); ``bytes()`` it where bytes are needed.
+    """
     table, offsets = string_table(names)
-    values = np.ascontiguousarray(values, dtype=np.float64)
-    text = _format_matrix(table, offsets, values, decimals, ord(sep))
-    if text is None:
-        raise ValueError("value too large for fixed-point output")
-    return text.tobytes()
+    values = np.ascontiguousarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    patch_at = np.full(values.shape[1], -1, dtype=np.int64)
+    block = np.zeros((0, 0))
+    if patch is not None and len(patch[0]):
+        patch_at[np.asarray(patch[0], dtype=np.int64)] = np.arange(len(patch[0]))
+        block = np.ascontiguousarray(patch[1], dtype=np.float64)
+    text = _format_rows(table, offsets, values, patch_at, block, decimals, ord(sep), _POW10_INT)
+    if text is not None:
+        return memoryview(text)
+    # beyond the compiled path's exact range: Python's own formatting, value by value
+    full = values.astype(np.float64)
+    if len(block):
+        full[:, patch_at >= 0] = block[:, patch_at[patch_at >= 0]]
+    rounded = np.round(full, decimals)
+    return memoryview("".join(
+        f"{name}{sep}{sep.join(f'{v:.{decimals}f}' for v in row)}\n"
+        for name, row in zip(map(str, names), rounded.tolist(), strict=True)
+    ).encode())
 
 
 @numba.njit(nogil=True, cache=True)
-def _format_columns(tables, offsets, codes, values, decimals, sep):  # pragma: no cover
+def _format_columns(tables, offsets, codes, values, decimals, sep, pow10):  # pragma: no cover
     n = values.shape[0]
     m = codes.shape[1]
+    scale = 10.0**decimals
     size = 0
     for i in range(n):
         for c in range(m):
             k = codes[i, c]
             size += offsets[c][k + 1] - offsets[c][k] + 1
-        size += _fixed_len(values[i], decimals) + 1
-    buf = np.empty(size, dtype=np.uint8)
-    scale = 10.0**decimals
+    buf = np.empty(size + n * (decimals + 22), dtype=np.uint8)
     pos = 0
     for i in range(n):
         for c in range(m):
@@ -289,10 +345,10 @@ def _format_columns(tables, offsets, codes, values, decimals, sep):  # pragma: n
                 pos += 1
             buf[pos] = sep
             pos += 1
-        pos = _write_fixed(buf, pos, values[i], decimals, scale)
+        pos = _write_scaled(buf, pos, values[i], decimals, scale, pow10)
         buf[pos] = 10
         pos += 1
-    return buf
+    return buf[:pos]
 
 
 def format_columns(
@@ -301,16 +357,19 @@ def format_columns(
     values: np.ndarray,
     decimals: int,
     sep: str = "\t",
-) -> bytes:
-    """Lines of string columns looked up in tables, then one fixed-point value.
+) -> memoryview:
+    """Lines of string columns looked up in tables, then one value ``'%.{decimals}f'``.
 
     ``tables`` are ``(bytes, offsets)`` pairs from :func:`string_table`;
-    ``codes[i, c]`` picks row ``i``'s entry of table ``c``.
+    ``codes[i, c]`` picks row ``i``'s entry of table ``c``. ``values`` are
+    rounded as ``np.round(values, decimals)`` and must stay within the compiled
+    path's exact range (``|v| · 10**decimals < 2**45``).
     """
+    values = np.ascontiguousarray(values, np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size and np.abs(finite).max() * 10.0**decimals >= _EXACT_SCALED:
+        raise ValueError("value too large for fixed-point output")
     return _format_columns(
         numba.typed.List([t for t, _ in tables]), numba.typed.List([o for _, o in tables]),
-        np.ascontiguousarray(codes, dtype=np.int64), np.ascontiguousarray(values, np.float64),
-        decimals, ord(sep),
-    ).tobytes()
-
-
+        np.ascontiguousarray(codes, dtype=np.int64), values, decimals, ord(sep), _POW10_INT,
+    ).data

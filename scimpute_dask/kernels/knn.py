@@ -62,14 +62,17 @@ def _topk_into(sim, idx, out_sim, out_idx):  # pragma: no cover - compiled
         cnt = 0
         while cnt < k and out_idx[i, cnt] != EMPTY:
             cnt += 1
+        # the k-th value, kept in a register: almost every candidate fails this one test
+        th = out_sim[i, k - 1] if cnt == k else -np.inf
         for j in range(m):
+            s = sim[i, j]
+            if s < th:
+                continue
             t = idx[i, j]
             if t == EMPTY:
                 continue
-            s = sim[i, j]
             if cnt == k:
-                ls = out_sim[i, k - 1]
-                if s < ls or (s == ls and t > out_idx[i, k - 1]):
+                if s == th and t > out_idx[i, k - 1]:
                     continue
                 pos = k - 1
             else:
@@ -83,6 +86,8 @@ def _topk_into(sim, idx, out_sim, out_idx):  # pragma: no cover - compiled
                 pos -= 1
             out_sim[i, pos] = s
             out_idx[i, pos] = t
+            if cnt == k:
+                th = out_sim[i, k - 1]
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
