@@ -140,11 +140,7 @@ def scan_text(path: Location, sep: str, label: str, row_kind: str, col_kind: str
             raise InputError(f"{label}: file is empty")
         fields = header.rstrip(b"\r\n").split(sep_b)
         n_fields = len(fields)
-        for lineno, line in enumerate(fh, start=2):
-            if _blank(line):
-                continue
-            line = line.rstrip(b"\r\n")
-            n = line.count(sep_b) + 1
+        for lineno, line, n in _lines_and_fields(fh, sep_b, first_lineno=2):
             if not rows:
                 # pandas convention: a header one field short has no corner label
                 if n == n_fields + 1 and fields[0].strip(b'"'):
@@ -156,7 +152,7 @@ def scan_text(path: Location, sep: str, label: str, row_kind: str, col_kind: str
                     f"'{line.split(sep_b, 1)[0].decode(errors='replace')}') has {n} fields, "
                     f"the header has {n_fields}"
                 )
-            rows.append(_decode(line[: line.find(sep_b)], label, lineno))
+            rows.append(_decode(line, label, lineno))
         text_bytes = fh.tell()
     if not rows:
         raise InputError(f"{label}: no data rows below the header")
@@ -168,6 +164,40 @@ def scan_text(path: Location, sep: str, label: str, row_kind: str, col_kind: str
     check_unique_names(row_names, label, row_kind)
     return TextLayout(columns=columns, rows=row_names, header_bytes=header_bytes,
                       text_bytes=text_bytes)
+
+
+#: Bytes of text the scan reads at once.
+SCAN_BLOCK = 1 << 24
+
+
+def _lines_and_fields(fh: io.BufferedIOBase, sep: bytes, first_lineno: int
+                      ) -> Iterator[tuple[int, bytes, int]]:
+    """``(line number, name, fields)`` of every non-blank line to the end of ``fh``.
+
+    ``name`` is the line up to its first separator (the whole line, ``\\r\\n``
+    stripped, when it has none). The text is read in large blocks and searched
+    in place: iterating a file's lines copies each one (seconds per gigabyte
+    when lines are long, as in scimpute's layout: a gene across all cells).
+    """
+    lineno, rest = first_lineno, b""
+    while True:
+        chunk = fh.read(SCAN_BLOCK)
+        block = rest + chunk if rest else chunk
+        end = block.rfind(b"\n") + 1 if chunk else len(block)
+        pos = 0
+        while pos < end:
+            stop = block.find(b"\n", pos, end)
+            stop = end if stop < 0 else stop
+            n = block.count(sep, pos, stop)
+            if n:
+                yield lineno, block[pos : block.find(sep, pos, stop)], n + 1
+            elif not _blank(line := block[pos:stop]):
+                yield lineno, line.rstrip(b"\r"), 1
+            lineno += 1
+            pos = stop + 1
+        if not chunk:
+            return
+        rest = block[end:]
 
 
 def _blank(line: bytes) -> bool:
