@@ -3,10 +3,10 @@
 Every stage holds a few blocks per thread; this module turns a budget for the
 whole process into block sizes so that the peak resident memory stays under
 it whatever the number of query cells. The model counts, per thread, the
-largest arrays a task of each stage holds (similarity tile, reference gene
-block, formatted text), on top of a fixed allowance for the interpreter and
-its libraries. ``benchmarks/bench_run.py`` and ``tests/test_memory.py`` check
-the model against measured peak RSS.
+largest arrays a task of each stage holds (the kNN's reference block, the
+imputation's reference gene block, formatted text), on top of a fixed
+allowance for the interpreter and its libraries. ``benchmarks/bench_run.py``
+and ``tests/test_memory.py`` check the model against measured peak RSS.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Plan:
     memory_limit: int
     threads: int
     query_chunk: int  # query cells per block
-    reference_chunk: int  # reference cells per similarity tile
+    reference_chunk: int  # reference cells per kNN tile
     gene_chunk: int  # reference genes per imputation block
 
 
@@ -78,7 +78,7 @@ def minimum_memory(n_query: int, n_reference: int, n_shared: int, n_genes: int,
     """The smallest budget :func:`plan_run` can keep: the model's needs at the smallest blocks.
 
     The inverse of the block formulas of :func:`plan_run` at a query block of
-    :data:`MIN_QUERY_CHUNK` cells, a similarity tile of
+    :data:`MIN_QUERY_CHUNK` cells, a kNN tile of
     :data:`MIN_REFERENCE_CHUNK` reference cells and one gene per imputation
     block (each capped by the data), plus the fixed allowance.
     """
@@ -86,7 +86,7 @@ def minimum_memory(n_query: int, n_reference: int, n_shared: int, n_genes: int,
     bq = min(MIN_QUERY_CHUNK, max(1, n_query))
     br = min(MIN_REFERENCE_CHUNK, max(1, n_reference))
     export = 4 * (threads + 1) * 24 * max(1, n_genes) * bq
-    knn = 4 * threads * (8 * bq + 16 * max(1, n_shared)) * br
+    knn = 4 * threads * (8 * max(1, n_shared) + 16) * br
     impute = 2 * threads * (8 * n_reference + 24 * bq)
     return BASE_BYTES + max(export, knn, impute)
 
@@ -139,9 +139,12 @@ def plan_run(
     bq = query_chunk or _clamp(avail / 4 / (threads + 1) / (24 * max(1, n_genes)),
                                MIN_QUERY_CHUNK, MAX_CELL_CHUNK)
     bq = min(bq, max(1, n_query))
-    # kNN: per thread one float32 tile plus the normalised reference block.
+    # kNN: per thread the reference block, normalised and raw (float32 each), with its
+    # float64 norms and row numbers. The tile's products never exist whole (the screen
+    # streams them through one cache-sized sub-tile), so a tile as large as this
+    # allows means fewer candidate lists to merge: at most references, one tile.
     br = reference_chunk or _clamp(
-        avail / 4 / threads / (8 * bq + 16 * max(1, n_shared)), MIN_REFERENCE_CHUNK, 1 << 20)
+        avail / 4 / threads / (8 * max(1, n_shared) + 16), MIN_REFERENCE_CHUNK, 1 << 20)
     br = min(br, max(1, n_reference))
     # Imputation: per thread one float32 reference gene block (read, then
     # concatenated) and one float64 output tile with its accumulator.

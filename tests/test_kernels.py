@@ -252,6 +252,22 @@ def test_formatter_writes_what_python_writes_after_numpy_rounding(dtype, decimal
     assert bytes(textio.format_matrix(names, huge, decimals)).decode() == python(huge)
 
 
+def test_neighbour_lines_write_names_and_distances_as_python_does():
+    from scimpute_dask.io import textcodec as textio
+
+    rng = np.random.default_rng(5)
+    lists = (["NA", "neuron"], [f"q{i}" for i in range(50)], [f"ref_{i}" for i in range(70)])
+    table = textio.string_table(np.concatenate([np.asarray(x, dtype=object) for x in lists]))
+    codes = np.column_stack([rng.integers(0, len(x), 400) for x in lists])
+    dist = (rng.random(400) * 2).astype(np.float32)
+    dist[:3] = [0.0, 2.0, np.nan]
+    got = textio.format_columns(table, codes + np.cumsum([0, 2, 50]), dist, 7)
+    want = "".join(f"{lists[0][a]}\t{lists[1][b]}\t{lists[2][c]}\t{v:.7f}\n"
+                   for (a, b, c), v in zip(codes, np.round(dist.astype(np.float64), 7),
+                                           strict=True))
+    assert bytes(got).decode() == want
+
+
 def test_float32_keeping_text_rounds_as_float64_does():
     """Values on and around every kind of 2-decimal rounding boundary: the float32 kept
     rounds to the float64's 2 decimals, within one float32 step of it."""

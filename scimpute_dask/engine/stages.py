@@ -22,7 +22,7 @@ from scimpute_dask.config import RunConfig
 from scimpute_dask.engine import cluster, graph
 from scimpute_dask.engine.inputs import RunInputs
 from scimpute_dask.io.storage import Location, remove_tree, zarr_store
-from scimpute_dask.io.store import DENSE_ARRAY, ExpressionStore
+from scimpute_dask.io.store import COMPRESSORS, ExpressionStore, for_writing
 from scimpute_dask.kernels import imputation
 from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.plan import Plan
@@ -82,7 +82,7 @@ def store_stage(
         for name, (arr, fill) in arrays.items():
             group.create_array(name, shape=arr.shape, dtype=arr.dtype,
                                chunks=tuple(c[0] for c in arr.chunks), fill_value=fill,
-                               **DENSE_ARRAY)
+                               compressors=COMPRESSORS)
         group.create_array("done", shape=first.numblocks, dtype=bool, chunks=(1, 1),
                            fill_value=False)
         group.attrs.update({**attrs, "key": key, "complete": False})
@@ -90,7 +90,7 @@ def store_stage(
         return group
     done = group["done"]
     marked = done[:]
-    targets = [group[name] for name in arrays]
+    targets = [for_writing(group[name]) for name in arrays]
     # unoptimised, so that arrays computed from a shared graph share its keys
     delayed = [arr.to_delayed(optimize_graph=False) for arr, _ in arrays.values()]
     offsets = [np.cumsum((0, *c)) for c in first.chunks]

@@ -130,12 +130,14 @@ def write_neighbours_tsv(
     workers
         Threads loading and formatting blocks.
     """
-    tables = [textcodec.string_table(t) for t in (clusters, query_cells, reference_cells)]
+    lists = (clusters, query_cells, reference_cells)
+    table = textcodec.string_table(np.concatenate([np.asarray(x, dtype=object) for x in lists]))
+    shift = np.cumsum([0, *map(len, lists[:-1])])
 
     def render(load) -> memoryview:
         cluster, q, r, dist = load()
-        codes = np.stack([cluster, q, r], axis=1)
-        return textcodec.format_columns(tables, codes, np.round(dist.astype(np.float64), 7), 7)
+        codes = np.stack([cluster, q, r], axis=1) + shift
+        return textcodec.format_columns(table, codes, dist, 7)
 
     with atomic_file(path, "wb") as fh:
         fh.write(b"cluster\tx\ty\tdistance\n")

@@ -345,7 +345,7 @@ def convert_anndata(source, store: Location, *, layer: str | None, restart: bool
         if group is None:
             chunks = plan.store_chunks(len(cells), len(genes), by_columns, 0, memory_limit)
             group = stores.create(store, fp, cells, genes, chunks)
-        X = group["X"]
+        X = stores.for_writing(group["X"])
         step = X.chunks[1] if by_columns else X.chunks[0]
         total = len(genes) if by_columns else len(cells)
         done = int(group.attrs["progress"]["rows_done"])

@@ -57,7 +57,7 @@ def _convert(frame: pd.DataFrame, store: Location, options: ReadOptions
         store, fingerprint, cells, genes,
         plan.store_chunks(len(cells), len(genes), False, 0, options.memory_limit),
     )
-    group["X"][:] = values.astype(np.float32)
+    stores.for_writing(group["X"])[:] = values.astype(np.float32)
     return stores.finish(group, store)
 
 

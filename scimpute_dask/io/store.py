@@ -182,10 +182,16 @@ def unfinished(store: Location) -> zarr.Group | None:
 #: LZ4 stores 0.26 and zstd 0.16.
 COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
 
-#: How every dense array the engine writes is created. ``write_empty_chunks``:
-#: otherwise Zarr compares each chunk with the fill value before writing it, a
-#: pass over every value that found nothing to skip in dense expression.
-DENSE_ARRAY = {"compressors": COMPRESSORS, "config": {"write_empty_chunks": True}}
+
+
+def for_writing(array: zarr.Array) -> zarr.Array:
+    """``array`` to write dense blocks to: every chunk is written as given.
+
+    Otherwise Zarr compares each chunk with the fill value first, to skip empty
+    ones: a pass over every value that finds nothing to skip in expression
+    data. (A runtime setting of the handle, not stored with the array.)
+    """
+    return array.with_config({"write_empty_chunks": True})
 
 
 def create(
@@ -208,7 +214,7 @@ def create(
         dtype="float32",
         chunks=chunks,
         fill_value=0.0,
-        **DENSE_ARRAY,
+        compressors=COMPRESSORS,
     )
     group.attrs.update(
         {

@@ -202,7 +202,7 @@ def convert_10x(directory: Path, store: Location, *, restart: bool, progress: bo
         remove_tree(store)
     chunks = plan.store_chunks(len(cells), len(genes), False, 0, memory_limit)
     group = stores.create(store, fp, cells, genes, chunks)
-    X = group["X"]
+    X = stores.for_writing(group["X"])
     step = X.chunks[0]
     # The buckets are local files (appended to, read back with numpy): beside a
     # local store, on the disk chosen for the data; for a store on an object

@@ -337,7 +337,7 @@ def _convert(src: Location, store: Location, options: ReadOptions) -> stores.Exp
                                    options.memory_limit)
         group = stores.create(store, _fingerprint(src, options), cells, genes, chunks)
     state = dict(group.attrs["progress"])
-    X = group["X"]
+    X = stores.for_writing(group["X"])
 
     # A block is a whole number of Zarr chunks along the streamed axis, so each
     # write replaces complete chunks and a resumed run never mixes two writes.

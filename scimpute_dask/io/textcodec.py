@@ -326,22 +326,21 @@ def format_matrix(names, values: np.ndarray, decimals: int = 2, sep: str = "\t",
 
 
 @numba.njit(nogil=True, cache=True)
-def _format_columns(tables, offsets, codes, values, decimals, sep, pow10):  # pragma: no cover
-    n = values.shape[0]
-    m = codes.shape[1]
+def _format_columns(table, offsets, codes, values, decimals, sep, pow10):  # pragma: no cover
+    n, m = codes.shape
     scale = 10.0**decimals
     size = 0
     for i in range(n):
         for c in range(m):
             k = codes[i, c]
-            size += offsets[c][k + 1] - offsets[c][k] + 1
+            size += offsets[k + 1] - offsets[k] + 1
     buf = np.empty(size + n * (decimals + 22), dtype=np.uint8)
     pos = 0
     for i in range(n):
         for c in range(m):
             k = codes[i, c]
-            for b in range(offsets[c][k], offsets[c][k + 1]):
-                buf[pos] = tables[c][b]
+            for b in range(offsets[k], offsets[k + 1]):
+                buf[pos] = table[b]
                 pos += 1
             buf[pos] = sep
             pos += 1
@@ -352,24 +351,25 @@ def _format_columns(tables, offsets, codes, values, decimals, sep, pow10):  # pr
 
 
 def format_columns(
-    tables: list[tuple[np.ndarray, np.ndarray]],
+    table: tuple[np.ndarray, np.ndarray],
     codes: np.ndarray,
     values: np.ndarray,
     decimals: int,
     sep: str = "\t",
 ) -> memoryview:
-    """Lines of string columns looked up in tables, then one value ``'%.{decimals}f'``.
+    """Lines of names looked up in a table, then one value ``'%.{decimals}f'``.
 
-    ``tables`` are ``(bytes, offsets)`` pairs from :func:`string_table`;
-    ``codes[i, c]`` picks row ``i``'s entry of table ``c``. ``values`` are
-    rounded as ``np.round(values, decimals)`` and must stay within the compiled
-    path's exact range (``|v| · 10**decimals < 2**45``).
+    ``table`` is a :func:`string_table`; ``codes[i, c]`` is the entry written
+    in column ``c`` of line ``i`` (columns drawn from different lists of names
+    share one table, each list's codes shifted past the ones before it).
+    ``values`` are rounded as ``np.round(values, decimals)`` and must stay
+    within the compiled path's exact range (``|v| · 10**decimals < 2**45``).
     """
     values = np.ascontiguousarray(values, np.float64)
     finite = values[np.isfinite(values)]
     if finite.size and np.abs(finite).max() * 10.0**decimals >= _EXACT_SCALED:
         raise ValueError("value too large for fixed-point output")
     return _format_columns(
-        numba.typed.List([t for t, _ in tables]), numba.typed.List([o for _, o in tables]),
-        np.ascontiguousarray(codes, dtype=np.int64), values, decimals, ord(sep), _POW10_INT,
+        table[0], table[1], np.ascontiguousarray(codes, dtype=np.int64), values, decimals,
+        ord(sep), _POW10_INT,
     ).data
