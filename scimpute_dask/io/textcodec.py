@@ -148,8 +148,19 @@ def _parse_rows(buf, sep, n_rows, n_cols, out, status, pow10):  # pragma: no cov
     status[0] = OK
 
 
-def parse_rows(text: bytes, sep: str, n_rows: int, n_cols: int, threads: int = 1
-               ) -> tuple[np.ndarray, tuple]:
+def _line_after(buf: np.ndarray, at: int) -> int:
+    """Where the line holding byte ``at`` ends (just past its newline), or -1."""
+    window = 1 << 16
+    while at < len(buf):
+        hit = np.flatnonzero(buf[at : at + window] == 10)
+        if len(hit):
+            return at + int(hit[0]) + 1
+        at += window
+    return -1
+
+
+def parse_rows(text: bytes | memoryview, sep: str, n_rows: int, n_cols: int,
+               threads: int = 1) -> tuple[np.ndarray, tuple]:
     """Parse ``n_rows`` lines of ``name<sep>v1<sep>...<sep>v{n_cols}``.
 
     ``threads`` parse consecutive runs of lines at once (the kernel releases
@@ -167,12 +178,12 @@ def parse_rows(text: bytes, sep: str, n_rows: int, n_cols: int, threads: int = 1
     # runs of whole lines: cut after the newline nearest each even share of the bytes
     cuts, rows = [0], [0]
     for t in range(1, max(1, min(threads, n_rows))):
-        at = text.find(b"\n", max(cuts[-1], len(text) * t // threads))
-        if at < 0:
+        at = _line_after(buf, max(cuts[-1], len(buf) * t // threads))
+        if at < 0 or at >= len(buf):
             break
-        cuts.append(at + 1)
-        rows.append(rows[-1] + text.count(b"\n", cuts[-2], at + 1))
-    cuts.append(len(text))
+        cuts.append(at)
+        rows.append(rows[-1] + int(np.count_nonzero(buf[cuts[-2] : at] == 10)))
+    cuts.append(len(buf))
     rows.append(n_rows)
     status = np.zeros((len(cuts) - 1, 3), dtype=np.int64)
 
