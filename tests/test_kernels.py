@@ -268,6 +268,24 @@ def test_neighbour_lines_write_names_and_distances_as_python_does():
     assert bytes(got).decode() == want
 
 
+@pytest.mark.parametrize("average", ["mean", "log1p"])
+def test_score_kernel_equals_rounded_imputation_then_cosine(average):
+    rng = np.random.default_rng(9)
+    reference = (rng.random((60, 12)) * 200).astype(np.float32)
+    reference[:, 3] = 0
+    measured = (rng.random((40, 12)) * 50).astype(np.float32)
+    measured[5] = 0  # a cell with nothing measured: cosine 0, as scikit-learn's
+    indices = rng.integers(0, 60, (40, 7))
+    indices[7, 4:] = -1
+    indices[9] = -1  # no neighbours: NaN
+    weights = rng.random((40, 7)) + 1
+    want = scoring.rowwise_cosine(scoring.round_like_scimpute(imputation.weighted_mean(
+        indices, weights, reference, average=average)), measured)
+    got = scoring.imputed_cosine(indices, weights, reference, measured, average)
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+    assert np.isnan(got[9]) and got[5] == 0
+
+
 def test_float32_keeping_text_rounds_as_float64_does():
     """Values on and around every kind of 2-decimal rounding boundary: the float32 kept
     rounds to the float64's 2 decimals, within one float32 step of it."""

@@ -255,9 +255,9 @@ def impute_graph(
     )
 
 
-#: Shared genes per block of the score stage: fixed, so that the per-cell sums
-#: (and so ``scores.txt``) are the same whatever the memory budget.
-SCORE_GENE_BLOCK = 512
+def _score_block(indices, weights, reference, measured, average) -> np.ndarray:
+    return scoring.imputed_cosine(_one_block(indices), _one_block(weights),
+                                  _one_block(reference), _one_block(measured), average)
 
 
 def scores_graph(
@@ -270,18 +270,17 @@ def scores_graph(
     """scimpute's per-cell validation score, computed without reading the full imputation.
 
     The shared genes are imputed again in float64 (a small ``k × n_shared`` job
-    per cell), in blocks of :data:`SCORE_GENE_BLOCK` genes, rounded to 2
-    decimals as scimpute's table is, and compared with the measured values by
-    cosine similarity accumulated across the gene blocks.
+    per cell), rounded to 2 decimals as scimpute's table is, and compared with
+    the measured values by cosine similarity, in one compiled pass per query
+    block (:func:`~scimpute_dask.kernels.scoring.imputed_cosine`).
     """
-    imputed = impute_graph(indices, weights, reference_shared.rechunk((-1, SCORE_GENE_BLOCK)),
-                           average=average)
-    imputed = imputed.map_blocks(scoring.round_like_scimpute, dtype=np.float64)
-    measured = query_shared.rechunk((indices.chunks[0], SCORE_GENE_BLOCK)).astype(np.float64)
-    return da.map_blocks(
-        scoring.cosine_from_sums,
-        (imputed * measured).sum(axis=1), (imputed * imputed).sum(axis=1),
-        (measured * measured).sum(axis=1),
+    return da.blockwise(
+        partial(_score_block, average=average), "i",
+        indices.rechunk({1: -1}), "ik",
+        weights.rechunk({1: -1}), "ik",
+        reference_shared.rechunk({0: -1, 1: -1}), "cg",
+        query_shared.rechunk((indices.chunks[0], -1)), "ig",
+        concatenate=False,
         dtype=np.float64,
     )
 

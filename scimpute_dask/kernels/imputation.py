@@ -49,26 +49,37 @@ def neighbour_weights(similarity, weighting: str = "cosine+1",
     raise ValueError(f"unknown weighting {weighting!r}")
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def weighted_sums_into(indices, weights, reference, acc, log_space):  # pragma: no cover
+    """``acc = Σ w·x`` (or ``Σ w·log1p(x)``) over one cell's neighbours; returns ``Σ w``.
+
+    ``indices``/``weights`` are the cell's ``(k,)`` row; ``-1`` = no neighbour.
+    """
+    g = reference.shape[1]
+    total = 0.0
+    acc[:] = 0.0
+    for j in range(indices.shape[0]):
+        r = indices[j]
+        if r < 0:
+            continue
+        w = weights[j]
+        total += w
+        if log_space:
+            for c in range(g):
+                acc[c] += w * np.log1p(np.float64(reference[r, c]))
+        else:
+            for c in range(g):
+                acc[c] += w * reference[r, c]
+    return total
+
+
 @numba.njit(nogil=True, cache=True)
 def _weighted_mean_into(indices, weights, reference, out, log_space):  # pragma: no cover
-    n, k = indices.shape
+    n = indices.shape[0]
     g = reference.shape[1]
     acc = np.empty(g, dtype=np.float64)
     for i in range(n):
-        total = 0.0
-        acc[:] = 0.0
-        for j in range(k):
-            r = indices[i, j]
-            if r < 0:
-                continue
-            w = weights[i, j]
-            total += w
-            if log_space:
-                for c in range(g):
-                    acc[c] += w * np.log1p(np.float64(reference[r, c]))
-            else:
-                for c in range(g):
-                    acc[c] += w * reference[r, c]
+        total = weighted_sums_into(indices[i], weights[i], reference, acc, log_space)
         if total > 0.0:
             if log_space:
                 for c in range(g):
