@@ -209,15 +209,19 @@ def wide_genes(reference: da.Array) -> np.ndarray:
     return np.flatnonzero(largest >= imputation.FLOAT32_TEXT_LIMIT)
 
 
+#: Columns and their float64 values, written in place of those columns' stored values.
+Patch = tuple[np.ndarray, np.ndarray]
+
+
 def imputed_reader(zarr_dir: Location
-                   ) -> Callable[[int, int], tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+                   ) -> Callable[[int, int], tuple[np.ndarray, Patch | None]]:
     """A reader of rows ``lo:hi`` of the imputation; the stores are opened once.
 
     It returns the values as stored (float32 or float64) and the patch
     ``(columns, float64 values)`` of the wide genes from :data:`WIDE_STORE`
-    (no columns when there are none); their stored float32 values are only
-    the nearest float32. Widening and patching are left to the consumer, which
-    can do both inside one pass over the block.
+    (None without wide genes), whose stored float32 values are only the
+    nearest float32. Widening and patching are left to the consumer, which can
+    do both in one pass over the block.
     """
     group = zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True), mode="r")
     imputed = group["X"]
@@ -225,10 +229,8 @@ def imputed_reader(zarr_dir: Location
     exact = (zarr.open_group(zarr_store(zarr_dir / WIDE_STORE, True), mode="r")["X"]
              if len(wide) else None)
 
-    def rows(lo: int, hi: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        patch = exact[lo:hi] if exact is not None else np.zeros((min(hi, imputed.shape[0])
-                                                                  - lo, 0))
-        return imputed[lo:hi], (wide, patch)
+    def rows(lo: int, hi: int) -> tuple[np.ndarray, Patch | None]:
+        return imputed[lo:hi], None if exact is None else (wide, exact[lo:hi])
 
     return rows
 

@@ -24,7 +24,7 @@ import pandas as pd
 import zarr
 
 from scimpute_dask.engine.inputs import RunInputs
-from scimpute_dask.engine.stages import imputed_reader
+from scimpute_dask.engine.stages import Patch, imputed_reader
 from scimpute_dask.errors import InputError
 from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.io import textcodec
@@ -57,7 +57,8 @@ def ordered(tasks: Iterable[Callable[[], T]], workers: int) -> Iterator[T]:
             yield pending.popleft().result()
 
 
-Block = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]
+#: A block of the table: row names, values, the patch of the wide genes (or None).
+Block = tuple[np.ndarray, np.ndarray, Patch | None]
 
 
 def _render_matrix(load: Callable[[], Block]) -> tuple[int, memoryview]:
@@ -81,8 +82,8 @@ def write_matrix_tsv(
     and formatted on ``workers`` threads; ``patch`` (or None) replaces some
     columns (:func:`~scimpute_dask.io.textcodec.format_matrix`). Values are
     written ``%.2f`` after NumPy's rounding to 2 decimals, as scimpute's
-    table is (:func:`~scimpute_dask.kernels.scoring.round_like_scimpute`). With ``chunk_dir``, each
-    block is also written as one of scimpute's chunk tables
+    table is (:func:`~scimpute_dask.kernels.scoring.round_like_scimpute`). With
+    ``chunk_dir``, each block is also written as one of scimpute's chunk tables
     (``CPM_imputation_<i>_<start>_<stop>.tsv``), from the same formatted text.
     The counter is zero-padded to the width ``n_chunks`` needs, so the files
     also sort by name past scimpute's 1,000-chunk limit.
@@ -225,13 +226,15 @@ def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunk
         every = len(cols) == len(inputs.r_genes)
 
         def imputed_block(lo: int) -> Block:
-            values, (wide, exact) = imputed_rows(lo, lo + chunk_size)
+            values, patch = imputed_rows(lo, lo + chunk_size)
             if not every:
-                # the wide genes among the columns written, by their position there
-                kept = np.flatnonzero(np.isin(cols, wide))
-                exact = exact[:, np.searchsorted(wide, cols[kept])]
-                values, wide = values[:, cols], kept
-            return q_cells[lo : lo + chunk_size], values, (wide, exact)
+                values = values[:, cols]
+                if patch is not None:
+                    # the wide genes among the columns written, by their position there
+                    wide, exact = patch
+                    kept = np.flatnonzero(np.isin(cols, wide))
+                    patch = kept, exact[:, np.searchsorted(wide, cols[kept])]
+            return q_cells[lo : lo + chunk_size], values, patch
 
         files["imputation"] = work / "imputation.tsv"
         if save_chunks:
