@@ -174,30 +174,32 @@ def _lines_and_fields(fh: io.BufferedIOBase, sep: bytes, first_lineno: int
                       ) -> Iterator[tuple[int, bytes, int]]:
     """``(line number, name, fields)`` of every non-blank line to the end of ``fh``.
 
-    ``name`` is the line up to its first separator (the whole line, ``\\r\\n``
-    stripped, when it has none). The text is read in large blocks and searched
-    in place: iterating a file's lines copies each one (seconds per gigabyte
-    when lines are long, as in scimpute's layout: a gene across all cells).
+    ``name`` is the line up to its first separator (the whole line, ``\\r``
+    stripped, when it has none). The lines are searched in place in a
+    :class:`_LineBlocks` buffer: iterating a file's lines copies each one
+    (seconds per gigabyte when lines are long, as in scimpute's layout).
     """
-    lineno, rest = first_lineno, b""
+    text, lineno = _LineBlocks(fh, 0, sep), first_lineno
     while True:
-        chunk = fh.read(SCAN_BLOCK)
-        block = rest + chunk if rest else chunk
-        end = block.rfind(b"\n") + 1 if chunk else len(block)
-        pos = 0
-        while pos < end:
-            stop = block.find(b"\n", pos, end)
-            stop = end if stop < 0 else stop
-            n = block.count(sep, pos, stop)
+        text.compact()
+        buf, pos = text.buf, 0
+        while pos < text.end:
+            stop = buf.find(b"\n", pos, text.end)
+            if stop < 0:
+                if not text.eof:
+                    break
+                stop = text.end  # the last line, without its newline
+            n = buf.count(sep, pos, stop)
             if n:
-                yield lineno, block[pos : block.find(sep, pos, stop)], n + 1
-            elif not _blank(line := block[pos:stop]):
+                yield lineno, bytes(buf[pos : buf.find(sep, pos, stop)]), n + 1
+            elif not _blank(line := bytes(buf[pos:stop])):
                 yield lineno, line.rstrip(b"\r"), 1
             lineno += 1
             pos = stop + 1
-        if not chunk:
+        text.start = min(pos, text.end)
+        if text.eof:
             return
-        rest = block[end:]
+        text.read_more()
 
 
 def _blank(line: bytes) -> bool:
@@ -225,7 +227,14 @@ class _LineBlocks:
         self.start = self.end = 0
         self.eof = False
 
-    def _read_more(self) -> None:
+    def compact(self) -> None:
+        """Move the text not yet consumed to the front of the buffer."""
+        tail = self.end - self.start
+        self.buf[:tail] = self.buf[self.start : self.end]
+        self.start, self.end = 0, tail
+
+    def read_more(self) -> None:
+        """Append up to :data:`SCAN_BLOCK` more bytes of text (none: ``eof``)."""
         if len(self.buf) - self.end < SCAN_BLOCK:
             # a new buffer, not a resize: the caller may still hold a view of the old one
             grown = bytearray(max(2 * len(self.buf), self.end + SCAN_BLOCK))
@@ -237,15 +246,13 @@ class _LineBlocks:
 
     def take(self, n: int) -> tuple[memoryview | bytes, int]:
         """Up to ``n`` non-blank lines (fewer only at the end of the text) and their count."""
-        tail = self.end - self.start
-        self.buf[:tail] = self.buf[self.start : self.end]
-        self.start, self.end = 0, tail
+        self.compact()
         buf, pos, count, blank = self.buf, 0, 0, []
         while count < n:
             stop = buf.find(b"\n", pos, self.end)
             if stop < 0:
                 if not self.eof:
-                    self._read_more()
+                    self.read_more()
                     buf = self.buf
                     continue
                 if pos == self.end:
