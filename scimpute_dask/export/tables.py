@@ -196,24 +196,33 @@ def write_run_tables(work: Location, inputs: RunInputs, chunk_size: int, save_ch
             scores: np.ndarray, stats: dict[str, float], threads: int) -> dict[str, Location]:
     """Write scimpute's files into the work directory, streaming from the stores.
 
-    The histogram is drawn on a thread of its own meanwhile: on a small run,
-    importing matplotlib and rendering cost as much as the tables.
+    The per-cell files and the histogram are written on a thread of their own
+    meanwhile: the table writer mostly waits on its formatting threads, which
+    release the GIL, and Python's float text (``scores.txt``, 7 s at a million
+    cells) or matplotlib's import and rendering (as long as the tables on a
+    small run) would otherwise come after them.
     """
-    histogram = work / HISTOGRAM
     with ThreadPoolExecutor(1) as pool:
-        drawn = pool.submit(write_histogram, histogram, scores)
-        tables = _write_tables(work, inputs, chunk_size, save_chunks, scores, stats, threads)
-        drawn.result()
+        small = pool.submit(_write_cell_files, work, inputs.q_cells, scores, stats)
+        tables = _write_tables(work, inputs, chunk_size, save_chunks, threads)
+        cell_files = small.result()
     # scimpute's order, for the listing a run prints
-    names = list(tables)
-    at = names.index("unimputable")
-    return ({n: tables[n] for n in names[:at]} | {"histogram": histogram}
-            | {n: tables[n] for n in names[at:]})
+    return {n: tables[n] for n in tables if n != "zarr"} | cell_files | {"zarr": tables["zarr"]}
+
+
+def _write_cell_files(work: Location, q_cells: np.ndarray, scores: np.ndarray,
+                      stats: dict[str, float]) -> dict[str, Location]:
+    files = {"scores": work / "scores.txt", "stats": work / "stats.txt",
+             "histogram": work / HISTOGRAM, "unimputable": work / "unimputable_cells.txt"}
+    write_scores(files["scores"], scores)
+    write_stats(files["stats"], stats)
+    write_histogram(files["histogram"], scores)
+    write_names(files["unimputable"], q_cells[np.isnan(scores)])
+    return files
 
 
 def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunks: bool,
-                  scores: np.ndarray, stats: dict[str, float], threads: int
-                  ) -> dict[str, Location]:
+                  threads: int) -> dict[str, Location]:
     zarr_dir = work / "zarr"
     imputed_rows = imputed_reader(zarr_dir)
     nbrs = zarr.open_group(zarr_store(zarr_dir / "neighbors.zarr", True), mode="r")
@@ -260,12 +269,6 @@ def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunk
     write_neighbours_tsv(files["sim_matrix"], np.asarray(labels), q_cells,
                                 inputs.r_cells, (partial(neighbour_block, lo) for lo in starts),
                                 workers=threads)
-    files["scores"] = work / "scores.txt"
-    write_scores(files["scores"], scores)
-    files["stats"] = work / "stats.txt"
-    write_stats(files["stats"], stats)
-    files["unimputable"] = work / "unimputable_cells.txt"
-    write_names(files["unimputable"], q_cells[np.isnan(scores)])
     files["zarr"] = zarr_dir
     return files
 
