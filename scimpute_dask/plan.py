@@ -141,8 +141,8 @@ def plan_run(
     bq = min(bq, max(1, n_query))
     # kNN: per thread the reference block, normalised and raw (float32 each), with its
     # float64 norms and row numbers. The tile's products never exist whole (the screen
-    # streams them through one cache-sized sub-tile), so a tile as large as this
-    # allows means fewer candidate lists to merge: at most references, one tile.
+    # streams them through one cache-sized sub-tile), so the tile is as large as this
+    # allows: fewer candidate lists to merge, none when the reference fits one tile.
     br = reference_chunk or _clamp(
         avail / 4 / threads / (8 * max(1, n_shared) + 16), MIN_REFERENCE_CHUNK, 1 << 20)
     br = min(br, max(1, n_reference))
