@@ -21,7 +21,7 @@ import pandas as pd
 
 from scimpute_dask.checks import check_k, check_positive_int, shared_genes
 from scimpute_dask.config import RunConfig
-from scimpute_dask.engine import graph
+from scimpute_dask.engine import cluster, graph
 from scimpute_dask.errors import InputError
 from scimpute_dask.export import tables
 from scimpute_dask.io.convert import convert
@@ -180,7 +180,7 @@ def similarity_matrix(
         c, _ = pd.factorize(np.concatenate([q_ids, r_ids]))
         codes = (da.from_array(c[: len(x)], chunks=_BLOCK),
                  da.from_array(c[len(x):], chunks=4 * _BLOCK))
-    with dask.config.set(scheduler="threads"):
+    with cluster.local_threads(os.cpu_count() or 1):
         indices, sim = dask.compute(*graph.knn_graph(q, r, k_neighbors, *codes))
     rows, slot = np.nonzero(indices >= 0)
     result = pd.DataFrame({
@@ -247,7 +247,7 @@ def impute_expression(
         da.from_array(weights, chunks=(chunk_size, -1)),
         da.from_array(y.to_numpy(np.float32), chunks=(-1, 4 * _BLOCK)),
     )
-    with dask.config.set(scheduler="threads"):
+    with cluster.local_threads(os.cpu_count() or 1):
         values = round_like_scimpute(imputed.compute())
     cells = np.asarray(x.index)
     starts = range(0, len(cells), chunk_size)

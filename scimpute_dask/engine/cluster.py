@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator
 
 import dask
+import dask.threaded
 from threadpoolctl import threadpool_limits
 
 log = logging.getLogger("scimpute_dask")
@@ -51,6 +52,11 @@ def _active_client():
         return default_client()
     except (ImportError, ValueError):
         return None
+
+
+#: The local threaded scheduler, given as the function itself: named ("threads"),
+#: Dask imports distributed on every compute to look for a client (0.1 s a run).
+_THREADS = dask.threaded.get
 
 
 @contextlib.contextmanager
@@ -96,7 +102,7 @@ def compute_on(
                 token = _progress_client.set(client)
                 stack.callback(_progress_client.reset, token)
         else:
-            stack.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
+            stack.enter_context(dask.config.set(scheduler=_THREADS, num_workers=threads))
             # Dask already runs one tile per core; BLAS threads on top would
             # oversubscribe the cores (distributed's Nanny prevents the same).
             stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
@@ -124,7 +130,7 @@ def local_threads(threads: int, progress: bool = False) -> Iterator[None]:
     """Compute on this process's threads, whatever the cluster: for work that cannot travel
     (an open h5py file) or is small (the figures)."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
+        stack.enter_context(dask.config.set(scheduler=_THREADS, num_workers=threads))
         if progress:
             from dask.diagnostics import ProgressBar
 

@@ -279,7 +279,7 @@ def _neighbours(query: np.ndarray, reference: np.ndarray, normalize: str, k: int
     if codes is not None:
         qc, rc = da.from_array(codes[0], chunks=bq), da.from_array(codes[1], chunks=br)
     indices, similarity = graph.knn_graph(q, r, k, qc, rc)
-    with dask.config.set(scheduler="threads"):
+    with cluster.local_threads(os.cpu_count() or 1):
         indices, similarity = dask.compute(indices, similarity)
     return np.asarray(indices, np.int64), np.asarray(similarity, np.float64)
 
