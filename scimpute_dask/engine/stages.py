@@ -161,7 +161,6 @@ def neighbours_stage(zarr_dir: Location, data: SearchData, key: dict, inputs: Ru
 WIDE_STORE = "imputed_wide.zarr"
 
 
-
 def imputation_stage(zarr_dir: Location, nbrs: zarr.Group, r_store: ExpressionStore,
                      key: dict, inputs: RunInputs, gene_chunk: int, average: str = "mean"
                      ) -> zarr.Group:

@@ -183,7 +183,6 @@ def unfinished(store: Location) -> zarr.Group | None:
 COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
 
 
-
 def for_writing(array: zarr.Array) -> zarr.Array:
     """``array`` to write dense blocks to: every chunk is written as given.
 

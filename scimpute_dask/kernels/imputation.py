@@ -142,14 +142,18 @@ def weighted_mean(
 FLOAT32_TEXT_LIMIT = 2.0**15
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def round_2(x):  # pragma: no cover - compiled
+    """NumPy's ``round(x, 2)`` operation for operation (multiply, round half to even,
+    divide): scimpute's rounding of imputed values, in compiled kernels."""
+    return np.rint(x * 100.0) / 100.0
+
+
 @numba.njit(nogil=True, cache=True)
 def _float32_text_into(values, exempt, out):  # pragma: no cover - compiled
-    """``out = float32(values)``, moved one step where that changes the 2-decimal text.
-
-    ``rint(x · 100) / 100`` is NumPy's ``round(x, 2)`` operation for operation
-    (multiply, round half to even, divide). Columns flagged in ``exempt`` get the
-    nearest float32. Returns the number of values no float32 can carry (left at
-    the nearest).
+    """``out = float32(values)``, moved one step where that changes the 2-decimal text
+    (:func:`round_2`). Columns flagged in ``exempt`` get the nearest float32.
+    Returns the number of values no float32 can carry (left at the nearest).
     """
     bad = 0
     n, g = values.shape
@@ -160,11 +164,11 @@ def _float32_text_into(values, exempt, out):  # pragma: no cover - compiled
             out[i, j] = y
             if exempt[j]:
                 continue
-            want = np.rint(x * 100.0) / 100.0
-            if np.isnan(want) or np.rint(np.float64(y) * 100.0) / 100.0 == want:
+            want = round_2(x)
+            if np.isnan(want) or round_2(np.float64(y)) == want:
                 continue
             step = np.nextafter(y, np.float32(np.inf) if x > y else np.float32(-np.inf))
-            if np.rint(np.float64(step) * 100.0) / 100.0 == want:
+            if round_2(np.float64(step)) == want:
                 out[i, j] = step
             else:
                 bad += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from scimpute_dask.kernels.imputation import weighted_sums_into
+from scimpute_dask.kernels.imputation import round_2, weighted_sums_into
 
 
 def round_like_scimpute(values: np.ndarray) -> np.ndarray:
@@ -37,7 +37,7 @@ def _scores_into(indices, weights, reference, measured, log_space, out):  # prag
             v = acc[c] / total
             if log_space:
                 v = np.expm1(v)
-            v = np.rint(v * 100.0) / 100.0  # NumPy's round(v, 2), operation for operation
+            v = round_2(v)
             m = np.float64(measured[i, c])
             dot += v * m
             aa += v * v
