@@ -54,7 +54,7 @@ def _ours(args, q, r, qc, rc) -> np.ndarray:
     from threadpoolctl import threadpool_limits
 
     from scimpute_dask.config import parse_memory
-    from scimpute_dask.engine import graph
+    from scimpute_dask.engine import search
     from scimpute_dask.plan import plan_run
 
     plan = plan_run(parse_memory(args.memory_limit), *q.shape[:1], r.shape[0], q.shape[1],
@@ -66,7 +66,7 @@ def _ours(args, q, r, qc, rc) -> np.ndarray:
     print(f"  (tiles {plan.query_chunk} × {plan.reference_chunk}, {plan.threads} threads)",
           file=sys.stderr)
     with dask.config.set(scheduler="threads"), threadpool_limits(1, user_api="blas"):
-        idx, _ = dask.compute(*graph.knn_graph(qd, rd, args.k, *codes))
+        idx, _ = dask.compute(*search.knn(qd, rd, args.k, *codes))
     return idx
 
 
@@ -74,12 +74,12 @@ def _warm_ours(args, q, r, qc, rc) -> None:
     import dask
     import dask.array as da
 
-    from scimpute_dask.engine import graph
+    from scimpute_dask.engine import search
 
     small = [da.from_array(x[:64], chunks=(32, -1)) for x in (q, r)]
     codes = [da.from_array(c[:64], chunks=32) for c in (qc, rc)] if args.clusters else []
     with dask.config.set(scheduler="sync"):
-        dask.compute(*graph.knn_graph(*small, args.k, *codes))
+        dask.compute(*search.knn(*small, args.k, *codes))
 
 
 def _faiss(args, q, r, qc, rc) -> np.ndarray:

@@ -29,7 +29,7 @@ import dask.array as da
 import numpy as np
 
 from scimpute_dask import plan
-from scimpute_dask.engine import cluster, graph
+from scimpute_dask.engine import cluster, search
 from scimpute_dask.synthetic import make_pair
 from scimpute_dask.tools.tune import tune
 
@@ -65,7 +65,7 @@ def main() -> None:
     r = da.from_array(reference, chunks=(blocks.reference_chunk, -1))
     t0 = time.perf_counter()
     with cluster.compute_on(threads=blocks.threads):
-        indices, similarity = graph.knn_graph(q, r, 25)
+        indices, similarity = search.knn(q, r, 25)
         dask.compute(indices.sum(), similarity.sum())
     knn = time.perf_counter() - t0
     print(f"run's kNN stage (k = 25, {args.query_cells:,} query cells): {knn:.1f} s")

@@ -21,7 +21,7 @@ import pandas as pd
 
 from scimpute_dask.checks import check_k, check_positive_int, shared_genes
 from scimpute_dask.config import RunConfig
-from scimpute_dask.engine import cluster, graph
+from scimpute_dask.engine import cluster, graph, search
 from scimpute_dask.errors import InputError
 from scimpute_dask.export import tables
 from scimpute_dask.io.convert import convert
@@ -181,7 +181,7 @@ def similarity_matrix(
         codes = (da.from_array(c[: len(x)], chunks=_BLOCK),
                  da.from_array(c[len(x):], chunks=4 * _BLOCK))
     with cluster.local_threads(os.cpu_count() or 1):
-        indices, sim = dask.compute(*graph.knn_graph(q, r, k_neighbors, *codes))
+        indices, sim = dask.compute(*search.knn(q, r, k_neighbors, *codes))
     rows, slot = np.nonzero(indices >= 0)
     result = pd.DataFrame({
         "cluster": q_ids[rows],

@@ -43,8 +43,8 @@ from scimpute_dask.tools import tune as tuning
 log = logging.getLogger("scimpute_dask")
 
 #: Stores of the work directory that a rerun resumes rather than rebuilds.
-RESUMABLE = ("query.zarr", "reference.zarr", "neighbors.zarr", "imputed.zarr",
-             stages.WIDE_STORE)
+RESUMABLE = ("query.zarr", "reference.zarr", stages.SEARCH_STORE, stages.NEIGHBOURS_STORE,
+             stages.IMPUTED_STORE, stages.WIDE_STORE)
 
 #: Every name a run can write into its output directory.
 OUTPUT_NAMES = frozenset({
@@ -271,7 +271,7 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
             config = dataclasses.replace(config, **tuned.best)
             clock.lap("tune")
 
-        blocks = _plan(limit, inputs, config, r_store.chunks[1])
+        blocks = _plan(limit, inputs, config, r_store.chunks)
         zarr_dir = work / "zarr"
         with cluster.compute_on(client, config.scheduler, blocks.threads, config.progress):
             data = stages.search_data(zarr_dir, q_store, r_store, inputs, blocks,
@@ -282,7 +282,7 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
             # 3. kNN on the shared genes.
             log.info("finding %d nearest neighbours of %d query cells", config.k,
                      len(inputs.q_cells))
-            nbrs = stages.neighbours_stage(zarr_dir, data, key, inputs, config)
+            nbrs = stages.neighbours_stage(zarr_dir, data, key, inputs, config, blocks)
             clock.lap("knn")
             # 4. Imputation of every reference gene, streamed to Zarr.
             log.info("imputing %d genes", len(inputs.r_genes))
@@ -290,10 +290,12 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
                                     config.average)
             clock.lap("impute")
             # 5. scimpute's validation score per query cell.
-            scores = stages.score_stage(nbrs, data, config.average)
+            log.info("scoring %d query cells", len(inputs.q_cells))
+            scores = stages.score_stage(zarr_dir, inputs, data, blocks)
             clock.lap("score")
 
         # 6. Export, streamed from the stores.
+        log.info("exporting the tables")
         stats = summary_stats(scores)
         files = tables.write_run_tables(work, inputs, blocks.query_chunk, config.save_chunks,
                                         scores, stats, blocks.threads)
@@ -347,20 +349,14 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
 # --------------------------------------------------------------------------- #
 # Helpers of the run
 # --------------------------------------------------------------------------- #
-def _aligned(block: int, chunk: int) -> int:
-    """A gene block that covers whole store chunks, or divides one: no chunk read twice."""
-    if block >= chunk:
-        return block // chunk * chunk
-    return max(d for d in range(1, block + 1) if chunk % d == 0)
-
-
-def _plan(limit: int, inputs: RunInputs, config: RunConfig, gene_chunk: int) -> plan.Plan:
+def _plan(limit: int, inputs: RunInputs, config: RunConfig, store_chunks: tuple[int, int]
+          ) -> plan.Plan:
     blocks = plan.plan_run(limit, len(inputs.q_cells), len(inputs.r_cells),
                            len(inputs.q_cols), len(inputs.r_genes),
                            query_chunk=config.chunk_size,
                            reference_chunk=config.reference_chunk_size,
-                           gene_chunk=config.gene_chunk_size)
-    blocks = dataclasses.replace(blocks, gene_chunk=_aligned(blocks.gene_chunk, gene_chunk))
+                           gene_chunk=config.gene_chunk_size, k=config.k)
+    blocks = plan.align_to_store(blocks, store_chunks)
     log.debug("block sizes: %s", blocks)
     return blocks
 

@@ -11,6 +11,7 @@ and ``tests/test_memory.py`` check the model against measured peak RSS.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class Plan:
     query_chunk: int  # query cells per block
     reference_chunk: int  # reference cells per kNN tile
     gene_chunk: int  # reference genes per imputation block
+    search_chunk: int  # query cells per kNN task
 
 
 def available_bytes(memory_limit: int) -> int:
@@ -71,10 +73,31 @@ def store_chunks(n_cells: int, n_genes: int, genes_rows: bool, line_bytes: int,
 #: so small that scheduling, not arithmetic, takes the time.
 MIN_QUERY_CHUNK = 64
 MIN_REFERENCE_CHUNK = 256
+#: The most query cells one kNN task searches at once.
+MAX_SEARCH_CHUNK = 65536
+#: Candidates the kNN keeps per cell beyond k (``kernels.knn.RERANK_MARGIN``).
+SEARCH_MARGIN = 16
+#: Bytes of one reference tile's float32 rows at most. Every search task reads
+#: every tile, and glibc hands allocations over 32 MiB straight from the OS,
+#: page-faulting each one in anew: on this machine a 36 MiB tile reads at
+#: 0.4–0.8 GB/s, 16 MiB tiles at 2.5 GB/s (reused heap memory).
+TILE_BYTES = 16 * 2**20
+
+
+def _search_bytes(n_shared: int, k: int) -> int:
+    """A kNN task's bytes per query cell: its rows as Dask delivers them (float32, then
+    the search transform's float64), the float32 copy and normalised rows searched, and
+    the candidate lists (``k + margin`` entries of 16 bytes, a few times over)."""
+    return 24 * max(1, n_shared) + 128 * (k + SEARCH_MARGIN)
+
+
+def _tile_bytes(n_shared: int) -> int:
+    """A tile's bytes per reference cell: rows as read and the buffer read into, norms."""
+    return 8 * max(1, n_shared) + 16
 
 
 def minimum_memory(n_query: int, n_reference: int, n_shared: int, n_genes: int,
-                   threads: int | None = None) -> int:
+                   threads: int | None = None, k: int = 25) -> int:
     """The smallest budget :func:`plan_run` can keep: the model's needs at the smallest blocks.
 
     The inverse of the block formulas of :func:`plan_run` at a query block of
@@ -86,15 +109,15 @@ def minimum_memory(n_query: int, n_reference: int, n_shared: int, n_genes: int,
     bq = min(MIN_QUERY_CHUNK, max(1, n_query))
     br = min(MIN_REFERENCE_CHUNK, max(1, n_reference))
     export = 4 * (threads + 1) * 24 * max(1, n_genes) * bq
-    knn = 4 * threads * (8 * max(1, n_shared) + 16) * br
+    knn = threads * max(4 * _tile_bytes(n_shared) * br, 2 * _search_bytes(n_shared, k) * bq)
     impute = 2 * threads * (8 * n_reference + 24 * bq)
     return BASE_BYTES + max(export, knn, impute)
 
 
 def check_budget(memory_limit: int, n_query: int, n_reference: int, n_shared: int,
-                 n_genes: int, threads: int | None = None) -> None:
+                 n_genes: int, threads: int | None = None, k: int = 25) -> None:
     """Refuse, before any work, a budget below :func:`minimum_memory` for this data."""
-    floor = minimum_memory(n_query, n_reference, n_shared, n_genes, threads)
+    floor = minimum_memory(n_query, n_reference, n_shared, n_genes, threads, k)
     if memory_limit < floor:
         raise InputError(
             f"memory limit {_mib(memory_limit)} is below the {_mib(floor)} this data needs "
@@ -118,6 +141,7 @@ def plan_run(
     query_chunk: int | None = None,
     reference_chunk: int | None = None,
     gene_chunk: int | None = None,
+    k: int = 25,
 ) -> Plan:
     """Block sizes that keep a run's peak memory under ``memory_limit``.
 
@@ -131,6 +155,8 @@ def plan_run(
         Tasks running at once (default: CPU count).
     query_chunk, reference_chunk, gene_chunk
         Overrides; the others are derived around them.
+    k
+        Neighbours per query cell (the kNN's lists grow with it).
     """
     threads = threads or os.cpu_count() or 1
     avail = available_bytes(memory_limit)
@@ -139,14 +165,38 @@ def plan_run(
     bq = query_chunk or _clamp(avail / 4 / (threads + 1) / (24 * max(1, n_genes)),
                                MIN_QUERY_CHUNK, MAX_CELL_CHUNK)
     bq = min(bq, max(1, n_query))
-    # kNN: per thread the reference block, normalised and raw (float32 each), with its
-    # float64 norms and row numbers. The tile's products never exist whole (the screen
-    # streams them through one cache-sized sub-tile), so the tile is as large as this
-    # allows: fewer candidate lists to merge, none when the reference fits one tile.
+    # kNN: a task holds its query block and one reference tile at a time, read
+    # from the prepared store (engine/search.py). Every task reads the whole
+    # reference, so the query block takes half of the thread's share (fewer
+    # blocks, fewer reads) and the tile at most a quarter, and no more than
+    # TILE_BYTES: the screen streams a tile's products through one cache-sized
+    # sub-tile, so a larger tile saves only merges of short candidate lists.
+    share = avail / threads
     br = reference_chunk or _clamp(
-        avail / 4 / threads / (8 * max(1, n_shared) + 16), MIN_REFERENCE_CHUNK, 1 << 20)
+        min(share / 4 / _tile_bytes(n_shared), TILE_BYTES / (4 * max(1, n_shared))),
+        MIN_REFERENCE_CHUNK, 1 << 20)
     br = min(br, max(1, n_reference))
+    # ... and every thread gets a block of its own
+    bs = _clamp(share / 2 / _search_bytes(n_shared, k), MIN_QUERY_CHUNK, MAX_SEARCH_CHUNK)
+    bs = max(1, min(bs, -(-max(1, n_query) // threads)))
     # Imputation: per thread one float32 reference gene block (read, then
     # concatenated) and one float64 output tile with its accumulator.
     gb = gene_chunk or _clamp(avail / 2 / threads / (8 * n_reference + 24 * bq), 1, n_genes)
-    return Plan(memory_limit, threads, int(bq), int(br), int(min(gb, max(1, n_genes))))
+    return Plan(memory_limit, threads, int(bq), int(br), int(min(gb, max(1, n_genes))),
+                int(bs))
+
+
+def aligned(block: int, chunk: int) -> int:
+    """A block that covers whole store chunks, or divides one: no chunk is read twice, and
+    no Dask rechunk has to split a chunk between two blocks (holding the pieces)."""
+    if block >= chunk:
+        return block // chunk * chunk
+    return max(d for d in range(1, block + 1) if chunk % d == 0)
+
+
+def align_to_store(blocks: Plan, store_chunks: tuple[int, int]) -> Plan:
+    """``blocks`` with the kNN tile and the imputation gene block aligned to the reference
+    store's chunks (cells, genes)."""
+    return dataclasses.replace(
+        blocks, reference_chunk=aligned(blocks.reference_chunk, store_chunks[0]),
+        gene_chunk=aligned(blocks.gene_chunk, store_chunks[1]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics.pairwise import cosine_similarity
 
-from scimpute_dask.engine import graph
+from scimpute_dask.engine import search
 from scimpute_dask.kernels import imputation, knn, scoring
 
 
@@ -108,9 +108,8 @@ def test_knn_graph_matches_dense_cosine():
     rng = np.random.default_rng(2)
     q, r = rng.gamma(1.0, 1.0, (123, 20)), rng.gamma(1.0, 1.0, (211, 20))
     with dask.config.set(scheduler="sync"):
-        idx, sim = dask.compute(*graph.knn_graph(
-            da.from_array(q, chunks=(40, 7)), da.from_array(r, chunks=(33, 20)), 5,
-            split_every=2))
+        idx, sim = dask.compute(*search.knn(
+            da.from_array(q, chunks=(40, 7)), da.from_array(r, chunks=(33, 20)), 5))
     dense = cosine_similarity(q, r)
     want_sim, want_idx = _reference_topk(dense, 5)
     np.testing.assert_array_equal(idx, want_idx)
@@ -154,7 +153,7 @@ def test_exact_ties_resolve_the_same_whatever_the_tiling():
     results = []
     for br in (600, 256, 64, 37):
         with dask.config.set(scheduler="sync"):
-            idx, _ = dask.compute(*graph.knn_graph(
+            idx, _ = dask.compute(*search.knn(
                 da.from_array(q, chunks=(3, -1)), da.from_array(r, chunks=(br, -1)), 5))
         results.append(idx)
     for idx in results:
@@ -181,12 +180,49 @@ def test_search_equals_brute_force_float64_on_near_ties(k):
             codes = ((da.from_array(qc, chunks=bq), da.from_array(rc, chunks=br)) if clustered
                      else (None, None))
             with dask.config.set(scheduler="sync"):
-                idx, sim = dask.compute(*graph.knn_graph(
+                idx, sim = dask.compute(*search.knn(
                     da.from_array(q, chunks=(bq, -1)), da.from_array(r, chunks=(br, -1)), k,
-                    *codes, split_every=3))
+                    *codes))
             np.testing.assert_array_equal(idx[~zero], want_idx[~zero])
             np.testing.assert_allclose(sim[~zero], want_sim[~zero], rtol=0, atol=1e-7)
             assert (idx[zero] == knn.EMPTY).all() and np.isnan(sim[zero]).all()
+
+
+def test_a_reference_prepared_in_a_store_is_searched_as_in_memory(tmp_path):
+    """The one searcher: a reference prepared into a Zarr store (tiles read inside the tasks)
+    gives the brute-force float64 kNN, for any tile, with and without clusters; a second
+    prepare with the same key reuses the store, another key rebuilds it."""
+    from scimpute_dask.io.storage import location
+
+    rng = np.random.default_rng(21)
+    r = (rng.gamma(0.4, 3.0, (900, 30)) * (rng.random((900, 30)) < 0.4)).astype(np.float32)
+    q = (rng.gamma(0.4, 3.0, (130, 30)) * (rng.random((130, 30)) < 0.4)).astype(np.float32)
+    q[3] = 0
+    qc, rc = rng.integers(0, 3, 130), rng.integers(0, 3, 900)
+    zero = knn.zero_rows(q)
+    for clustered in (False, True):
+        dense = np.round(cosine_similarity(q.astype(np.float64), r.astype(np.float64)), 12)
+        if clustered:
+            dense = np.where(qc[:, None] == rc[None, :], dense, -np.inf)
+        want_sim, want_idx = _reference_topk(dense, 12)
+        for tile in (900, 256, 77):
+            path = location(tmp_path / f"search_{clustered}.zarr")
+            key = {"tile": tile, "clustered": clustered}
+            codes = da.from_array(rc, chunks=300) if clustered else None
+            searcher = search.prepare(da.from_array(r, chunks=(300, -1)), tile, codes, path, key)
+            assert searcher.tiles.tile == tile and (path / "values").exists()
+            with dask.config.set(scheduler="sync"):
+                idx, sim = dask.compute(*searcher.neighbours(
+                    da.from_array(q, chunks=(40, -1)), 12,
+                    da.from_array(qc, chunks=40) if clustered else None))
+            np.testing.assert_array_equal(idx[~zero], want_idx[~zero])
+            np.testing.assert_allclose(sim[~zero], want_sim[~zero], rtol=0, atol=1e-7)
+            assert (idx[zero] == knn.EMPTY).all() and np.isnan(sim[zero]).all()
+            mtime = (path / "values" / "zarr.json").stat().st_mtime_ns
+            again = search.prepare(da.from_array(r, chunks=(300, -1)), tile, codes, path, key)
+            assert (path / "values" / "zarr.json").stat().st_mtime_ns == mtime  # reused
+            again.remove()
+            assert not path.exists()
 
 
 def test_parser_reads_numbers_as_float_does():
@@ -270,6 +306,7 @@ def test_neighbour_lines_write_names_and_distances_as_python_does():
 
 @pytest.mark.parametrize("average", ["mean", "log1p"])
 def test_score_kernel_equals_rounded_imputation_then_cosine(average):
+    """The score from the float32 store equals the brute-force score from float64 means."""
     rng = np.random.default_rng(9)
     reference = (rng.random((60, 12)) * 200).astype(np.float32)
     reference[:, 3] = 0
@@ -279,10 +316,12 @@ def test_score_kernel_equals_rounded_imputation_then_cosine(average):
     indices[7, 4:] = -1
     indices[9] = -1  # no neighbours: NaN
     weights = rng.random((40, 7)) + 1
-    want = scoring.rowwise_cosine(scoring.round_like_scimpute(imputation.weighted_mean(
-        indices, weights, reference, average=average)), measured)
-    got = scoring.imputed_cosine(indices, weights, reference, measured, average)
+    means = imputation.weighted_mean(indices, weights, reference, average=average)
+    want = scoring.rowwise_cosine(scoring.round_like_scimpute(means), measured)
+    stored = imputation.float32_keeping_text(means)
+    got = scoring.rounded_cosine(stored, measured)
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+    np.testing.assert_array_equal(got, scoring.rounded_cosine(means, measured))
     assert np.isnan(got[9]) and got[5] == 0
 
 

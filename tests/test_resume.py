@@ -152,7 +152,7 @@ def test_stage_rebuilt_for_a_new_key_never_leaves_the_old_key_trusted(tmp_path, 
     """A rebuild cut short after the old store went must not resume as the old stage."""
     import dask.array as da
 
-    from scimpute_dask.engine import stages as pipeline
+    from scimpute_dask.engine import resumable as pipeline
 
     path = tmp_path / "stage.zarr"
     x = da.arange(24, dtype="f8").reshape(6, 4).rechunk((3, 4))

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from scimpute_dask import InputError, run_imputation
-from scimpute_dask.engine import graph
+from scimpute_dask.engine import graph, search
 from scimpute_dask.kernels.knn import drop_self
 from scimpute_dask.kernels.vote import vote
 from scimpute_dask.tools.selfimpute import dropout_recovery, mask_nonzero, self_impute
@@ -65,7 +65,7 @@ def test_drop_self_keeps_exactly_k_others_with_duplicates():
     base = rng.poisson(3.0, (40, 12)).astype(np.float32)
     x = np.concatenate([base, base[:5], base[:5]])  # each of cells 0..4 three times
     k = 4
-    idx, sim = graph.knn_graph(da.from_array(x, chunks=(16, -1)),
+    idx, sim = search.knn(da.from_array(x, chunks=(16, -1)),
                                da.from_array(x, chunks=(23, -1)), k + 1)
     idx, sim = graph.exclude_self(idx, sim)
     idx, sim = idx.compute(), sim.compute()

@@ -12,7 +12,7 @@ import zarr
 
 from scimpute_dask import cross_validate, run_imputation
 from scimpute_dask.cli import main
-from scimpute_dask.engine import graph
+from scimpute_dask.engine import graph, search
 from scimpute_dask.kernels.imputation import neighbour_weights, weighted_mean
 from scimpute_dask.kernels.metrics import paired_scores
 from scimpute_dask.kernels.tuning import prefix_scores
@@ -51,14 +51,14 @@ def test_prefix_scores_equal_direct_runs_and_brute_force(small_pair, weighting, 
     q[:3] = 0  # cells without neighbours are left out of every score
     train, test = np.arange(0, 30, 2), np.arange(1, 30, 2)
     ks = np.array([1, 4, 25, 60])
-    idx, sim = (np.asarray(a) for a in graph.knn_graph(
+    idx, sim = (np.asarray(a) for a in search.knn(
         *graph.search_space(*(_da(x[:, train]) for x in (q, r))), int(ks[-1])))
     w = neighbour_weights(sim.astype(np.float64), weighting, temperature)
     got = prefix_scores(idx, np.nan_to_num(w)[None], r[:, test], q[:, test], ks)
     ok = idx[:, 0] >= 0
     for j, k in enumerate(ks):
         # a direct run at this k: its own kNN, its own weights, the engine's weighted mean
-        d_idx, d_sim = (np.asarray(a) for a in graph.knn_graph(
+        d_idx, d_sim = (np.asarray(a) for a in search.knn(
             *graph.search_space(*(_da(x[:, train]) for x in (q, r))), int(k)))
         np.testing.assert_array_equal(d_idx, idx[:, :k])  # the lists are prefixes
         b_idx, _ = _dense_knn(q[:, train], r[:, train], int(k))

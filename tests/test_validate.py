@@ -10,7 +10,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from scimpute_dask import InputError, cross_validate, run_imputation
 from scimpute_dask.cli import main
-from scimpute_dask.engine import graph
+from scimpute_dask.engine import search
 from scimpute_dask.kernels.metrics import METRICS, paired_scores, summarize
 from scimpute_dask.tools.validate import gene_folds
 
@@ -35,17 +35,24 @@ def test_gene_folds_are_seeded_balanced_and_disjoint():
 
 
 def test_no_held_out_gene_reaches_the_neighbour_search(tmp_path, pair, monkeypatch):
-    """Record the values the kNN graph is given and identify their genes by content."""
+    """Record the values the searcher is given (the reference it prepares, the query it
+    searches) and identify their genes by content."""
     q, r = pair
-    seen = []
-    knn_graph = graph.knn_graph
+    references, queries = [], []
+    prepare, neighbours = search.prepare, search.Searcher.neighbours
 
-    def spy(query, reference, *args, **kwargs):
-        seen.append((np.asarray(query.compute()), np.asarray(reference.compute())))
-        return knn_graph(query, reference, *args, **kwargs)
+    def spy_prepare(reference, *args, **kwargs):
+        references.append(np.asarray(reference.compute()))
+        return prepare(reference, *args, **kwargs)
 
-    monkeypatch.setattr(graph, "knn_graph", spy)
+    def spy_neighbours(self, query, *args, **kwargs):
+        queries.append(np.asarray(query.compute()))
+        return neighbours(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(search, "prepare", spy_prepare)
+    monkeypatch.setattr(search.Searcher, "neighbours", spy_neighbours)
     res = cross_validate(q, r, tmp_path / "cv", k=5, folds=4, reliability=False, plot=False)
+    seen = list(zip(queries, references, strict=True))
     assert len(seen) == 4
     shared = [g for g in r.columns if g in set(q.columns)]
     q_cols = q[shared].to_numpy(np.float32)

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -114,15 +117,45 @@ def compute_on(
 
 
 def compute(*collections) -> tuple:
-    """``dask.compute``; on a cluster under ``compute_on(progress=True)``, with a progress bar."""
+    """``dask.compute``; on a cluster under ``compute_on(progress=True)``, with a progress bar.
+
+    On this machine's threads, the memory the tasks freed goes back to the
+    system afterwards (:func:`release_memory`).
+    """
     client = _progress_client.get()
     if client is None:
-        return dask.compute(*collections)
+        try:
+            return dask.compute(*collections)
+        finally:
+            release_memory()
     from distributed import progress
 
     futures = client.compute(list(collections))
     progress(futures, notebook=False)
     return tuple(client.gather(futures))
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_memory() -> None:
+    """Return the memory freed by finished tasks to the system (glibc's ``malloc_trim``).
+
+    glibc keeps what threads free in per-thread arenas for their next
+    allocations: after one stage's tasks, the next stage's would start above
+    the last one's high-water mark, and the peak would grow stage by stage
+    (measured: a kNN's preparation left 375 MiB resident, 174 MiB after a
+    trim, and the search then peaked at 566 MiB instead of 477). Distributed's
+    workers do the same through ``MALLOC_TRIM_THRESHOLD_``.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextlib.contextmanager

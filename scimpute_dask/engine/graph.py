@@ -8,7 +8,6 @@ the similarity exists one ``(query block × reference block)`` tile at a time.
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import dask
@@ -66,74 +65,62 @@ def _one_block(block):
     return block
 
 
-def _pair_screen(qn, rn, rows, *clusters, k: int) -> np.ndarray:
-    qc, rc = clusters if clusters else (None, None)
-    return knn.screen(_one_block(qn), _one_block(rn), rows, k, qc, rc)
+def _norms_column(x: np.ndarray) -> np.ndarray:
+    return knn.row_norms(x)[:, None]
 
 
-# ``axis``/``keepdims`` are the interface da.reduction calls its functions with.
-def _merge(packed: np.ndarray, axis=None, keepdims=True, *, k: int) -> np.ndarray:
-    return knn.merge_topk(packed, k)
+def prepared_reference(reference: da.Array, tile: int, codes: da.Array | None = None
+                       ) -> dict[str, da.Array]:
+    """The arrays a search reads its reference tiles from, in row chunks of ``tile``.
+
+    ``values`` (float32 rows as searched), ``unit`` (their L2-normalised
+    float32 copy, for the screen), ``norms`` (float64, ``(n, 1)``) and, with
+    ``codes``, the cluster codes (``(n, 1)`` int32); see
+    :mod:`scimpute_dask.engine.search`.
+    """
+    values = _single_chunk_columns(reference).astype(np.float32).rechunk((tile, -1))
+    arrays = {
+        "values": values,
+        "unit": values.map_blocks(knn.normalize_rows, dtype=np.float32),
+        "norms": values.map_blocks(_norms_column, chunks=(values.chunks[0], (1,)),
+                                   dtype=np.float64),
+    }
+    if codes is not None:
+        arrays["codes"] = codes.astype(np.int32).rechunk(tile)[:, None]
+    return arrays
 
 
-def _keep(packed: np.ndarray, axis=None, keepdims=True) -> np.ndarray:
-    return packed
+def _search_block(query, *codes, tiles, k: int) -> np.ndarray:
+    return knn.search_block(_one_block(query), tiles, k, codes[0] if codes else None)
 
 
-def _pair_exact(q, qnorm, r, rnorm, rows, screened, *clusters, k: int) -> np.ndarray:
-    qc, rc = clusters if clusters else (None, None)
-    return knn.exact_topk(_one_block(q), qnorm, _one_block(r), rnorm, rows,
-                          _one_block(screened), k, qc, rc)
+def search_graph(query: da.Array, tiles: knn.Tiles, token: str, k: int,
+                 query_codes: da.Array | None = None) -> tuple[da.Array, da.Array]:
+    """Exact cosine kNN of every query row in a prepared reference, one task per query block.
 
-
-def _merge_tree(lists: da.Array, k: int, split_every: int) -> da.Array:
-    """Merge the per-reference-block lists of each query cell into one, as a tree."""
-    return da.reduction(
-        lists,
-        chunk=_keep,
-        combine=partial(_merge, k=k),
-        aggregate=partial(_merge, k=k),
-        axis=1,
-        keepdims=True,
-        output_size=k,
-        dtype=np.float64,
-        split_every=split_every,
-        concatenate=True,
-        meta=np.empty((0, 0, 0), dtype=np.float64),
-    )
-
-
-def knn_graph(
-    query: da.Array,
-    reference: da.Array,
-    k: int,
-    query_clusters: da.Array | None = None,
-    reference_clusters: da.Array | None = None,
-    split_every: int = 8,
-) -> tuple[da.Array, da.Array]:
-    """Exact cosine kNN of every query row among the reference rows.
-
-    Two passes over the (query block × reference block) tiles, neither holding
-    more than one tile (:mod:`scimpute_dask.kernels.knn`): a float32 screen
-    keeps ``k + RERANK_MARGIN`` candidates per tile, merged by a tree
-    reduction into one candidate list per query cell; then each candidate's
-    cosine is computed in float64 in the reference block that holds it
-    (cells whose candidates the screen cannot vouch for are searched
-    exhaustively there), and the best k are merged again. The exact pass
-    costs ``n·(k + margin)·g`` once per cell, not once per tile.
+    Each task screens its block against every reference tile in float32,
+    keeping ``k + RERANK_MARGIN`` candidates per cell, then ranks them by
+    float64 cosine in the tiles that hold them (cells whose candidates the
+    screen cannot vouch for are searched exhaustively there):
+    :func:`scimpute_dask.kernels.knn.search_block`. The tiles are read inside
+    the task (``tiles``, :class:`scimpute_dask.kernels.knn.Tiles`), so a task
+    holds its query block and one reference tile, and nothing of the
+    reference outlives the task whatever its size.
 
     Parameters
     ----------
-    query, reference
-        ``(n_query, g)`` and ``(n_reference, g)`` expression on the shared genes,
-        in the same gene order. Row chunks set the tile size.
+    query
+        ``(n_query, g)`` rows in the reference's search space and gene order;
+        its row chunks are the tasks.
+    tiles
+        The prepared reference (:func:`scimpute_dask.engine.search.prepare`).
+    token
+        Identifies ``tiles`` in the task names.
     k
         Neighbours per query cell.
-    query_clusters, reference_clusters
-        Integer cluster codes (chunked like the rows). When given, candidates are
-        restricted to the query cell's cluster.
-    split_every
-        Fan-in of the tree reduction that merges per-tile candidate lists.
+    query_codes
+        Integer cluster codes of the query rows, for a search restricted to
+        each cell's cluster (the reference's are prepared with it).
 
     Returns
     -------
@@ -143,37 +130,16 @@ def knn_graph(
     similarity : dask.array.Array
         ``(n_query, k)`` float32 cosine similarities; NaN where ``indices`` is -1.
     """
-    query = _single_chunk_columns(query).astype(np.float32)
-    reference = _single_chunk_columns(reference).astype(np.float32)
-    m = k + knn.RERANK_MARGIN
-    rows = da.arange(reference.shape[0], chunks=(reference.chunks[0],), dtype=np.int64)
-    codes = [] if query_clusters is None else [
-        query_clusters.rechunk((query.chunks[0],)), "i",
-        reference_clusters.rechunk((reference.chunks[0],)), "j"]
-    # Normalised rows and float64 norms once per block, not once per tile.
-    normalized = [x.map_blocks(knn.normalize_rows, dtype=np.float32) for x in (query, reference)]
-    norms = [x.map_blocks(knn.row_norms, drop_axis=1, dtype=np.float64)
-             for x in (query, reference)]
-    with warnings.catch_warnings():
-        # one (m, 2) list per tile is the point of the tiling, not a chunking accident
-        warnings.simplefilter("ignore", da.PerformanceWarning)
-        screened = _merge_tree(da.blockwise(
-            partial(_pair_screen, k=k), "ijp",
-            normalized[0], "ig", normalized[1], "jg", rows, "j", *codes,
-            new_axes={"p": 2}, adjust_chunks={"j": m}, concatenate=False,
-            dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
-        ), m, split_every)
-        best = _merge_tree(da.blockwise(
-            partial(_pair_exact, k=k), "ijp",
-            query, "ig", norms[0], "i", reference, "jg", norms[1], "j", rows, "j",
-            screened, "icp", *codes,
-            adjust_chunks={"j": k}, concatenate=False,
-            dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
-        ), k, split_every)
-    undefined = query.map_blocks(knn.zero_rows, drop_axis=1, dtype=bool)[:, None]
-    indices = da.where(undefined, knn.EMPTY, best[..., 1]).astype(np.int32)
-    similarity = da.where(undefined, np.nan, best[..., 0]).astype(np.float32)
-    return indices, similarity
+    query = _single_chunk_columns(query)
+    codes = [] if query_codes is None else [query_codes.rechunk((query.chunks[0],)), "i"]
+    packed = da.blockwise(
+        partial(_search_block, tiles=tiles, k=k), "ikp", query, "ig", *codes,
+        new_axes={"k": k, "p": 2}, concatenate=False, dtype=np.float64,
+        meta=np.empty((0, 0, 0), dtype=np.float64),
+        name="search-" + dask.base.tokenize(query.name, token, k,
+                                            None if query_codes is None else codes[0].name),
+    )
+    return packed[..., 1].astype(np.int32), packed[..., 0].astype(np.float32)
 
 
 def _drop_self(indices, similarity, rows) -> np.ndarray:
@@ -184,7 +150,7 @@ def _drop_self(indices, similarity, rows) -> np.ndarray:
 def exclude_self(indices: da.Array, similarity: da.Array) -> tuple[da.Array, da.Array]:
     """Self-imputation: remove each cell from its own ``k + 1`` neighbours (k remain).
 
-    ``indices``/``similarity`` come from :func:`knn_graph` with the same matrix
+    ``indices``/``similarity`` come from a search with the same matrix
     as query and reference and ``k + 1`` neighbours; see :func:`knn.drop_self`.
     """
     rows = da.arange(indices.shape[0], chunks=(indices.chunks[0],), dtype=np.int64)
@@ -255,31 +221,36 @@ def impute_graph(
     )
 
 
-def _score_block(indices, weights, reference, measured, average) -> np.ndarray:
-    return scoring.imputed_cosine(_one_block(indices), _one_block(weights),
-                                  _one_block(reference), _one_block(measured), average)
+def _score_block(imputed, measured, *patch, at) -> np.ndarray:
+    values = _one_block(imputed)
+    if patch:
+        values = values.astype(np.float64)
+        values[:, at] = _one_block(patch[0])
+    return scoring.rounded_cosine(values, _one_block(measured))
 
 
-def scores_graph(
-    indices: da.Array,
-    weights: da.Array,
-    reference_shared: da.Array,
-    query_shared: da.Array,
-    average: str = "mean",
-) -> da.Array:
-    """scimpute's per-cell validation score, computed without reading the full imputation.
+def scores_graph(imputed_shared: da.Array, query_shared: da.Array,
+                 patch: tuple[np.ndarray, da.Array] | None = None) -> da.Array:
+    """scimpute's per-cell validation score, from the stored imputation of the shared genes.
 
-    The shared genes are imputed again in float64 (a small ``k × n_shared`` job
-    per cell), rounded to 2 decimals as scimpute's table is, and compared with
-    the measured values by cosine similarity, in one compiled pass per query
-    block (:func:`~scimpute_dask.kernels.scoring.imputed_cosine`).
+    Parameters
+    ----------
+    imputed_shared
+        ``(n_query, n_shared)`` imputed values of the shared genes, as stored:
+        each rounds to 2 decimals as its float64 weighted mean does.
+    query_shared
+        ``(n_query, n_shared)`` measured values, same genes in the same order and
+        the same row chunks.
+    patch
+        ``(columns, values)``: float64 values of the columns that are wide
+        genes (stored as the nearest float32), to use in their place.
     """
+    args = [] if patch is None else [patch[1].rechunk((imputed_shared.chunks[0], -1)), "ih"]
     return da.blockwise(
-        partial(_score_block, average=average), "i",
-        indices.rechunk({1: -1}), "ik",
-        weights.rechunk({1: -1}), "ik",
-        reference_shared.rechunk({0: -1, 1: -1}), "cg",
-        query_shared.rechunk((indices.chunks[0], -1)), "ig",
+        partial(_score_block, at=None if patch is None else patch[0]), "i",
+        imputed_shared.rechunk({1: -1}), "ig",
+        query_shared.rechunk((imputed_shared.chunks[0], -1)), "ig",
+        *args,
         concatenate=False,
         dtype=np.float64,
     )

@@ -102,7 +102,7 @@ def check_inputs(query, reference, identities, config: RunConfig, *, tsv: bool =
     check_k(config.k, q_ids if clusters else None, r_ids if clusters else None, len(r_cells))
     if budget:
         plan.check_budget(parse_memory(config.memory_limit), len(q_cells), len(r_cells),
-                          len(q_cols), len(r_genes))
+                          len(q_cols), len(r_genes), k=config.k)
     tsv_cols = tsv_columns(config.tsv_genes, r_genes, r_label) if tsv else None
     check_plot_genes(config.plot_genes, r_genes, r_label)
     return RunInputs(q_label, r_label, table_label, q_cells, r_cells, r_genes, q_cols, r_cols,

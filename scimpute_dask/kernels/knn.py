@@ -23,23 +23,42 @@ so the result does not depend on how the data were tiled.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 import numba
 import numpy as np
+
+from scimpute_dask.plan import SEARCH_MARGIN
 
 EMPTY = -1
 
 
+#: Rows converted to float64 at once by :func:`row_norms` and :func:`normalize_rows`:
+#: whole-block float64 copies would take six times a float32 block's memory.
+ROW_BLOCK = 1024
+
+
 def row_norms(x: np.ndarray) -> np.ndarray:
-    """L2 norm of every row, in float64."""
-    x = np.asarray(x, dtype=np.float64)
-    return np.sqrt(np.einsum("ij,ij->i", x, x))
+    """L2 norm of every row, in float64 (each row's value does not depend on the others)."""
+    x = np.asarray(x)
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for lo in range(0, x.shape[0], ROW_BLOCK):
+        part = np.asarray(x[lo : lo + ROW_BLOCK], dtype=np.float64)
+        out[lo : lo + ROW_BLOCK] = np.sqrt(np.einsum("ij,ij->i", part, part))
+    return out
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """L2-normalise rows as float32; all-zero rows stay zero (as scikit-learn's)."""
-    norms = row_norms(x)
-    norms[norms == 0] = 1.0
-    return (np.asarray(x, dtype=np.float64) / norms[:, None]).astype(np.float32)
+    x = np.asarray(x)
+    out = np.empty(x.shape, dtype=np.float32)
+    for lo in range(0, x.shape[0], ROW_BLOCK):
+        part = np.asarray(x[lo : lo + ROW_BLOCK], dtype=np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", part, part))
+        norms[norms == 0] = 1.0
+        out[lo : lo + ROW_BLOCK] = part / norms[:, None]
+    return out
 
 
 def zero_rows(x: np.ndarray) -> np.ndarray:
@@ -273,7 +292,8 @@ def merge_topk(packed: np.ndarray, k: int) -> np.ndarray:
 #: Extra candidates kept through the screen and the merge, so that float32
 #: rounding rarely leaves a cell's exact k-th neighbour outside its list; when
 #: it might (:func:`incomplete`), the cell is searched exhaustively instead.
-RERANK_MARGIN = 16
+#: (Declared in the plan, which sizes the lists.)
+RERANK_MARGIN = SEARCH_MARGIN
 
 #: Sub-tile of the float32 screen: a (rows × columns) product that stays in
 #: cache while its candidates are collected, and a buffer reused for the whole
@@ -406,8 +426,11 @@ def incomplete(screened: np.ndarray, k: int, n_genes: int) -> np.ndarray:
     return full & (last >= kth - 2 * screen_error(n_genes) - 1e-11)
 
 
-#: Query cells searched exhaustively at once: bounds the (cells × block) float64 buffer.
+#: Query cells searched exhaustively at once, and the (cells × block) buffer's
+#: elements at most: a tile of 200,000 reference cells would otherwise take
+#: 256 × 200,000 float64 (and as many row numbers) outside the memory plan.
 EXHAUSTIVE_ROWS = 256
+EXHAUSTIVE_ELEMENTS = 1 << 21
 
 
 def _rank(exact: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
@@ -466,8 +489,9 @@ def exact_topk(
     exact = np.full(candidates.shape, -np.inf)
     _cosine64_into(query, qn, reference, rn, first, candidates, exact)
     out = _rank(exact, candidates, k)
-    for lo in range(0, len(again), EXHAUSTIVE_ROWS):
-        cells = again[lo : lo + EXHAUSTIVE_ROWS]
+    step = max(1, min(EXHAUSTIVE_ROWS, EXHAUSTIVE_ELEMENTS // max(1, len(reference_rows))))
+    for lo in range(0, len(again), step):
+        cells = again[lo : lo + step]
         every = np.repeat(reference_rows[None, :], len(cells), axis=0)
         if query_clusters is not None:
             every[np.asarray(query_clusters)[cells, None]
@@ -500,3 +524,77 @@ def drop_self(indices: np.ndarray, similarity: np.ndarray, rows: np.ndarray
     keep = ~drop
     k = indices.shape[1] - 1
     return indices[keep].reshape(-1, k), similarity[keep].reshape(-1, k)
+
+
+class Tiles(Protocol):
+    """A reference prepared for :func:`search_block`, read one tile of rows at a time.
+
+    A task holds one tile, never the whole reference: each method reads rows
+    ``lo:hi`` of one prepared array (from a store, or from memory).
+    """
+
+    def bounds(self) -> Iterator[tuple[int, int]]:
+        """``(lo, hi)`` of every tile, in row order."""
+
+    def unit(self, lo: int, hi: int) -> np.ndarray:
+        """float32 L2-normalised rows (:func:`normalize_rows`), for the screen."""
+
+    def values(self, lo: int, hi: int) -> np.ndarray:
+        """float32 rows as searched, for the exact ranking."""
+
+    def norms(self, lo: int, hi: int) -> np.ndarray:
+        """float64 norms of those rows (:func:`row_norms`)."""
+
+    def clusters(self, lo: int, hi: int) -> np.ndarray | None:
+        """Cluster codes of the rows, or None for an unrestricted search."""
+
+
+def _merged(best: np.ndarray | None, part: np.ndarray, m: int) -> np.ndarray:
+    return part if best is None else merge_topk(np.concatenate([best, part], axis=1), m)
+
+
+def search_block(query: np.ndarray, tiles: Tiles, k: int,
+                 query_clusters: np.ndarray | None = None) -> np.ndarray:
+    """Exact cosine kNN of one query block in a tiled reference, one tile held at a time.
+
+    The float32 :func:`screen` of every tile, its candidate lists merged as
+    they come; then :func:`exact_topk` in every tile, merged again. Any tiling
+    gives the same result (the lists' order is total, the final cosines
+    depend only on the two rows).
+
+    Parameters
+    ----------
+    query
+        ``(bq, g)`` rows as searched (cast to float32, as the reference's values).
+    tiles
+        The prepared reference (:class:`Tiles`).
+    k
+        Neighbours per query cell.
+    query_clusters
+        ``(bq,)`` cluster codes; with them only same-cluster pairs are compared.
+
+    Returns
+    -------
+    numpy.ndarray
+        Packed ``(bq, k, 2)`` list: cosine (NaN) and reference row (``-1``) per
+        slot, best first; rows without any non-zero value are all empty.
+    """
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    unit, q_norms = normalize_rows(q), row_norms(q)
+    m = k + RERANK_MARGIN
+    screened = None
+    for lo, hi in tiles.bounds():
+        rows = np.arange(lo, hi, dtype=np.int64)
+        part = screen(unit, tiles.unit(lo, hi), rows, k, query_clusters, tiles.clusters(lo, hi))
+        screened = _merged(screened, part, m)
+    del unit
+    best = None
+    for lo, hi in tiles.bounds():
+        rows = np.arange(lo, hi, dtype=np.int64)
+        part = exact_topk(q, q_norms, tiles.values(lo, hi), tiles.norms(lo, hi), rows,
+                          screened, k, query_clusters, tiles.clusters(lo, hi))
+        best = _merged(best, part, k)
+    undefined = zero_rows(q)
+    best[undefined, :, 0] = np.nan
+    best[undefined, :, 1] = EMPTY
+    return best

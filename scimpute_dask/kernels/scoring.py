@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from scimpute_dask.kernels.imputation import round_2, weighted_sums_into
+from scimpute_dask.kernels.imputation import round_2
 
 
 def round_like_scimpute(values: np.ndarray) -> np.ndarray:
@@ -24,43 +24,35 @@ def cosine_from_sums(dot: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> np.ndar
 
 
 @numba.njit(nogil=True, cache=True)
-def _scores_into(indices, weights, reference, measured, log_space, out):  # pragma: no cover
+def _rounded_cosine_into(imputed, measured, out):  # pragma: no cover - compiled
     n, g = measured.shape
-    acc = np.empty(g, dtype=np.float64)
     for i in range(n):
-        total = weighted_sums_into(indices[i], weights[i], reference, acc, log_space)
-        if not total > 0.0:
-            out[i] = np.nan
-            continue
         dot = aa = bb = 0.0
         for c in range(g):
-            v = acc[c] / total
-            if log_space:
-                v = np.expm1(v)
-            v = round_2(v)
+            v = round_2(np.float64(imputed[i, c]))
             m = np.float64(measured[i, c])
             dot += v * m
             aa += v * v
             bb += m * m
+        if np.isnan(aa):  # a cell without neighbours: its imputed row is NaN
+            out[i] = np.nan
+            continue
         na, nb = np.sqrt(aa), np.sqrt(bb)
         out[i] = dot / ((na if na != 0.0 else 1.0) * (nb if nb != 0.0 else 1.0))
 
 
-def imputed_cosine(indices: np.ndarray, weights: np.ndarray, reference: np.ndarray,
-                   measured: np.ndarray, average: str = "mean") -> np.ndarray:
+def rounded_cosine(imputed: np.ndarray, measured: np.ndarray) -> np.ndarray:
     """scimpute's score of each cell: the cosine of its measured shared genes with their
-    imputation, rounded to 2 decimals as scimpute's table is.
+    imputation rounded to 2 decimals, as scimpute's table is.
 
-    One compiled pass per cell (the imputed values are never stored):
-    ``imputation.weighted_mean`` of the neighbours' ``reference`` rows (the
-    shared genes, in ``measured``'s order), :func:`round_like_scimpute`, then
-    :func:`cosine_from_sums`. NaN for cells without neighbours.
+    One compiled pass: :func:`round_like_scimpute` (operation for operation)
+    and :func:`cosine_from_sums`, without temporaries. ``imputed`` may be the
+    float32 store's values: each rounds as its float64 mean does
+    (:func:`scimpute_dask.kernels.imputation.float32_keeping_text`). NaN for
+    cells without neighbours (NaN rows).
     """
-    out = np.empty(indices.shape[0], dtype=np.float64)
-    _scores_into(np.ascontiguousarray(indices, dtype=np.int64),
-                 np.ascontiguousarray(weights, dtype=np.float64),
-                 np.ascontiguousarray(reference), np.ascontiguousarray(measured),
-                 average == "log1p", out)
+    out = np.empty(measured.shape[0], dtype=np.float64)
+    _rounded_cosine_into(np.ascontiguousarray(imputed), np.ascontiguousarray(measured), out)
     return out
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from scimpute_dask.checks import check_positive_int
 from scimpute_dask.config import DEFAULT_TEMPERATURE, RunConfig
-from scimpute_dask.engine import graph
+from scimpute_dask.engine import graph, search
 from scimpute_dask.errors import InputError
 from scimpute_dask.kernels.imputation import neighbour_weights
 
@@ -29,7 +29,7 @@ def self_impute_graph(x: da.Array, k: int, normalize: str = "none", weighting: s
     (:func:`graph.exclude_self`), so exactly ``k`` other cells are averaged,
     duplicates of the cell included.
     """
-    idx, sim = graph.knn_graph(*graph.search_space(x, x, normalize), k + 1)
+    idx, sim = search.knn(*graph.search_space(x, x, normalize), k + 1)
     idx, sim = graph.exclude_self(idx, sim)
     return graph.impute_graph(idx, neighbour_weights(sim, weighting, temperature), x)
 

@@ -39,7 +39,7 @@ from scimpute_dask.config import (
     TUNE_OPTIONS,
     RunConfig,
 )
-from scimpute_dask.engine import cluster, graph
+from scimpute_dask.engine import cluster, graph, search
 from scimpute_dask.engine.inputs import RunInputs, check_study, study_stores
 from scimpute_dask.errors import InputError
 from scimpute_dask.export.outdir import atomic_file
@@ -278,9 +278,8 @@ def _neighbours(query: np.ndarray, reference: np.ndarray, normalize: str, k: int
     qc = rc = None
     if codes is not None:
         qc, rc = da.from_array(codes[0], chunks=bq), da.from_array(codes[1], chunks=br)
-    indices, similarity = graph.knn_graph(q, r, k, qc, rc)
     with cluster.local_threads(os.cpu_count() or 1):
-        indices, similarity = dask.compute(indices, similarity)
+        indices, similarity = dask.compute(*search.knn(q, r, k, qc, rc))
     return np.asarray(indices, np.int64), np.asarray(similarity, np.float64)
 
 

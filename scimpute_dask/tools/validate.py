@@ -29,17 +29,19 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
+import zarr
 from scipy.stats import spearmanr
 from sklearn.isotonic import IsotonicRegression
 
 from scimpute_dask import __version__, plan
 from scimpute_dask.config import VALIDATE_OPTIONS, RunConfig, documented, parse_memory
-from scimpute_dask.engine import cluster, graph
+from scimpute_dask.engine import cluster, graph, search
 from scimpute_dask.engine.inputs import check_study, study_stores
-from scimpute_dask.engine.stages import digest, store_stage
+from scimpute_dask.engine.resumable import digest, is_complete, store_stage
 from scimpute_dask.errors import InputError
 from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.export.tables import write_manifest
+from scimpute_dask.io.storage import zarr_store
 from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.kernels.metrics import METRICS, paired_scores, summarize
 from scimpute_dask.kernels.tuning import gene_folds
@@ -193,8 +195,9 @@ def cross_validate(
     q_store, r_store = study_stores(query, reference, outdir, config)
     timings["convert"] = round(time.perf_counter() - clock, 3)
     n_q, n_r = len(inputs.q_cells), len(inputs.r_cells)
-    blocks = plan.plan_run(limit, n_q, n_r, n_shared, len(inputs.r_genes),
-                           query_chunk=config.chunk_size)
+    blocks = plan.align_to_store(plan.plan_run(limit, n_q, n_r, n_shared, len(inputs.r_genes),
+                                               query_chunk=config.chunk_size, k=config.k),
+                                 r_store.chunks)
     fold = gene_folds(n_shared, folds, config.seed)
     # shared genes in fold order: each fold's genes are one column range of the stores
     order = np.argsort(fold, kind="stable")
@@ -206,13 +209,13 @@ def cross_validate(
             return _Search(zarr_dir, q_store, r_store, inputs, blocks, settings.k,
                            settings.search(), settings.consider_clusters, settings.average)
 
-        search = searcher(config)
+        pair = searcher(config)
         imputed, moments, tuned = [], [], {}
         for f in range(folds):
             test = order[bounds[f]:bounds[f + 1]]
             train = np.sort(order[np.r_[0:bounds[f], bounds[f + 1]:n_shared]])
             log.info("fold %d/%d: %d genes held out", f + 1, folds, len(test))
-            fold_search = search
+            fold_search = pair
             if config.tune:
                 # nested: the fold's settings are chosen on its training genes alone
                 result = tuning.tune_stores(q_store, r_store, inputs, config, genes=train)
@@ -223,7 +226,7 @@ def cross_validate(
             moments.append(mom)
 
         out_of_fold = da.concatenate(imputed, axis=1)
-        measured = search.q_shared[:, order].astype(np.float64)
+        measured = pair.q_shared[:, order].astype(np.float64)
         agree = agreement(*np.concatenate(dask.compute(*moments), axis=1))
         timings["folds"] = round(time.perf_counter() - clock, 3)
 
@@ -243,8 +246,8 @@ def cross_validate(
                 # the setting a run --tune of these inputs would use: tuned on every shared gene
                 result = tuning.tune_stores(q_store, r_store, inputs, config)
                 tuned["all"] = {**result.best, "inner_score": result.score}
-                search = searcher(dataclasses.replace(config, **result.best))
-            rel = _reliability(search, inputs, gene_table)
+                pair = searcher(dataclasses.replace(config, **result.best))
+            rel = _reliability(pair, inputs, gene_table)
             timings["reliability"] = round(time.perf_counter() - clock, 3)
 
     cell_table = pd.DataFrame(cells, columns=METRICS, index=pd.Index(inputs.q_cells, name="cell"))
@@ -306,16 +309,30 @@ class _Search:
                          "chunks": [bq, br], **options}
 
     def neighbours(self, name: str, search_genes: np.ndarray) -> tuple[da.Array, da.Array]:
-        """kNN of the query on the shared genes at ``search_genes`` only; stored, resumable."""
-        q, r = graph.search_space(self.q_shared[:, search_genes],
-                                  self.r_shared[:, search_genes], self.options["normalize"])
-        codes = self.codes or (None, None)
-        idx, sim = graph.knn_graph(q, r, self.k, *codes)
-        w = neighbour_weights(sim, self.options["weighting"], self.options["temperature"])
-        group = store_stage(self.zarr_dir / f"{name}_neighbors.zarr",
-                            {"indices": (idx, -1), "weights": (w, np.nan)},
-                            {**self.base_key, "search_genes": digest(search_genes)},
-                            {"search_genes": search_genes.tolist()})
+        """kNN of the query on the shared genes at ``search_genes`` only; stored, resumable.
+
+        The reference is prepared for the search beside the stage (``NAME_search.zarr``)
+        and removed once the neighbours are stored.
+        """
+        path = self.zarr_dir / f"{name}_neighbors.zarr"
+        key = {**self.base_key, "search_genes": digest(search_genes)}
+        if not is_complete(path, key):
+            bs = self.blocks.search_chunk or self.blocks.query_chunk
+            q, r = graph.search_space(self.q_shared[:, search_genes].rechunk((bs, -1)),
+                                      self.r_shared[:, search_genes],
+                                      self.options["normalize"])
+            codes = self.codes or (None, None)
+            searcher = search.prepare(
+                r, self.blocks.reference_chunk, codes[1], self.zarr_dir / f"{name}_search.zarr",
+                key)
+            idx, sim = searcher.neighbours(q, self.k, codes[0])
+            bq = self.blocks.query_chunk
+            idx, sim = idx.rechunk((bq, -1)), sim.rechunk((bq, -1))
+            w = neighbour_weights(sim, self.options["weighting"], self.options["temperature"])
+            store_stage(path, {"indices": (idx, -1), "weights": (w, np.nan)}, key,
+                        {"search_genes": search_genes.tolist()})
+            searcher.remove()
+        group = zarr.open_group(zarr_store(path, True), mode="r")
         return da.from_zarr(group["indices"]), da.from_zarr(group["weights"])
 
     def impute(self, name: str, search_genes: np.ndarray, reference_genes: np.ndarray
