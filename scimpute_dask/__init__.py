@@ -13,7 +13,8 @@ The package, in the order data flows through it::
     engine/      the Dask side: graphs, resumable stages, where they run, checked inputs
     export/      scimpute's files, the atomic output directory, run.json provenance
     plotting/    figures and report.html
-    tools/       held-out validation, label transfer, self-imputation
+    tools/       held-out validation, tuning, label transfer, self-imputation, a
+                 finished run's genes imputed on demand
     pipeline     the run: check -> convert -> kNN -> impute -> score -> export
     compat, api  scimpute's Python API; the scanpy-style impute()
     cli          the ``scimpute-dask`` command
@@ -44,6 +45,7 @@ _PUBLIC = {
     "impute_expression": "scimpute_dask.compat",
     "merge_imputation_chunks": "scimpute_dask.compat",
     "read_inputs": "scimpute_dask.compat",
+    "read_run": "scimpute_dask.tools.lazy",
     "run_imputation": "scimpute_dask.pipeline",
     "similarity_matrix": "scimpute_dask.compat",
     "validate_results": "scimpute_dask.compat",
@@ -62,6 +64,7 @@ __all__ = [
     "impute_expression",
     "merge_imputation_chunks",
     "read_inputs",
+    "read_run",
     "run_imputation",
     "similarity_matrix",
     "validate_results",

@@ -14,10 +14,9 @@ import tempfile
 from pathlib import Path
 
 from scimpute_dask.io import anndata_io
+from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import location
 from scimpute_dask.pipeline import run_imputation
-
-OUTPUT = "adata.zarr"
 
 
 def impute(
@@ -118,7 +117,7 @@ def impute(
             scheduler=scheduler, client=client, validation=validation, tune=tune,
             tune_metric=tune_metric,
         )
-        result = anndata_io.read_lazy(out / OUTPUT)
+        result = anndata_io.read_lazy(RunLayout(out).anndata)
         if outdir is None:
             result.X = result.X.compute()
     if not copy and anndata_io.is_anndata(adata_spatial) and \

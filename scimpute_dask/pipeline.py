@@ -33,6 +33,7 @@ from scimpute_dask.export import outdir as out
 from scimpute_dask.export import provenance, tables
 from scimpute_dask.export.adata import write_anndata
 from scimpute_dask.io import anndata_io
+from scimpute_dask.io.layout import ANNDATA, RESUMABLE, ZARR, RunLayout
 from scimpute_dask.io.storage import Location, is_remote, location, remove_tree
 from scimpute_dask.kernels.scoring import summary_stats
 from scimpute_dask.plotting import figures
@@ -43,13 +44,11 @@ from scimpute_dask.tools import tune as tuning
 log = logging.getLogger("scimpute_dask")
 
 #: Stores of the work directory that a rerun resumes rather than rebuilds.
-RESUMABLE = ("query.zarr", "reference.zarr", stages.SEARCH_STORE, stages.NEIGHBOURS_STORE,
-             stages.IMPUTED_STORE, stages.WIDE_STORE)
 
 #: Every name a run can write into its output directory.
 OUTPUT_NAMES = frozenset({
     "imputation.tsv", "imputations", "sim_matrix.tsv", "scores.txt", "stats.txt",
-    tables.HISTOGRAM, "unimputable_cells.txt", "zarr", "adata.zarr", "imputed.h5ad", REPORT,
+    tables.HISTOGRAM, "unimputable_cells.txt", ZARR, ANNDATA, "imputed.h5ad", REPORT,
     figures.SHARED_PNG, figures.IMPUTED_PNG, out.MANIFEST, heldout.RELIABILITY,
     figures.SCORE_PNG, figures.TUNING_PNG, "tuning.tsv",
 })
@@ -272,9 +271,9 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
             clock.lap("tune")
 
         blocks = _plan(limit, inputs, config, r_store.chunks)
-        zarr_dir = work / "zarr"
+        layout = RunLayout(work)
         with cluster.compute_on(client, config.scheduler, blocks.threads, config.progress):
-            data = stages.search_data(zarr_dir, q_store, r_store, inputs, blocks,
+            data = stages.search_data(layout, q_store, r_store, inputs, blocks,
                                       config.consider_clusters)
             key = {"query": q_store.fingerprint, "reference": r_store.fingerprint,
                    "k": config.k, "clusters": data.codes_digest,
@@ -282,16 +281,17 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
             # 3. kNN on the shared genes.
             log.info("finding %d nearest neighbours of %d query cells", config.k,
                      len(inputs.q_cells))
-            nbrs = stages.neighbours_stage(zarr_dir, data, key, inputs, config, blocks)
+            nbrs = stages.neighbours_stage(layout, data, key, inputs, config, blocks)
+            stages.describe_run(layout, nbrs, r_store, inputs, config.average)
             clock.lap("knn")
             # 4. Imputation of every reference gene, streamed to Zarr.
             log.info("imputing %d genes", len(inputs.r_genes))
-            stages.imputation_stage(zarr_dir, nbrs, r_store, key, inputs, blocks.gene_chunk,
+            stages.imputation_stage(layout, nbrs, r_store, key, inputs, blocks.gene_chunk,
                                     config.average)
             clock.lap("impute")
             # 5. scimpute's validation score per query cell.
             log.info("scoring %d query cells", len(inputs.q_cells))
-            scores = stages.score_stage(zarr_dir, inputs, data, blocks)
+            scores = stages.score_stage(layout, inputs, data, blocks)
             clock.lap("score")
 
         # 6. Export, streamed from the stores.

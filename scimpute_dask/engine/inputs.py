@@ -24,6 +24,7 @@ from scimpute_dask.errors import InputError
 from scimpute_dask.io import anndata_io
 from scimpute_dask.io.convert import Layout, convert, label_of, read_names, source_fingerprint
 from scimpute_dask.io.identities import clusters_of, read_identities
+from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import Location, check_creatable, link_tree, location, remove_tree
 from scimpute_dask.io.store import ExpressionStore, is_store
 
@@ -124,7 +125,7 @@ def study_stores(query, reference, outdir: Location, config: RunConfig
         raise InputError(f"{outdir}: output path exists and is not a directory")
     if not outdir.exists():
         check_creatable(outdir)
-    (outdir / "zarr").mkdir(parents=True, exist_ok=True)
+    RunLayout(outdir).zarr.mkdir(parents=True, exist_ok=True)
     limit = parse_memory(config.memory_limit)
     return (store_for(query, "query", outdir, outdir, config.query_layout, False,
                       config.progress, limit),
@@ -164,7 +165,7 @@ def store_for(
 
     ``finished``: the output held a finished run when this one began.
     """
-    target = work / "zarr" / f"{role}.zarr"
+    target = RunLayout(work).input(role)
     if not isinstance(source, str | os.PathLike | UPath):  # a DataFrame or an AnnData
         return convert(source, target, name=label_of(source, role), memory_limit=memory_limit,
                        layer=layer, progress=progress)
@@ -173,7 +174,7 @@ def store_for(
         if src != target:  # a conversion kept from another input is not published with it
             remove_tree(target)
         return ExpressionStore.open(src)
-    previous = outdir / "zarr" / f"{role}.zarr"
+    previous = RunLayout(outdir).input(role)
     if previous == target:
         # An object-store output is its own work directory, so the finished run's
         # stores are the ones kept for resuming: one converted from another input

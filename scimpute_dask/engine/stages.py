@@ -22,21 +22,14 @@ from scimpute_dask.config import RunConfig
 from scimpute_dask.engine import cluster, graph, search
 from scimpute_dask.engine.inputs import RunInputs
 from scimpute_dask.engine.resumable import digest, is_complete, names_array, store_stage
-from scimpute_dask.io.storage import Location, zarr_store
+from scimpute_dask.io.layout import RunLayout
+from scimpute_dask.io.storage import is_remote, zarr_store
 from scimpute_dask.io.store import ExpressionStore
 from scimpute_dask.kernels import imputation
 from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.plan import Plan
 
 log = logging.getLogger("scimpute_dask")
-
-#: The work directory's stage stores (under ``zarr/``).
-NEIGHBOURS_STORE = "neighbors.zarr"
-IMPUTED_STORE = "imputed.zarr"
-#: The reference prepared for the search (removed once the neighbours are stored).
-SEARCH_STORE = "search.zarr"
-#: The imputed values of the genes too large for float32's 2-decimal text, in float64.
-WIDE_STORE = "imputed_wide.zarr"
 
 
 # --------------------------------------------------------------------------- #
@@ -53,7 +46,7 @@ class SearchData:
     codes_digest: str | None
 
 
-def search_data(zarr_dir: Location, q_store: ExpressionStore, r_store: ExpressionStore,
+def search_data(layout: RunLayout, q_store: ExpressionStore, r_store: ExpressionStore,
                 inputs: RunInputs, blocks: Plan, clusters: bool) -> SearchData:
     """The kNN's inputs; the cluster codes go through Zarr, not embedded in the graph, so that
     nothing large travels via the scheduler."""
@@ -64,26 +57,26 @@ def search_data(zarr_dir: Location, q_store: ExpressionStore, r_store: Expressio
         return SearchData(q, r, None, None, None)
     n_q = len(inputs.q_cells)
     codes, _ = pd.factorize(np.concatenate([inputs.q_ids, inputs.r_ids]))
-    stored = zarr.create_array(zarr_store(zarr_dir / "clusters.zarr"), shape=codes.shape,
+    stored = zarr.create_array(zarr_store(layout.clusters), shape=codes.shape,
                                dtype="int32", chunks=(max(1, len(codes)),), overwrite=True)
     stored[:] = codes
     return SearchData(q, r, da.from_zarr(stored)[:n_q].rechunk(bs),
                       da.from_zarr(stored)[n_q:].rechunk(br), digest(codes))
 
 
-def neighbours_stage(zarr_dir: Location, data: SearchData, key: dict, inputs: RunInputs,
+def neighbours_stage(layout: RunLayout, data: SearchData, key: dict, inputs: RunInputs,
                      config: RunConfig, blocks: Plan) -> zarr.Group:
     """kNN of every query cell on the shared genes, with its weights, stored resumably.
 
-    The reference is prepared for the search in ``zarr/search.zarr`` (resumable
+    The reference is prepared for the search in ``layout.search`` (resumable
     too; keyed by the reference, its genes, the search transform and the
     clusters) and removed once the neighbours are stored.
     """
-    path = zarr_dir / NEIGHBOURS_STORE
+    path = layout.neighbours
     if not is_complete(path, key):
         q, r = graph.search_space(data.query, data.reference, config.normalize)
         searcher = search.prepare(
-            r, blocks.reference_chunk, data.reference_codes, zarr_dir / SEARCH_STORE,
+            r, blocks.reference_chunk, data.reference_codes, layout.search,
             {"reference": key["reference"], "genes": digest(inputs.r_cols),
              "normalize": config.normalize, "clusters": data.codes_digest})
         log.debug("reference prepared for the search in %d-cell tiles", blocks.reference_chunk)
@@ -102,7 +95,7 @@ def neighbours_stage(zarr_dir: Location, data: SearchData, key: dict, inputs: Ru
     return nbrs
 
 
-def imputation_stage(zarr_dir: Location, nbrs: zarr.Group, r_store: ExpressionStore,
+def imputation_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore,
                      key: dict, inputs: RunInputs, gene_chunk: int, average: str = "mean"
                      ) -> zarr.Group:
     """The weighted mean of the neighbours' profiles, every reference gene, stored resumably.
@@ -112,17 +105,13 @@ def imputation_stage(zarr_dir: Location, nbrs: zarr.Group, r_store: ExpressionSt
     (:func:`~scimpute_dask.kernels.imputation.float32_keeping_text`). A gene
     whose reference values reach ``FLOAT32_TEXT_LIMIT`` (CPM of the most
     expressed genes) cannot be carried so: its nearest float32 stays in ``X``
-    and its float64 values go to :data:`WIDE_STORE` as well (attribute
+    and its float64 values go to ``imputed_wide.zarr`` as well (attribute
     ``wide_genes``), from which ``imputation.tsv`` takes them; a weighted mean,
     arithmetic or geometric, never exceeds its largest term, so the reference
     decides. If more than a quarter of the genes are wide, ``X`` is float64.
     """
     reference = r_store.to_dask((len(inputs.r_cells), gene_chunk))
-    # in the store's own chunks: each read once, none held for another task
-    wide = wide_genes(r_store.to_dask())
-    dtype = np.float32 if 4 * len(wide) <= reference.shape[1] else np.float64
-    if dtype == np.float64:
-        wide = np.array([], dtype=np.int64)
+    wide, dtype = imputed_format(nbrs)
     indices, weights = da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"])
     imputed = graph.impute_graph(indices, weights, reference, dtype=dtype, average=average,
                                  wide=wide)
@@ -134,14 +123,45 @@ def imputation_stage(zarr_dir: Location, nbrs: zarr.Group, r_store: ExpressionSt
     attrs = {"format": "scimpute-dask-expression", "fingerprint": {"source": "imputation"},
              "wide_genes": wide.tolist()}
     if len(wide):
-        store_stage(zarr_dir / WIDE_STORE, {"X": (graph.impute_graph(
+        store_stage(layout.wide, {"X": (graph.impute_graph(
             indices, weights, reference[:, wide].rechunk({1: -1}), average=average), np.nan)},
             {**key, **extra}, {"genes": wide.tolist()})
-    out = store_stage(zarr_dir / IMPUTED_STORE, {"X": (imputed, np.nan)},
+    out = store_stage(layout.imputed, {"X": (imputed, np.nan)},
                       {**key, "genes": gene_chunk, **extra}, attrs)
     names_array(out, "obs_names", inputs.q_cells)
     names_array(out, "var_names", inputs.r_genes)
     return out
+
+
+def describe_run(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore,
+                 inputs: RunInputs, average: str) -> None:
+    """Record beside the neighbours what imputing any gene from them takes.
+
+    The reference store (relative to the run's directory when it lies inside,
+    so that the output can be moved), the averaging space, the shared genes,
+    and the imputed values' format: the wide genes (a reference value of
+    ``FLOAT32_TEXT_LIMIT`` or more, stored as their nearest float32 beside
+    float64 values) and the dtype (float64 when over a quarter of the genes
+    are wide). The imputation stage and :func:`scimpute_dask.read_run` both
+    read it.
+    """
+    if "wide_genes" not in nbrs.attrs:
+        # in the store's own chunks: each read once, none held for another task
+        wide = wide_genes(r_store.to_dask())
+        dtype = "float32" if 4 * len(wide) <= len(inputs.r_genes) else "float64"
+        nbrs.attrs.update({"wide_genes": wide.tolist() if dtype == "float32" else [],
+                           "imputed_dtype": dtype})
+    reference = str(r_store.path)
+    if not is_remote(r_store.path) and r_store.path.is_relative_to(layout.root):
+        reference = r_store.path.relative_to(layout.root).as_posix()
+    nbrs.attrs.update({"reference_store": reference, "average": average,
+                       "shared_genes": np.asarray(inputs.r_cols).tolist()})
+
+
+def imputed_format(nbrs: zarr.Group) -> tuple[np.ndarray, type]:
+    """The wide genes and the dtype recorded by :func:`describe_run`."""
+    return (np.asarray(nbrs.attrs["wide_genes"], dtype=np.int64),
+            np.dtype(nbrs.attrs["imputed_dtype"]).type)
 
 
 def wide_genes(reference: da.Array) -> np.ndarray:
@@ -156,20 +176,20 @@ def wide_genes(reference: da.Array) -> np.ndarray:
 Patch = tuple[np.ndarray, np.ndarray]
 
 
-def imputed_reader(zarr_dir: Location
+def imputed_reader(layout: RunLayout
                    ) -> Callable[[int, int], tuple[np.ndarray, Patch | None]]:
     """A reader of rows ``lo:hi`` of the imputation; the stores are opened once.
 
     It returns the values as stored (float32 or float64) and the patch
-    ``(columns, float64 values)`` of the wide genes from :data:`WIDE_STORE`
+    ``(columns, float64 values)`` of the wide genes from ``imputed_wide.zarr``
     (None without wide genes), whose stored float32 values are only the
     nearest float32. Widening and patching are left to the consumer, which can
     do both in one pass over the block.
     """
-    group = zarr.open_group(zarr_store(zarr_dir / IMPUTED_STORE, True), mode="r")
+    group = zarr.open_group(zarr_store(layout.imputed, True), mode="r")
     imputed = group["X"]
     wide = np.asarray(group.attrs.get("wide_genes") or [], dtype=np.int64)
-    exact = (zarr.open_group(zarr_store(zarr_dir / WIDE_STORE, True), mode="r")["X"]
+    exact = (zarr.open_group(zarr_store(layout.wide, True), mode="r")["X"]
              if len(wide) else None)
 
     def rows(lo: int, hi: int) -> tuple[np.ndarray, Patch | None]:
@@ -178,7 +198,7 @@ def imputed_reader(zarr_dir: Location
     return rows
 
 
-def score_stage(zarr_dir: Location, inputs: RunInputs, data: SearchData,
+def score_stage(layout: RunLayout, inputs: RunInputs, data: SearchData,
                 blocks: Plan) -> np.ndarray:
     """scimpute's validation score of every query cell (computed, not stored).
 
@@ -186,14 +206,14 @@ def score_stage(zarr_dir: Location, inputs: RunInputs, data: SearchData,
     float64 weighted means do (the wide genes' float64 values patched in), and
     the measured values: no reference row is read again.
     """
-    group = zarr.open_group(zarr_store(zarr_dir / IMPUTED_STORE, True), mode="r")
+    group = zarr.open_group(zarr_store(layout.imputed, True), mode="r")
     bq = blocks.query_chunk
     imputed = da.from_zarr(group["X"])[:, inputs.r_cols].rechunk((bq, -1))
     wide = np.asarray(group.attrs.get("wide_genes") or [], dtype=np.int64)
     at = np.flatnonzero(np.isin(inputs.r_cols, wide))
     patch = None
     if len(at):
-        exact = zarr.open_group(zarr_store(zarr_dir / WIDE_STORE, True), mode="r")["X"]
+        exact = zarr.open_group(zarr_store(layout.wide, True), mode="r")["X"]
         patch = (at, da.from_zarr(exact)[:, np.searchsorted(wide, inputs.r_cols[at])]
                  .rechunk((bq, -1)))
     (scores,) = cluster.compute(graph.scores_graph(imputed, data.query.rechunk((bq, -1)), patch))

@@ -10,6 +10,7 @@ import zarr
 from scimpute_dask import __version__
 from scimpute_dask.engine.inputs import RunInputs
 from scimpute_dask.io import anndata_io
+from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import Location, zarr_store
 
 
@@ -21,8 +22,8 @@ def write_anndata(work: Location, inputs: RunInputs, obs: pd.DataFrame, obsm: di
     ``reliability``: a validation's per-gene reliability columns, one row per
     reference gene in reference order, to join ``var``.
     """
-    zarr_dir = work / "zarr"
-    nbrs = zarr.open_group(zarr_store(zarr_dir / "neighbors.zarr", True), mode="r")
+    layout = RunLayout(work)
+    nbrs = zarr.open_group(zarr_store(layout.neighbours, True), mode="r")
     obs = obs.assign(scimpute_score=scores)
     var = pd.DataFrame({"measured": inputs.measured},
                        index=pd.Index(inputs.r_genes.astype(str)))
@@ -36,12 +37,12 @@ def write_anndata(work: Location, inputs: RunInputs, obs: pd.DataFrame, obsm: di
                                     "weight = cosine similarity + 1"},
            "version": __version__}
     adata = anndata_io.imputed_anndata(
-        zarr.open_group(zarr_store(zarr_dir / "imputed.zarr", True), mode="r")["X"], obs, obsm,
+        zarr.open_group(zarr_store(layout.imputed, True), mode="r")["X"], obs, obsm,
         var,
         da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]), uns)
     files = {}
     if zarr_out:
-        files["anndata"] = work / "adata.zarr"
+        files["anndata"] = layout.anndata
         anndata_io.write(adata, files["anndata"])
     if h5ad:
         files["h5ad"] = work / "imputed.h5ad"

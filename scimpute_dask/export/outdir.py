@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from scimpute_dask.errors import InputError
+from scimpute_dask.io.layout import ZARR
 from scimpute_dask.io.storage import Location, check_creatable, is_remote, remove_tree
 
 log = logging.getLogger("scimpute_dask")
@@ -230,7 +231,7 @@ def clear_work_dir(work: Location, keep: set[str]) -> None:
     for entry in work.iterdir():
         if entry.name == PARTIAL_MARKER and is_remote(work):
             continue
-        if entry.name == "zarr" and entry.is_dir():
+        if entry.name == ZARR and entry.is_dir():
             for store in entry.iterdir():
                 if store.name not in keep:
                     remove_tree(store)

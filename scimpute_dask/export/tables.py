@@ -28,6 +28,7 @@ from scimpute_dask.engine.stages import Patch, imputed_reader
 from scimpute_dask.errors import InputError
 from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.io import textcodec
+from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import Location, zarr_store
 from scimpute_dask.kernels.scoring import STAT_NAMES
 
@@ -223,9 +224,9 @@ def _write_cell_files(work: Location, q_cells: np.ndarray, scores: np.ndarray,
 
 def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunks: bool,
                   threads: int) -> dict[str, Location]:
-    zarr_dir = work / "zarr"
-    imputed_rows = imputed_reader(zarr_dir)
-    nbrs = zarr.open_group(zarr_store(zarr_dir / "neighbors.zarr", True), mode="r")
+    layout = RunLayout(work)
+    imputed_rows = imputed_reader(layout)
+    nbrs = zarr.open_group(zarr_store(layout.neighbours, True), mode="r")
     q_cells = inputs.q_cells
     starts = range(0, len(q_cells), chunk_size)
     files: dict[str, Location] = {}
@@ -269,7 +270,7 @@ def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunk
     write_neighbours_tsv(files["sim_matrix"], np.asarray(labels), q_cells,
                                 inputs.r_cells, (partial(neighbour_block, lo) for lo in starts),
                                 workers=threads)
-    files["zarr"] = zarr_dir
+    files["zarr"] = layout.zarr
     return files
 
 

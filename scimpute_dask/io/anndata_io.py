@@ -55,7 +55,8 @@ if TYPE_CHECKING:
     import dask.array as da
 
 
-def _anndata():
+def anndata_module():
+    """The ``anndata`` package, or an error saying how to install it."""
     try:
         import anndata
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -96,7 +97,7 @@ def _opened(source) -> Iterator:
         return
     path = Path(source)
     if path.suffix == ".h5ad":
-        _anndata()
+        anndata_module()
         import h5py
 
         try:
@@ -139,7 +140,7 @@ def _matrix(root, layer: str | None, label: str):
         elem = root["layers"][name]
     encoding = dict(elem.attrs).get("encoding-type", "array")
     if encoding in ("csr_matrix", "csc_matrix"):
-        return _anndata().io.sparse_dataset(elem)
+        return anndata_module().io.sparse_dataset(elem)
     if encoding != "array":
         raise InputError(f"{label}: {name} is a '{encoding}', not a matrix")
     return elem
@@ -149,7 +150,7 @@ def _axis_names(root, axis: str) -> np.ndarray:
     if type(root).__name__ == "AnnData":
         index = root.obs_names if axis == "obs" else root.var_names
     else:
-        index = _anndata().io.read_elem(root[axis]).index
+        index = anndata_module().io.read_elem(root[axis]).index
     return np.asarray(index.astype(str), dtype=object)
 
 
@@ -175,7 +176,7 @@ def obs_column(source, key: str, label: str | None = None) -> np.ndarray:
         if type(root).__name__ == "AnnData":
             obs = root.obs
         else:
-            obs = _anndata().io.read_elem(root["obs"])
+            obs = anndata_module().io.read_elem(root["obs"])
     if key not in obs.columns:
         raise InputError(f"{label}: no obs column '{key}' (cluster_key); obs columns are "
                          f"{list(map(str, obs.columns))}")
@@ -216,7 +217,7 @@ def read_annotations(source, label: str | None = None
         if type(root).__name__ == "AnnData":
             obs, obsm = root.obs.copy(), dict(root.obsm.items())
         else:
-            read_elem = _anndata().io.read_elem
+            read_elem = anndata_module().io.read_elem
             obs = read_elem(root["obs"])
             obsm = read_elem(root["obsm"]) if "obsm" in root else {}
     names = obs.columns.map(str)
@@ -405,7 +406,7 @@ def imputed_anndata(imputed, obs: pd.DataFrame, obsm: dict,
     uns
         Stored as ``uns["scimpute"]``.
     """
-    anndata = _anndata()
+    anndata = anndata_module()
     import dask.array as da
 
     X = da.from_zarr(imputed).astype(np.float32)
@@ -429,7 +430,7 @@ def write(adata, path: Location) -> None:
         if path.suffix == ".h5ad":
             adata.write_h5ad(tmp)
         else:
-            with _anndata().settings.override(zarr_write_format=3), warnings.catch_warnings():
+            with anndata_module().settings.override(zarr_write_format=3), warnings.catch_warnings():
                 # anndata's notices about its future Zarr defaults, not about this store
                 warnings.filterwarnings("ignore", "zarr v3 autosharding", UserWarning)
                 warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
@@ -445,7 +446,7 @@ def read_lazy(path: Location):
 
     Everything but ``X`` is read into memory.
     """
-    anndata = _anndata()
+    anndata = anndata_module()
     import dask.array as da
     import zarr
 

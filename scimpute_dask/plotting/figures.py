@@ -15,6 +15,7 @@ import zarr
 from scimpute_dask.engine.inputs import RunInputs
 from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.export.tables import HISTOGRAM
+from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import Location, zarr_store
 from scimpute_dask.io.store import ExpressionStore
 
@@ -180,7 +181,7 @@ def run_figures(work: Location, files: dict[str, Location], xy: np.ndarray | Non
         shared = [g for g, p in zip(plot_genes, pos, strict=True) if measured[p]]
         others = [g for g, p in zip(plot_genes, pos, strict=True) if not measured[p]]
     rows = sample_rows(len(inputs.q_cells))
-    imputed = zarr.open_group(zarr_store(work / "zarr" / "imputed.zarr", True), mode="r")["X"]
+    imputed = zarr.open_group(zarr_store(RunLayout(work).imputed, True), mode="r")["X"]
     if shared:
         r_pos = genes.get_indexer(shared)
         q_of = dict(zip(inputs.r_cols.tolist(), inputs.q_cols.tolist(), strict=True))

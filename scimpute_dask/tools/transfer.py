@@ -20,6 +20,7 @@ import zarr
 
 from scimpute_dask.engine import graph
 from scimpute_dask.errors import InputError
+from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import location, zarr_store
 
 log = logging.getLogger("scimpute_dask")
@@ -43,7 +44,7 @@ def transfer_labels(run_dir: str | os.PathLike, labels: pd.Series) -> pd.DataFra
         Indexed by query cell: ``label`` (NaN for cells without neighbours) and
         ``confidence``, the winner's share of the neighbours' weight (0..1).
     """
-    path = location(run_dir) / "zarr" / "neighbors.zarr"
+    path = RunLayout(location(run_dir)).neighbours
     if not (path / "zarr.json").exists():
         raise InputError(f"{run_dir}: not a scimpute-dask run output (no zarr/neighbors.zarr)")
     nbrs = zarr.open_group(zarr_store(path, read_only=True), mode="r")

@@ -41,6 +41,7 @@ from scimpute_dask.engine.resumable import digest, is_complete, store_stage
 from scimpute_dask.errors import InputError
 from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.export.tables import write_manifest
+from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import zarr_store
 from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.kernels.metrics import METRICS, paired_scores, summarize
@@ -191,7 +192,7 @@ def cross_validate(
         raise InputError(f"folds must be between 2 and the number of shared genes ({n_shared}), "
                          f"got {folds}")
     outdir = Path(outdir).absolute()
-    zarr_dir = outdir / "zarr"
+    zarr_dir = RunLayout(outdir).zarr
     q_store, r_store = study_stores(query, reference, outdir, config)
     timings["convert"] = round(time.perf_counter() - clock, 3)
     n_q, n_r = len(inputs.q_cells), len(inputs.r_cells)
