@@ -347,10 +347,15 @@ OPTIONS: dict[str, Option] = _options(
            "blocks) and start over", "--restart"),
     Option("progress", False, Boolean(), "show progress bars (the CLI's --quiet hides them)"),
     # the outputs
+    Option("impute_genes", "all", GeneList(),
+           "reference genes imputed and stored (imputed.zarr, adata.zarr): 'all', 'none' "
+           "(only the neighbours and weights are stored; read_run() imputes any gene on "
+           "demand), a list (comma-separated or @FILE with one gene per line on the CLI)",
+           "--impute-genes", "GENES"),
     Option("tsv_genes", "all", Optional(GeneList()),
            "genes written to imputation.tsv: 'all' (scimpute's table), 'none' (Zarr only: "
            "the scalable output), a list (comma-separated or @FILE with one gene per line on "
-           "the CLI)", "--tsv-genes", "GENES"),
+           "the CLI); only imputed genes ('all': every imputed gene)", "--tsv-genes", "GENES"),
     Option("save_chunks", False, Boolean(),
            "also keep per-chunk imputation tables in imputations/", "--save-chunks"),
     Option("h5ad", False, Boolean(), "also write the imputed AnnData as imputed.h5ad",
@@ -401,8 +406,8 @@ RUN_OPTIONS = ("k", "consider_clusters", "cell_name_column_idx", "cluster_key", 
                "query_layout", "reference_layout", "layer",
                "reference_layer", "coords", "memory_limit", "chunk_size",
                "reference_chunk_size", "gene_chunk_size", "scheduler", "restart", "progress",
-               "tsv_genes", "save_chunks", "h5ad", "anndata", "report", "plot_genes",
-               "validation")
+               "impute_genes", "tsv_genes", "save_chunks", "h5ad", "anndata", "report",
+               "plot_genes", "validation")
 VALIDATE_OPTIONS = ("k", "consider_clusters", "cell_name_column_idx", "folds", "seed",
                     "normalize", "weighting", "temperature", "average", "tune", "tune_metric",
                     "tune_cells", "reliability",

@@ -58,7 +58,8 @@ TUNING = "tuning.tsv"
 #: The settings ``run.json`` (and ``uns["scimpute"]``) records, planned block sizes included.
 RECORDED = ("k", "consider_clusters", "chunk_size", "memory_limit", "threads",
             "reference_chunk_size", "gene_chunk_size", "save_chunks", "normalize",
-            "weighting", "temperature", "average", "tune", "tsv_genes", "layer",
+            "weighting", "temperature", "average", "tune", "impute_genes", "tsv_genes",
+            "layer",
             "reference_layer",
             "cluster_key", "coords", "validation")
 
@@ -76,12 +77,18 @@ class RunResult:
     unimputable: list[str]
     stats: dict[str, float]
     timings: dict[str, float] = field(default_factory=dict)
+    n_imputed: int | None = None  # genes stored (--impute-genes); None: all of them
 
     def __str__(self) -> str:
+        stored = self.n_genes if self.n_imputed is None else self.n_imputed
         lines = [
-            f"Imputed {self.n_genes} genes for {self.n_query} query cells from "
-            f"{self.n_reference} reference cells ({self.n_shared} shared genes).",
+            f"Imputed {stored} of {self.n_genes} genes" if stored < self.n_genes
+            else f"Imputed {self.n_genes} genes",
         ]
+        lines[0] += (f" for {self.n_query} query cells from {self.n_reference} reference cells "
+                     f"({self.n_shared} shared genes).")
+        if stored < self.n_genes:
+            lines.append(f"read_run('{self.outdir}') imputes any other gene on demand.")
         if self.unimputable:
             lines.append(
                 f"{len(self.unimputable)} query cells have no shared-gene expression and were "
@@ -122,6 +129,7 @@ def run_imputation(
     reference_layout: str = "genes_x_cells",
     reference_chunk_size: int | None = None,
     gene_chunk_size: int | None = None,
+    impute_genes: str | list[str] = "all",
     tsv_genes: str | list[str] | None = "all",
     h5ad: bool = False,
     restart: bool = False,
@@ -181,7 +189,8 @@ def run_imputation(
         chunk_size=chunk_size, save_chunks=save_chunks, memory_limit=memory_limit,
         query_layout=query_layout, reference_layout=reference_layout,
         reference_chunk_size=reference_chunk_size, gene_chunk_size=gene_chunk_size,
-        tsv_genes=tsv_genes, h5ad=h5ad, restart=restart, progress=progress,
+        impute_genes=impute_genes, tsv_genes=tsv_genes, h5ad=h5ad, restart=restart,
+        progress=progress,
         scheduler=scheduler, layer=layer, reference_layer=reference_layer,
         cluster_key=cluster_key, coords=coords, anndata=anndata, report=report,
         plot_genes=plot_genes, normalize=normalize, weighting=weighting,
@@ -285,13 +294,18 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
             stages.describe_run(layout, nbrs, r_store, inputs, config.average)
             clock.lap("knn")
             # 4. Imputation of every reference gene, streamed to Zarr.
-            log.info("imputing %d genes", len(inputs.r_genes))
-            stages.imputation_stage(layout, nbrs, r_store, key, inputs, blocks.gene_chunk,
-                                    config.average)
+            if len(inputs.imputed):
+                log.info("imputing %d genes", len(inputs.imputed))
+                stages.imputation_stage(layout, nbrs, r_store, key, inputs, blocks.gene_chunk,
+                                        config.average)
+            else:  # only the neighbours are kept: read_run() imputes on demand
+                remove_tree(layout.imputed)
+                remove_tree(layout.wide)
             clock.lap("impute")
             # 5. scimpute's validation score per query cell.
             log.info("scoring %d query cells", len(inputs.q_cells))
-            scores = stages.score_stage(layout, inputs, data, blocks)
+            scores = stages.score_stage(layout, nbrs, r_store, key, inputs, data, blocks,
+                                        config.average)
             clock.lap("score")
 
         # 6. Export, streamed from the stores.
@@ -343,7 +357,8 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
              for name, path in files.items()}
     return RunResult(outdir, files, len(inputs.q_cells), len(inputs.r_cells),
                      len(inputs.r_genes), len(inputs.q_cols),
-                     list(inputs.q_cells[np.isnan(scores)]), stats, clock.timings)
+                     list(inputs.q_cells[np.isnan(scores)]), stats, clock.timings,
+                     len(inputs.imputed))
 
 
 # --------------------------------------------------------------------------- #

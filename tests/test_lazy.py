@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shutil
 
+import anndata
 import dask
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 
@@ -67,3 +69,53 @@ def test_read_run_follows_a_moved_output(wide_run, tmp_path):
 def test_read_run_refuses_what_is_not_a_run(tmp_path):
     with pytest.raises(InputError, match="not a finished scimpute-dask run"):
         read_run(tmp_path)
+
+
+def _tsv(path):
+    return pd.read_csv(path, sep="\t", index_col=0)
+
+
+def test_impute_genes_stores_a_subset_and_none_stores_only_the_neighbours(tmp_path,
+                                                                           small_inputs):
+    args = (small_inputs.query, small_inputs.reference, small_inputs.identities, 0)
+    full = tmp_path / "full"
+    run_imputation(*args, full, k=5, chunk_size=100, report=False)
+    table = _tsv(full / "imputation.tsv")
+    genes = list(table.columns[[3, 40, 41, 119]])  # shared and unmeasured genes alike
+    part = tmp_path / "part"
+    result = run_imputation(*args, part, k=5, chunk_size=100, report=False,
+                            impute_genes=genes, anndata=True)
+    assert result.n_genes == len(table.columns)
+    subset = _tsv(part / "imputation.tsv")
+    assert list(subset.columns) == genes  # 'all' of the TSV: every imputed gene
+    pd.testing.assert_frame_equal(subset, table[genes])
+    assert (part / "scores.txt").read_bytes() == (full / "scores.txt").read_bytes()
+    adata = anndata.read_zarr(part / "adata.zarr")
+    assert list(adata.var_names) == genes
+    assert not (part / "zarr" / "imputed_shared.zarr").exists()
+
+    none = tmp_path / "none"
+    run_imputation(*args, none, k=5, chunk_size=100, report=False, impute_genes="none")
+    assert not (none / "zarr" / "imputed.zarr").exists()
+    assert not (none / "imputation.tsv").exists()
+    assert (none / "scores.txt").read_bytes() == (full / "scores.txt").read_bytes()
+    assert (none / "sim_matrix.tsv").read_bytes() == (full / "sim_matrix.tsv").read_bytes()
+    stored = zarr.open_group(full / "zarr" / "imputed.zarr", mode="r")["X"]
+    lazy = read_run(none)
+    pick = [0, 17, 99, len(table.columns) - 1]
+    np.testing.assert_array_equal(lazy[:, pick].X.compute(), stored[:, pick])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"impute_genes": ["no_such_gene"]}, "genes requested for imputation are not in"),
+    ({"impute_genes": "none", "tsv_genes": ["G"]}, "must be imputed genes"),
+    ({"impute_genes": "none", "plot_genes": ["G"]}, "must be imputed genes"),
+])
+def test_genes_outside_the_imputation_are_refused_up_front(tmp_path, small_inputs, options,
+                                                            message):
+    gene = _tsv(small_inputs.reference).index[0]  # the reference's first gene
+    options = {k: [gene] if v == ["G"] else v for k, v in options.items()}
+    with pytest.raises(InputError, match=message):
+        run_imputation(small_inputs.query, small_inputs.reference, small_inputs.identities, 0,
+                       tmp_path / "out", k=5, **options)
+    assert not (tmp_path / "out").exists()

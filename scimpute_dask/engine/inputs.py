@@ -44,6 +44,12 @@ class RunInputs:
     q_ids: np.ndarray | None
     r_ids: np.ndarray | None
     tsv_cols: np.ndarray | None  # reference genes written to imputation.tsv; None = no TSV
+    impute_cols: np.ndarray | None = None  # reference genes imputed and stored (None: all)
+
+    @property
+    def imputed(self) -> np.ndarray:
+        """Positions (in the reference) of the genes imputed and stored, ascending."""
+        return np.arange(len(self.r_genes)) if self.impute_cols is None else self.impute_cols
 
     @property
     def measured(self) -> np.ndarray:
@@ -104,10 +110,12 @@ def check_inputs(query, reference, identities, config: RunConfig, *, tsv: bool =
     if budget:
         plan.check_budget(parse_memory(config.memory_limit), len(q_cells), len(r_cells),
                           len(q_cols), len(r_genes), k=config.k)
-    tsv_cols = tsv_columns(config.tsv_genes, r_genes, r_label) if tsv else None
-    check_plot_genes(config.plot_genes, r_genes, r_label)
+    impute_cols = imputed_columns(config.impute_genes, r_genes, r_label) if tsv else None
+    imputed = np.arange(len(r_genes)) if impute_cols is None else impute_cols
+    tsv_cols = tsv_columns(config.tsv_genes, r_genes, r_label, imputed) if tsv else None
+    check_plot_genes(config.plot_genes, r_genes, r_label, imputed)
     return RunInputs(q_label, r_label, table_label, q_cells, r_cells, r_genes, q_cols, r_cols,
-                     q_ids, r_ids, tsv_cols)
+                     q_ids, r_ids, tsv_cols, impute_cols)
 
 
 def check_study(query, reference, identities, config: RunConfig) -> RunInputs:
@@ -133,27 +141,59 @@ def study_stores(query, reference, outdir: Location, config: RunConfig
                       config.progress, limit))
 
 
-def check_plot_genes(plot_genes, r_genes: np.ndarray, r_label: str) -> None:
-    """Refuse genes asked for the spatial maps that the reference does not have."""
+def check_plot_genes(plot_genes, r_genes: np.ndarray, r_label: str,
+                     imputed: np.ndarray | None = None) -> None:
+    """Refuse genes asked for the spatial maps that the reference does not have, or that
+    are not imputed."""
     if plot_genes is None or plot_genes == "none":
         return
     missing = pd.Index(list(plot_genes)).difference(pd.Index(r_genes))
     if len(missing):
         raise InputError(f"genes to plot are not in {r_label}: "
                          f"{', '.join(repr(g) for g in missing[:5])}")
+    if imputed is not None:
+        _not_imputed(pd.Index(r_genes).get_indexer(list(plot_genes)), r_genes, imputed,
+                     "genes to plot")
 
 
-def tsv_columns(tsv_genes, r_genes: np.ndarray, r_label: str) -> np.ndarray | None:
-    """Reference columns written to ``imputation.tsv`` (``None``: no TSV)."""
-    if tsv_genes is None or (isinstance(tsv_genes, str) and tsv_genes == "none"):
-        return None
-    if isinstance(tsv_genes, str) and tsv_genes == "all":
-        return np.arange(len(r_genes))
-    wanted = pd.Index([tsv_genes] if isinstance(tsv_genes, str) else list(tsv_genes))
+def _gene_positions(genes, r_genes: np.ndarray, r_label: str, what: str) -> np.ndarray:
+    wanted = pd.Index([genes] if isinstance(genes, str) else list(genes))
     pos = pd.Index(r_genes).get_indexer(wanted)
     if (pos < 0).any():
         missing = ", ".join(f"'{g}'" for g in wanted[pos < 0][:5])
-        raise InputError(f"genes requested for imputation.tsv are not in {r_label}: {missing}")
+        raise InputError(f"genes requested for {what} are not in {r_label}: {missing}")
+    return pos
+
+
+def _not_imputed(pos: np.ndarray, r_genes: np.ndarray, imputed: np.ndarray, what: str) -> None:
+    outside = pos[~np.isin(pos, imputed)]
+    if len(outside):
+        names = ", ".join(f"'{g}'" for g in r_genes[outside[:5]])
+        raise InputError(f"{what} must be imputed genes (--impute-genes): {names} "
+                         "is not; read_run() imputes any gene of a finished run")
+
+
+def imputed_columns(impute_genes, r_genes: np.ndarray, r_label: str) -> np.ndarray | None:
+    """Reference columns imputed and stored, ascending (``None``: all of them)."""
+    if isinstance(impute_genes, str) and impute_genes == "all":
+        return None
+    if isinstance(impute_genes, str) and impute_genes == "none":
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(_gene_positions(impute_genes, r_genes, r_label, "imputation"))
+
+
+def tsv_columns(tsv_genes, r_genes: np.ndarray, r_label: str,
+                imputed: np.ndarray | None = None) -> np.ndarray | None:
+    """Reference columns written to ``imputation.tsv`` (``None``: no TSV); ``'all'`` is every
+    imputed gene."""
+    if tsv_genes is None or (isinstance(tsv_genes, str) and tsv_genes == "none"):
+        return None
+    if isinstance(tsv_genes, str) and tsv_genes == "all":
+        cols = np.arange(len(r_genes)) if imputed is None else imputed
+        return cols if len(cols) else None
+    pos = _gene_positions(tsv_genes, r_genes, r_label, "imputation.tsv")
+    if imputed is not None:
+        _not_imputed(pos, r_genes, imputed, "genes requested for imputation.tsv")
     return pos
 
 

@@ -23,7 +23,7 @@ from scimpute_dask.engine import cluster, graph, search
 from scimpute_dask.engine.inputs import RunInputs
 from scimpute_dask.engine.resumable import digest, is_complete, names_array, store_stage
 from scimpute_dask.io.layout import RunLayout
-from scimpute_dask.io.storage import is_remote, zarr_store
+from scimpute_dask.io.storage import Location, is_remote, remove_tree, zarr_store
 from scimpute_dask.io.store import ExpressionStore
 from scimpute_dask.kernels import imputation
 from scimpute_dask.kernels.imputation import neighbour_weights
@@ -96,9 +96,14 @@ def neighbours_stage(layout: RunLayout, data: SearchData, key: dict, inputs: Run
 
 
 def imputation_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore,
-                     key: dict, inputs: RunInputs, gene_chunk: int, average: str = "mean"
-                     ) -> zarr.Group:
-    """The weighted mean of the neighbours' profiles, every reference gene, stored resumably.
+                     key: dict, inputs: RunInputs, gene_chunk: int, average: str = "mean",
+                     genes: np.ndarray | None = None,
+                     stores: tuple[Location, Location] | None = None) -> zarr.Group:
+    """The weighted mean of the neighbours' profiles, stored resumably.
+
+    ``genes`` (reference positions, ascending; default: the run's imputed
+    genes, :attr:`RunInputs.imputed`) are stored in ``imputed.zarr`` and
+    ``imputed_wide.zarr``, or in ``stores``.
 
     The store ``X`` is float32 — half the disk of float64 — with each value
     chosen to round to 2 decimals as the float64 mean does
@@ -110,8 +115,16 @@ def imputation_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionSto
     arithmetic or geometric, never exceeds its largest term, so the reference
     decides. If more than a quarter of the genes are wide, ``X`` is float64.
     """
-    reference = r_store.to_dask((len(inputs.r_cells), gene_chunk))
-    wide, dtype = imputed_format(nbrs)
+    n_ref, n_genes = len(inputs.r_cells), len(inputs.r_genes)
+    genes = inputs.imputed if genes is None else np.asarray(genes, dtype=np.int64)
+    imputed_path, wide_path = stores or (layout.imputed, layout.wide)
+    reference = r_store.to_dask((n_ref, gene_chunk))
+    subset = {}
+    if len(genes) < n_genes:
+        reference = reference[:, genes].rechunk((n_ref, gene_chunk))
+        subset = {"imputed": digest(genes)}
+    wide_all, dtype = imputed_format(nbrs)
+    wide = np.flatnonzero(np.isin(genes, wide_all))  # positions among the stored genes
     indices, weights = da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"])
     imputed = graph.impute_graph(indices, weights, reference, dtype=dtype, average=average,
                                  wide=wide)
@@ -123,13 +136,13 @@ def imputation_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionSto
     attrs = {"format": "scimpute-dask-expression", "fingerprint": {"source": "imputation"},
              "wide_genes": wide.tolist()}
     if len(wide):
-        store_stage(layout.wide, {"X": (graph.impute_graph(
+        store_stage(wide_path, {"X": (graph.impute_graph(
             indices, weights, reference[:, wide].rechunk({1: -1}), average=average), np.nan)},
-            {**key, **extra}, {"genes": wide.tolist()})
-    out = store_stage(layout.imputed, {"X": (imputed, np.nan)},
-                      {**key, "genes": gene_chunk, **extra}, attrs)
+            {**key, **extra, **subset}, {"genes": wide.tolist()})
+    out = store_stage(imputed_path, {"X": (imputed, np.nan)},
+                      {**key, "genes": gene_chunk, **extra, **subset}, attrs)
     names_array(out, "obs_names", inputs.q_cells)
-    names_array(out, "var_names", inputs.r_genes)
+    names_array(out, "var_names", inputs.r_genes[genes])
     return out
 
 
@@ -198,23 +211,37 @@ def imputed_reader(layout: RunLayout
     return rows
 
 
-def score_stage(layout: RunLayout, inputs: RunInputs, data: SearchData,
-                blocks: Plan) -> np.ndarray:
+def score_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore, key: dict,
+                inputs: RunInputs, data: SearchData, blocks: Plan, average: str = "mean"
+                ) -> np.ndarray:
     """scimpute's validation score of every query cell (computed, not stored).
 
     From the stored imputation's shared genes, which round to 2 decimals as the
     float64 weighted means do (the wide genes' float64 values patched in), and
-    the measured values: no reference row is read again.
+    the measured values: no reference row is read again. When ``--impute-genes``
+    left shared genes out, those are imputed first into ``imputed_shared.zarr``,
+    removed afterwards.
     """
-    group = zarr.open_group(zarr_store(layout.imputed, True), mode="r")
+    imputed_path, wide_path = layout.imputed, layout.wide
+    columns = np.searchsorted(inputs.imputed, inputs.r_cols)
+    scratch = not np.isin(inputs.r_cols, inputs.imputed).all()
+    if scratch:
+        imputed_path, wide_path = layout.shared
+        imputation_stage(layout, nbrs, r_store, key, inputs, blocks.gene_chunk, average,
+                         genes=inputs.r_cols, stores=layout.shared)
+        columns = np.arange(len(inputs.r_cols))
+    group = zarr.open_group(zarr_store(imputed_path, True), mode="r")
     bq = blocks.query_chunk
-    imputed = da.from_zarr(group["X"])[:, inputs.r_cols].rechunk((bq, -1))
+    imputed = da.from_zarr(group["X"])[:, columns].rechunk((bq, -1))
     wide = np.asarray(group.attrs.get("wide_genes") or [], dtype=np.int64)
-    at = np.flatnonzero(np.isin(inputs.r_cols, wide))
+    at = np.flatnonzero(np.isin(columns, wide))
     patch = None
     if len(at):
-        exact = zarr.open_group(zarr_store(layout.wide, True), mode="r")["X"]
-        patch = (at, da.from_zarr(exact)[:, np.searchsorted(wide, inputs.r_cols[at])]
+        exact = zarr.open_group(zarr_store(wide_path, True), mode="r")["X"]
+        patch = (at, da.from_zarr(exact)[:, np.searchsorted(wide, columns[at])]
                  .rechunk((bq, -1)))
     (scores,) = cluster.compute(graph.scores_graph(imputed, data.query.rechunk((bq, -1)), patch))
+    if scratch:
+        for path in layout.shared:
+            remove_tree(path)
     return scores

@@ -25,10 +25,11 @@ def write_anndata(work: Location, inputs: RunInputs, obs: pd.DataFrame, obsm: di
     layout = RunLayout(work)
     nbrs = zarr.open_group(zarr_store(layout.neighbours, True), mode="r")
     obs = obs.assign(scimpute_score=scores)
-    var = pd.DataFrame({"measured": inputs.measured},
-                       index=pd.Index(inputs.r_genes.astype(str)))
+    genes = inputs.imputed
+    var = pd.DataFrame({"measured": inputs.measured[genes]},
+                       index=pd.Index(inputs.r_genes[genes].astype(str)))
     if reliability is not None:  # rows already checked to be the reference genes, in order
-        var = var.assign(**{c: reliability[c].to_numpy() for c in reliability.columns})
+        var = var.assign(**{c: reliability[c].to_numpy()[genes] for c in reliability.columns})
     uns = {"parameters": {k: v for k, v in parameters.items() if v is not None},
            "stats": stats, "reference_cells": inputs.r_cells.astype(str),
            "neighbors": {"indices": f"obsm/{anndata_io.NEIGHBORS_KEY}",
@@ -36,9 +37,10 @@ def write_anndata(work: Location, inputs: RunInputs, obs: pd.DataFrame, obsm: di
                          "meaning": "rows of uns/scimpute/reference_cells (-1 = none); "
                                     "weight = cosine similarity + 1"},
            "version": __version__}
+    imputed = (zarr.open_group(zarr_store(layout.imputed, True), mode="r")["X"] if len(genes)
+               else np.zeros((len(inputs.q_cells), 0), dtype=np.float32))
     adata = anndata_io.imputed_anndata(
-        zarr.open_group(zarr_store(layout.imputed, True), mode="r")["X"], obs, obsm,
-        var,
+        imputed, obs, obsm, var,
         da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]), uns)
     files = {}
     if zarr_out:

@@ -225,15 +225,16 @@ def _write_cell_files(work: Location, q_cells: np.ndarray, scores: np.ndarray,
 def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunks: bool,
                   threads: int) -> dict[str, Location]:
     layout = RunLayout(work)
-    imputed_rows = imputed_reader(layout)
+    imputed_rows = imputed_reader(layout) if inputs.tsv_cols is not None else None
     nbrs = zarr.open_group(zarr_store(layout.neighbours, True), mode="r")
     q_cells = inputs.q_cells
     starts = range(0, len(q_cells), chunk_size)
     files: dict[str, Location] = {}
 
     if inputs.tsv_cols is not None:
-        cols = np.asarray(inputs.tsv_cols, dtype=np.int64)
-        every = len(cols) == len(inputs.r_genes)
+        # the written genes' columns in the store, which holds the imputed genes
+        cols = np.searchsorted(inputs.imputed, np.asarray(inputs.tsv_cols, dtype=np.int64))
+        every = len(cols) == len(inputs.imputed) and bool((cols == np.arange(len(cols))).all())
 
         def imputed_block(lo: int) -> Block:
             values, patch = imputed_rows(lo, lo + chunk_size)
@@ -251,7 +252,8 @@ def _write_tables(work: Location, inputs: RunInputs, chunk_size: int, save_chunk
             files["chunks"] = work / "imputations"
         write_matrix_tsv(files["imputation"],
                                 (partial(imputed_block, lo) for lo in starts),
-                                inputs.r_genes[cols], chunk_dir=files.get("chunks"),
+                                inputs.r_genes[inputs.imputed[cols]],
+                                chunk_dir=files.get("chunks"),
                                 n_chunks=len(starts), workers=threads)
 
     if inputs.q_ids is None:

@@ -395,7 +395,8 @@ def imputed_anndata(imputed, obs: pd.DataFrame, obsm: dict,
     Parameters
     ----------
     imputed
-        The imputed matrix (``zarr.Array``, query cells × reference genes).
+        The imputed matrix (``zarr.Array``, query cells × imputed genes; an empty
+        NumPy array when no gene was imputed).
     obs, obsm
         The query's annotations, in query order.
     var
@@ -409,7 +410,8 @@ def imputed_anndata(imputed, obs: pd.DataFrame, obsm: dict,
     anndata = anndata_module()
     import dask.array as da
 
-    X = da.from_zarr(imputed).astype(np.float32)
+    X = (da.from_zarr(imputed) if not isinstance(imputed, np.ndarray)
+         else da.from_array(imputed)).astype(np.float32)
     obsm = {**obsm, NEIGHBORS_KEY: neighbors, WEIGHTS_KEY: weights}
     return anndata.AnnData(X=X, obs=obs, var=var, obsm=obsm, uns={UNS_KEY: uns})
 

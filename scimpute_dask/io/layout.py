@@ -12,6 +12,8 @@ stores of a run in progress (the stages, the export) and of a finished one
     DIR/zarr/neighbors.zarr      each query cell's neighbours and weights
     DIR/zarr/imputed.zarr        the imputed genes (float32 keeping scimpute's text)
     DIR/zarr/imputed_wide.zarr   float64 values of the genes too large for that
+    DIR/zarr/imputed_shared*.zarr  the shared genes' imputation, for the score, when
+                                   --impute-genes leaves some out (removed after it)
     DIR/adata.zarr               the imputed AnnData (when written)
 """
 
@@ -27,12 +29,15 @@ SEARCH = "search.zarr"
 NEIGHBOURS = "neighbors.zarr"
 IMPUTED = "imputed.zarr"
 WIDE = "imputed_wide.zarr"
+#: The shared genes' imputation, for the score, when they are not among the imputed genes.
+SHARED = "imputed_shared.zarr"
+SHARED_WIDE = "imputed_shared_wide.zarr"
 #: The imputed AnnData beside the scimpute files.
 ANNDATA = "adata.zarr"
 #: The converted inputs, by role.
 INPUTS = {"query": "query.zarr", "reference": "reference.zarr"}
 #: Stores a rerun resumes rather than rebuilds.
-RESUMABLE = (*INPUTS.values(), SEARCH, NEIGHBOURS, IMPUTED, WIDE)
+RESUMABLE = (*INPUTS.values(), SEARCH, NEIGHBOURS, IMPUTED, WIDE, SHARED, SHARED_WIDE)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,11 @@ class RunLayout:
     @property
     def wide(self) -> Location:
         return self.zarr / WIDE
+
+    @property
+    def shared(self) -> tuple[Location, Location]:
+        """The shared genes' imputation and its wide genes (see :data:`SHARED`)."""
+        return self.zarr / SHARED, self.zarr / SHARED_WIDE
 
     @property
     def anndata(self) -> Location:

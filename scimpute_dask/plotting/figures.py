@@ -44,15 +44,18 @@ def _save(fig, path: Location) -> None:
     _pyplot().close(fig)
 
 
-def choose_genes(reference: da.Array, genes: np.ndarray, measured: np.ndarray, n: int = 3
-                 ) -> tuple[list[str], list[str]]:
-    """The ``n`` most variable measured and unmeasured genes (variance of log1p in the reference).
+def choose_genes(reference: da.Array, genes: np.ndarray, measured: np.ndarray, drawable=None,
+                 n: int = 3) -> tuple[list[str], list[str]]:
+    """The ``n`` most variable measured and unmeasured genes (variance of log1p in the
+    reference), among the ``drawable`` ones (default: all).
 
     One blockwise pass over the reference; the imputed matrix, which can be far
     larger, is not read.
     """
     variance = da.log1p(reference.astype(np.float64)).var(axis=0).compute()
     order = np.argsort(-variance, kind="stable")
+    if drawable is not None:
+        order = order[np.asarray(drawable)[order]]
     shared = [str(genes[i]) for i in order if measured[i]][:n]
     others = [str(genes[i]) for i in order if not measured[i]][:n]
     return shared, others
@@ -170,12 +173,17 @@ def run_figures(work: Location, files: dict[str, Location], xy: np.ndarray | Non
         figures.append((SCORE_PNG, "Held-out score of each shared gene (imputed "
                         "with the gene hidden from the neighbour search) vs. its sparsity "
                         "in the query"))
-    if xy is None:
+    if xy is None or not len(inputs.imputed):
         return figures
     measured = inputs.measured
     genes = pd.Index(inputs.r_genes)
+    # the store's column of each reference gene (only imputed genes are drawn)
+    column = np.full(len(genes), -1)
+    column[inputs.imputed] = np.arange(len(inputs.imputed))
     if plot_genes is None:
-        shared, others = choose_genes(r_store.to_dask(), inputs.r_genes, measured)
+        drawable = np.zeros(len(genes), dtype=bool)
+        drawable[inputs.imputed] = True
+        shared, others = choose_genes(r_store.to_dask(), inputs.r_genes, measured, drawable)
     else:
         pos = genes.get_indexer(list(plot_genes))
         shared = [g for g, p in zip(plot_genes, pos, strict=True) if measured[p]]
@@ -190,14 +198,14 @@ def run_figures(work: Location, files: dict[str, Location], xy: np.ndarray | Non
         spatial_measured_vs_imputed(
             files["measured_map"], xy[rows], shared,
             q_store.group["X"].get_orthogonal_selection((rows, q_pos)),
-            imputed.get_orthogonal_selection((rows, r_pos)))
+            imputed.get_orthogonal_selection((rows, column[r_pos])))
         figures.append((SHARED_PNG, "Genes the query measured: measured (left) and "
                         "imputed (right) expression on the tissue"))
     if others:
         files["imputed_map"] = work / IMPUTED_PNG
         spatial_imputed(files["imputed_map"], xy[rows], others,
-                                 imputed.get_orthogonal_selection((rows, genes.get_indexer(
-                                     others))))
+                                 imputed.get_orthogonal_selection(
+                                     (rows, column[genes.get_indexer(others)])))
         figures.append((IMPUTED_PNG, "Genes the query did not measure: imputed "
                         "expression on the tissue"))
     return figures
