@@ -334,36 +334,33 @@ def convert_anndata(source, store: Location, *, layer: str | None, restart: bool
         if store.exists():
             remove_tree(store)
         fp = {"source": label, "id": uuid.uuid4().hex}  # never reused
-        group = None
     else:
         fp = fingerprint(Path(source), layer)
-        group = stores.resumable(store, fp, restart, label)
-        if group is not None and group.attrs.get("complete"):
+        if stores.is_complete_conversion(store, fp):
             return stores.ExpressionStore(store)
     with _opened(source) as root:
         matrix = _matrix(root, layer, label)
         by_columns = _is_csc(matrix)
-        if group is None:
-            chunks = plan.store_chunks(len(cells), len(genes), by_columns, 0, memory_limit)
-            group = stores.create(store, fp, cells, genes, chunks)
-        X = stores.for_writing(group["X"])
-        step = X.chunks[1] if by_columns else X.chunks[0]
-        total = len(genes) if by_columns else len(cells)
-        done = int(group.attrs["progress"]["rows_done"])
-        bar = stores.progress_bar(progress, total=total, initial=done,
-                            desc=f"convert {label if in_memory else Path(source).name}")
-        for lo, block in _blocks(matrix, done, step, by_columns):
-            hi = lo + block.shape[1 if by_columns else 0]
-            if by_columns:
-                check_values(block.T, genes[lo:hi], cells, label, "gene", "cell")
-                X[:, lo:hi] = block.astype(np.float32, copy=False)
-            else:
-                check_values(block, cells[lo:hi], genes, label, "cell", "gene")
-                X[lo:hi, :] = block.astype(np.float32, copy=False)
-            stores.record_progress(group, hi)
-            bar.update(hi - lo)
-        bar.close()
-    return stores.finish(group, store)
+
+        def shape() -> stores.Shape:
+            return cells, genes, plan.store_chunks(len(cells), len(genes), by_columns, 0,
+                                                   memory_limit)
+
+        def blocks(done: int, offset: int, chunks: tuple[int, int]
+                   ) -> Iterator[stores.Block]:
+            for lo, block in _blocks(matrix, done, chunks[1] if by_columns else chunks[0],
+                                     by_columns):
+                hi = lo + block.shape[1 if by_columns else 0]
+                if by_columns:
+                    check_values(block.T, genes[lo:hi], cells, label, "gene", "cell")
+                else:
+                    check_values(block, cells[lo:hi], genes, label, "cell", "gene")
+                yield stores.Block(lo, hi, block.astype(np.float32, copy=False))
+
+        return stores.write_store(
+            store, fp, label, shape=shape, blocks=blocks, by_columns=by_columns,
+            restart=restart, progress=progress,
+            desc=f"convert {label if in_memory else Path(source).name}")
 
 
 def _names(source, options: ReadOptions) -> tuple[np.ndarray, np.ndarray]:

@@ -53,12 +53,11 @@ def _convert(frame: pd.DataFrame, store: Location, options: ReadOptions
         digest.update("\t".join(names).encode())
     fingerprint = {"source": options.label, "sha1": digest.hexdigest(),
                    "format_version": stores.FORMAT_VERSION}
-    group = stores.create(
-        store, fingerprint, cells, genes,
-        plan.store_chunks(len(cells), len(genes), False, 0, options.memory_limit),
-    )
-    stores.for_writing(group["X"])[:] = values.astype(np.float32)
-    return stores.finish(group, store)
+    chunks = plan.store_chunks(len(cells), len(genes), False, 0, options.memory_limit)
+    return stores.write_store(
+        store, fingerprint, options.label, shape=lambda: (cells, genes, chunks),
+        blocks=lambda done, offset, chunks: [stores.Block(0, len(cells),
+                                                          values.astype(np.float32))])
 
 
 READER = Reader("a pandas DataFrame (cells × genes)", _claims, _names, None, _convert)

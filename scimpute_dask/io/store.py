@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,6 +164,14 @@ def resumable(store: Location, fingerprint: dict, restart: bool, label: str
     return group
 
 
+def is_complete_conversion(store: Location, fingerprint: dict) -> bool:
+    """Does ``store`` hold a complete conversion of the input ``fingerprint`` identifies?"""
+    if not (store / "zarr.json").exists():
+        return False
+    attrs = dict(zarr.open_group(zarr_store(store, read_only=True), mode="r").attrs)
+    return bool(attrs.get("complete")) and attrs.get("fingerprint") == fingerprint
+
+
 def unfinished(store: Location) -> zarr.Group | None:
     """The group at ``store`` if it holds a conversion that did not finish."""
     if not (store / "zarr.json").exists():
@@ -235,6 +244,63 @@ def finish(group: zarr.Group, store: Location) -> ExpressionStore:
     """Mark a store complete: from now on it is reused, never rewritten."""
     group.attrs["complete"] = True
     return ExpressionStore(store)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ``lo:hi`` of the streamed axis (cells, or genes with ``by_columns``), as the
+    store holds them (cells × genes), and how far into the input they end (a text
+    reader's byte offset, recorded for resuming)."""
+
+    lo: int
+    hi: int
+    values: np.ndarray
+    offset: int = 0
+
+
+#: What a new store is created with: cell names, gene names, chunks.
+Shape = tuple[np.ndarray, np.ndarray, tuple[int, int]]
+
+
+def write_store(store: Location, fingerprint: dict, label: str, *,
+                shape: Callable[[], Shape], blocks: Callable[..., Iterable[Block]],
+                by_columns: bool = False, restart: bool = False, resume: bool = True,
+                progress: bool = False, desc: str = "convert") -> ExpressionStore:
+    """The one conversion loop every reader drives: resumable, block by block.
+
+    A complete conversion of the same input (same ``fingerprint``) is reused as
+    it is, an interrupted one resumes (or, with ``resume=False``, starts over),
+    another input's is refused (:func:`resumable`). Otherwise a store is created
+    (``shape()``, asked only then). ``blocks(done, offset, chunks)`` yields the
+    :class:`Block` s from row ``done`` on (``offset`` as the last block recorded
+    it; ``chunks`` the store's); each is written, then recorded
+    (:func:`record_progress`), so a kill at any point loses at most the block
+    in flight. Readers yield whole chunks along the streamed axis, so that a
+    resumed write never mixes two.
+    """
+    group = resumable(store, fingerprint, restart, label)
+    if group is not None and group.attrs.get("complete"):
+        return ExpressionStore(store)
+    if group is not None and not resume:
+        remove_tree(store)
+        group = None
+    if group is None:
+        cells, genes, chunks = shape()
+        group = create(store, fingerprint, cells, genes, chunks)
+    X = for_writing(group["X"])
+    state = dict(group.attrs["progress"])
+    done = int(state["rows_done"])
+    bar = progress_bar(progress, total=X.shape[1 if by_columns else 0], initial=done,
+                       desc=desc)
+    for block in blocks(done, int(state["offset"]), X.chunks):
+        if by_columns:
+            X[:, block.lo : block.hi] = block.values
+        else:
+            X[block.lo : block.hi, :] = block.values
+        record_progress(group, block.hi, block.offset)
+        bar.update(block.hi - block.lo)
+    bar.close()
+    return finish(group, store)
 
 
 def progress_bar(enabled: bool, **kwargs):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from scimpute_dask.checks import check_unique_names, check_values
 from scimpute_dask.errors import InputError
 from scimpute_dask.io import store as stores
 from scimpute_dask.io.registry import Reader, ReadOptions
-from scimpute_dask.io.storage import Location, is_location, is_remote, remove_tree
+from scimpute_dask.io.storage import Location, is_location, is_remote
 
 _MATRIX = ("matrix.mtx", "matrix.mtx.gz")
 _BARCODES = ("barcodes.tsv", "barcodes.tsv.gz")
@@ -194,42 +195,38 @@ def convert_10x(directory: Path, store: Location, *, restart: bool, progress: bo
     cells, genes = read_names(directory, label)
     mtx = _files(directory, label)[0]
     n_genes, n_cells, nnz, skip = _header(mtx, label)
-    fp = fingerprint(directory)
-    group = stores.resumable(store, fp, restart, label)
-    if group is not None and group.attrs.get("complete"):
-        return stores.ExpressionStore(store)
-    if group is not None:
-        remove_tree(store)
-    chunks = plan.store_chunks(len(cells), len(genes), False, 0, memory_limit)
-    group = stores.create(store, fp, cells, genes, chunks)
-    X = stores.for_writing(group["X"])
-    step = X.chunks[0]
-    # The buckets are local files (appended to, read back with numpy): beside a
-    # local store, on the disk chosen for the data; for a store on an object
-    # store, in the local temporary directory.
-    with tempfile.TemporaryDirectory(prefix=f".{store.name}.buckets-",
-                                     dir=None if is_remote(store) else store.parent) as tmp:
-        buckets = Path(tmp)
-        bar = stores.progress_bar(progress, total=nnz, desc=f"read {mtx.name}")
-        bar.unit = "entry"
-        _bucket(mtx, n_genes, n_cells, nnz, skip, step, buckets, label, bar)
-        bar.close()
-        bar = stores.progress_bar(progress, total=len(cells), desc=f"convert {directory.name}")
-        for lo in range(0, len(cells), step):
-            hi = min(lo + step, len(cells))
-            part = buckets / f"{lo // step}.bin"
-            entries = np.fromfile(part, dtype=_ENTRY) if part.exists() else \
-                np.empty(0, dtype=_ENTRY)
-            # duplicated coordinates are summed, as scipy.io.mmread + tocsr does
-            block = sparse.coo_matrix(
-                (entries["value"], (entries["cell"] - lo, entries["gene"])),
-                shape=(hi - lo, len(genes))).toarray()
-            check_values(block, cells[lo:hi], genes, label, "cell", "gene")
-            X[lo:hi, :] = block.astype(np.float32)
-            stores.record_progress(group, hi)
-            bar.update(hi - lo)
-        bar.close()
-    return stores.finish(group, store)
+
+    def shape() -> stores.Shape:
+        return cells, genes, plan.store_chunks(len(cells), len(genes), False, 0, memory_limit)
+
+    def blocks(done: int, offset: int, chunks: tuple[int, int]) -> Iterator[stores.Block]:
+        step = chunks[0]
+        # The buckets are local files (appended to, read back with numpy): beside a
+        # local store, on the disk chosen for the data; for a store on an object
+        # store, in the local temporary directory.
+        with tempfile.TemporaryDirectory(prefix=f".{store.name}.buckets-",
+                                         dir=None if is_remote(store) else store.parent) as tmp:
+            buckets = Path(tmp)
+            bar = stores.progress_bar(progress, total=nnz, desc=f"read {mtx.name}")
+            bar.unit = "entry"
+            _bucket(mtx, n_genes, n_cells, nnz, skip, step, buckets, label, bar)
+            bar.close()
+            for lo in range(0, len(cells), step):
+                hi = min(lo + step, len(cells))
+                part = buckets / f"{lo // step}.bin"
+                entries = np.fromfile(part, dtype=_ENTRY) if part.exists() else \
+                    np.empty(0, dtype=_ENTRY)
+                # duplicated coordinates are summed, as scipy.io.mmread + tocsr does
+                block = sparse.coo_matrix(
+                    (entries["value"], (entries["cell"] - lo, entries["gene"])),
+                    shape=(hi - lo, len(genes))).toarray()
+                check_values(block, cells[lo:hi], genes, label, "cell", "gene")
+                yield stores.Block(lo, hi, block.astype(np.float32))
+
+    # the buckets do not outlive a process: an interrupted conversion starts over
+    return stores.write_store(store, fingerprint(directory), label, shape=shape, blocks=blocks,
+                              restart=restart, resume=False, progress=progress,
+                              desc=f"convert {directory.name}")
 
 
 def _claims(source: object) -> bool:

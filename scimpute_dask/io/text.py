@@ -374,49 +374,43 @@ def _convert(src: Location, store: Location, options: ReadOptions) -> stores.Exp
     label, sep = options.label, sep_for(src, options.sep)
     genes_rows = options.layout == "genes_x_cells"
     row_kind, col_kind = _kinds(options.layout)
-    group = stores.resumable(store, _fingerprint(src, options), options.restart, label)
-    if group is not None and group.attrs.get("complete"):
-        return stores.ExpressionStore(store)
 
-    scanned = _scan(src, options)
-    cols, rows = scanned.columns, scanned.rows
-    cells, genes = (cols, rows) if genes_rows else (rows, cols)
-    line_bytes = max(1, scanned.text_bytes // max(1, len(rows)))
-    if group is None:
-        chunks = plan.store_chunks(len(cells), len(genes), genes_rows, line_bytes,
-                                   options.memory_limit)
-        group = stores.create(store, _fingerprint(src, options), cells, genes, chunks)
-    state = dict(group.attrs["progress"])
-    X = stores.for_writing(group["X"])
+    def line_bytes(scanned: TextLayout) -> int:
+        return max(1, scanned.text_bytes // max(1, len(scanned.rows)))
 
-    # A block is a whole number of Zarr chunks along the streamed axis, so each
-    # write replaces complete chunks and a resumed run never mixes two writes.
-    row_chunk = X.chunks[1] if genes_rows else X.chunks[0]
-    per_row = line_bytes + 12 * len(cols)
-    block_rows = max(row_chunk, plan.text_block_bytes(options.memory_limit) // per_row
-                     // row_chunk * row_chunk)
+    def shape() -> stores.Shape:
+        scanned = _scan(src, options)
+        cols, rows = scanned.columns, scanned.rows
+        cells, genes = (cols, rows) if genes_rows else (rows, cols)
+        return cells, genes, plan.store_chunks(len(cells), len(genes), genes_rows,
+                                               line_bytes(scanned), options.memory_limit)
 
-    done, offset = int(state["rows_done"]), int(state["offset"]) or scanned.header_bytes
-    bar = stores.progress_bar(options.progress, total=len(rows), initial=done,
-                              desc=f"convert {src.name}")
-    with open_text(src, label, offset) as fh:
-        lines = _LineBlocks(fh, offset, sep.encode())
-        while done < len(rows):
-            text, n = lines.take(block_rows)
-            if n == 0:
-                raise InputError(f"{label}: the file changed during conversion (it ended after "
-                                 f"{done} of {len(rows)} rows); convert it again")
-            block = _parse_block(text, sep, rows[done : done + n], cols, label, row_kind,
-                                 col_kind)
-            if genes_rows:
-                X[:, done : done + n] = block.T
-            else:
-                X[done : done + n, :] = block
-            done += n
-            stores.record_progress(group, done, lines.offset)
-            bar.update(n)
-    bar.close()
-    return stores.finish(group, store)
+    def blocks(done: int, offset: int, chunks: tuple[int, int]) -> Iterator[stores.Block]:
+        scanned = _scan(src, options)
+        cols, rows = scanned.columns, scanned.rows
+        # A block is a whole number of Zarr chunks along the streamed axis, so each
+        # write replaces complete chunks and a resumed run never mixes two writes.
+        row_chunk = chunks[1] if genes_rows else chunks[0]
+        per_row = line_bytes(scanned) + 12 * len(cols)
+        block_rows = max(row_chunk, plan.text_block_bytes(options.memory_limit) // per_row
+                         // row_chunk * row_chunk)
+        offset = offset or scanned.header_bytes
+        with open_text(src, label, offset) as fh:
+            lines = _LineBlocks(fh, offset, sep.encode())
+            while done < len(rows):
+                text, n = lines.take(block_rows)
+                if n == 0:
+                    raise InputError(f"{label}: the file changed during conversion (it ended "
+                                     f"after {done} of {len(rows)} rows); convert it again")
+                block = _parse_block(text, sep, rows[done : done + n], cols, label, row_kind,
+                                     col_kind)
+                yield stores.Block(done, done + n, block.T if genes_rows else block,
+                                   lines.offset)
+                done += n
+
+    return stores.write_store(store, _fingerprint(src, options), label, shape=shape,
+                              blocks=blocks, by_columns=genes_rows, restart=options.restart,
+                              progress=options.progress, desc=f"convert {src.name}")
 
 
 READER = Reader("delimited text (TSV/CSV, plain or gzip/bzip2/xz/zstd)", _claims, _names,
