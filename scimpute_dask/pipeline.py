@@ -35,6 +35,7 @@ from scimpute_dask.export.adata import write_anndata
 from scimpute_dask.io import anndata_io
 from scimpute_dask.io.layout import ANNDATA, RESUMABLE, ZARR, RunLayout
 from scimpute_dask.io.storage import Location, is_remote, location, remove_tree
+from scimpute_dask.io.store import ExpressionStore
 from scimpute_dask.kernels.scoring import summary_stats
 from scimpute_dask.plotting import figures
 from scimpute_dask.plotting.report import REPORT, write_report
@@ -260,17 +261,11 @@ def _check(query, reference, identities, outdir, config: RunConfig) -> _Checked:
 
 def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Clock,
             client) -> RunResult:
-    """2–6: convert, kNN, impute, score, export; in the work directory, published at the end."""
-    outdir, work, limit, inputs = checked.outdir, checked.work, checked.limit, checked.inputs
-    layers, held, write_adata = checked.layers, checked.held, checked.write_adata
+    """2–6: convert, (tune,) kNN, impute, score, export and report, each a function that
+    returns what the next needs; in the work directory, published at the end."""
+    outdir, work, inputs = checked.outdir, checked.work, checked.inputs
     with out.exclusive(work):
-        finished = out.is_finished(outdir)
-        out.clear_work_dir(work, keep=set() if config.restart else set(RESUMABLE))
-        # 2. Inputs to Zarr (checks every value; reuses finished conversions).
-        q_store = store_for(query, "query", work, outdir, config.query_layout, config.restart,
-                            config.progress, limit, layers[0], finished)
-        r_store = store_for(reference, "reference", work, outdir, config.reference_layout,
-                            config.restart, config.progress, limit, layers[1], finished)
+        q_store, r_store = _convert(query, reference, config, checked)
         clock.lap("convert")
         tuned = None
         if config.tune:
@@ -278,76 +273,15 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
             tuned = tuning.tune_stores(q_store, r_store, inputs, config)
             config = dataclasses.replace(config, **tuned.best)
             clock.lap("tune")
-
-        blocks = _plan(limit, inputs, config, r_store.chunks)
-        layout = RunLayout(work)
+        blocks = _plan(checked.limit, inputs, config, r_store.chunks)
         with cluster.compute_on(client, config.scheduler, blocks.threads, config.progress):
-            data = stages.search_data(layout, q_store, r_store, inputs, blocks,
-                                      config.consider_clusters)
-            key = {"query": q_store.fingerprint, "reference": r_store.fingerprint,
-                   "k": config.k, "clusters": data.codes_digest,
-                   "chunks": [blocks.query_chunk, blocks.reference_chunk], **config.search()}
-            # 3. kNN on the shared genes.
-            log.info("finding %d nearest neighbours of %d query cells", config.k,
-                     len(inputs.q_cells))
-            nbrs = stages.neighbours_stage(layout, data, key, inputs, config, blocks)
-            stages.describe_run(layout, nbrs, r_store, inputs, config.average)
-            clock.lap("knn")
-            # 4. Imputation of every reference gene, streamed to Zarr.
-            if len(inputs.imputed):
-                log.info("imputing %d genes", len(inputs.imputed))
-                stages.imputation_stage(layout, nbrs, r_store, key, inputs, blocks.gene_chunk,
-                                        config.average)
-            else:  # only the neighbours are kept: read_run() imputes on demand
-                remove_tree(layout.imputed)
-                remove_tree(layout.wide)
-            clock.lap("impute")
-            # 5. scimpute's validation score per query cell.
-            log.info("scoring %d query cells", len(inputs.q_cells))
-            scores = stages.score_stage(layout, nbrs, r_store, key, inputs, data, blocks,
-                                        config.average)
-            clock.lap("score")
-
-        # 6. Export, streamed from the stores.
-        log.info("exporting the tables")
-        stats = summary_stats(scores)
-        files = tables.write_run_tables(work, inputs, blocks.query_chunk, config.save_chunks,
-                                        scores, stats, blocks.threads)
-        parameters = _recorded(config, blocks, limit, held)
-        if tuned is not None:
-            files["tuning"] = work / TUNING
-            tuning.write_table(files["tuning"], tuned)
-        if held is not None:
-            files["reliability"] = work / heldout.RELIABILITY
-            with out.atomic_file(files["reliability"], "wb") as fh:
-                fh.write((held.directory / heldout.RELIABILITY).read_bytes())
-        if config.h5ad or write_adata:
-            # h5py files cannot travel to workers: written from this process
-            with cluster.local_threads(blocks.threads, config.progress):
-                files.update(write_anndata(
-                    work, inputs, checked.obs, checked.obsm, scores, stats, parameters,
-                    config.h5ad,
-                    write_adata, None if held is None else held.reliability))
+            scores = _compute(RunLayout(work), q_store, r_store, inputs, config, blocks, clock)
+        files, record = _export(work, inputs, config, checked, blocks, scores, tuned,
+                                clock.timings)
         clock.lap("export")
-        record = _record(inputs, parameters, scores, stats, clock.timings, checked.checksums)
-        if tuned is not None:
-            record["tuning"] = tuned.record()
         if config.report:
-            with cluster.local_threads(blocks.threads, False):
-                drawn = figures.run_figures(
-                    work, files, checked.obsm.get("spatial"), q_store, r_store, inputs,
-                    _plot_genes(config.plot_genes), None if held is None else held.genes)
-                if tuned is not None:
-                    files["tuning_plot"] = work / figures.TUNING_PNG
-                    figures.tuning_heatmap(files["tuning_plot"], tuned.table, tuned.metric,
-                                           tuned.best)
-                    drawn.append((figures.TUNING_PNG, f"Inner-validation {tuned.metric} of "
-                                  f"every candidate setting (the winner outlined)"))
+            _report(work, files, record, q_store, r_store, config, checked, blocks, tuned)
             clock.lap("figures")
-            files["report"] = work / REPORT
-            write_report(files["report"], _finish(record, sorted(
-                [*out.outputs(work), REPORT, out.MANIFEST])), drawn,
-                None if held is None else held.summary)
         _finish(record, out.outputs(work))
         log.debug("timings (s): %s; peak memory (MiB): %s", clock.timings,
                   record["peak_memory_mib"])
@@ -357,8 +291,102 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
              for name, path in files.items()}
     return RunResult(outdir, files, len(inputs.q_cells), len(inputs.r_cells),
                      len(inputs.r_genes), len(inputs.q_cols),
-                     list(inputs.q_cells[np.isnan(scores)]), stats, clock.timings,
+                     list(inputs.q_cells[np.isnan(scores)]), record["stats"], clock.timings,
                      len(inputs.imputed))
+
+
+def _convert(query, reference, config: RunConfig, checked: _Checked
+             ) -> tuple[ExpressionStore, ExpressionStore]:
+    """2. Inputs to Zarr (checks every value; resumes or reuses finished conversions)."""
+    outdir, work, limit, layers = checked.outdir, checked.work, checked.limit, checked.layers
+    finished = out.is_finished(outdir)
+    out.clear_work_dir(work, keep=set() if config.restart else set(RESUMABLE))
+    q_store = store_for(query, "query", work, outdir, config.query_layout, config.restart,
+                        config.progress, limit, layers[0], finished)
+    r_store = store_for(reference, "reference", work, outdir, config.reference_layout,
+                        config.restart, config.progress, limit, layers[1], finished)
+    return q_store, r_store
+
+
+def _compute(layout: RunLayout, q_store: ExpressionStore, r_store: ExpressionStore,
+             inputs: RunInputs, config: RunConfig, blocks: plan.Plan, clock: _Clock
+             ) -> np.ndarray:
+    """3–5: kNN, imputation and score on the current scheduler; returns the scores."""
+    data = stages.search_data(layout, q_store, r_store, inputs, blocks,
+                              config.consider_clusters)
+    key = {"query": q_store.fingerprint, "reference": r_store.fingerprint,
+           "k": config.k, "clusters": data.codes_digest,
+           "chunks": [blocks.query_chunk, blocks.reference_chunk], **config.search()}
+    # 3. kNN on the shared genes.
+    log.info("finding %d nearest neighbours of %d query cells", config.k, len(inputs.q_cells))
+    nbrs = stages.neighbours_stage(layout, data, key, inputs, config, blocks)
+    stages.describe_run(layout, nbrs, r_store, inputs, config.average)
+    clock.lap("knn")
+    # 4. Imputation of the chosen reference genes, streamed to Zarr.
+    if len(inputs.imputed):
+        log.info("imputing %d genes", len(inputs.imputed))
+        stages.imputation_stage(layout, nbrs, r_store, key, inputs, blocks.gene_chunk,
+                                config.average)
+    else:  # only the neighbours are kept: read_run() imputes on demand
+        remove_tree(layout.imputed)
+        remove_tree(layout.wide)
+    clock.lap("impute")
+    # 5. scimpute's validation score per query cell.
+    log.info("scoring %d query cells", len(inputs.q_cells))
+    scores = stages.score_stage(layout, nbrs, r_store, key, inputs, data, blocks,
+                                config.average)
+    clock.lap("score")
+    return scores
+
+
+def _export(work: Location, inputs: RunInputs, config: RunConfig, checked: _Checked,
+            blocks: plan.Plan, scores: np.ndarray, tuned, timings: dict
+            ) -> tuple[dict[str, Location], dict]:
+    """6. scimpute's files and the AnnData, streamed from the stores; the run's record
+    (whose ``timings_s`` is ``timings``, filled in as the run goes on)."""
+    log.info("exporting the tables")
+    held = checked.held
+    stats = summary_stats(scores)
+    files = tables.write_run_tables(work, inputs, blocks.query_chunk, config.save_chunks,
+                                    scores, stats, blocks.threads)
+    parameters = _recorded(config, blocks, checked.limit, held)
+    if tuned is not None:
+        files["tuning"] = work / TUNING
+        tuning.write_table(files["tuning"], tuned)
+    if held is not None:
+        files["reliability"] = work / heldout.RELIABILITY
+        with out.atomic_file(files["reliability"], "wb") as fh:
+            fh.write((held.directory / heldout.RELIABILITY).read_bytes())
+    if config.h5ad or checked.write_adata:
+        # h5py files cannot travel to workers: written from this process
+        with cluster.local_threads(blocks.threads, config.progress):
+            files.update(write_anndata(
+                work, inputs, checked.obs, checked.obsm, scores, stats, parameters,
+                config.h5ad, checked.write_adata, None if held is None else held.reliability))
+    record = _record(inputs, parameters, scores, stats, timings, checked.checksums)
+    if tuned is not None:
+        record["tuning"] = tuned.record()
+    return files, record
+
+
+def _report(work: Location, files: dict[str, Location], record: dict,
+            q_store: ExpressionStore, r_store: ExpressionStore, config: RunConfig,
+            checked: _Checked, blocks: plan.Plan, tuned) -> None:
+    """The figures and ``report.html`` (added to ``files``)."""
+    held = checked.held
+    with cluster.local_threads(blocks.threads, False):
+        drawn = figures.run_figures(
+            work, files, checked.obsm.get("spatial"), q_store, r_store, checked.inputs,
+            _plot_genes(config.plot_genes), None if held is None else held.genes)
+        if tuned is not None:
+            files["tuning_plot"] = work / figures.TUNING_PNG
+            figures.tuning_heatmap(files["tuning_plot"], tuned.table, tuned.metric, tuned.best)
+            drawn.append((figures.TUNING_PNG, f"Inner-validation {tuned.metric} of "
+                          f"every candidate setting (the winner outlined)"))
+    files["report"] = work / REPORT
+    write_report(files["report"], _finish(record, sorted(
+        [*out.outputs(work), REPORT, out.MANIFEST])), drawn,
+        None if held is None else held.summary)
 
 
 # --------------------------------------------------------------------------- #
