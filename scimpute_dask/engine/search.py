@@ -151,15 +151,8 @@ def knn(query: da.Array, reference: da.Array, k: int, query_codes: da.Array | No
     """Exact cosine kNN of every query row among the reference rows, in one call.
 
     :func:`prepare` (tiles of ``tile`` rows, default: the reference's row
-    chunks) followed by :meth:`Searcher.neighbours`.
-
-    Returns
-    -------
-    indices : dask.array.Array
-        ``(n_query, k)`` int32 reference rows, most similar first; ``-1`` for
-        query cells whose shared-gene expression is all zero (undefined cosine).
-    similarity : dask.array.Array
-        ``(n_query, k)`` float32 cosine similarities; NaN where ``indices`` is -1.
+    chunks) followed by :meth:`Searcher.neighbours`; returns the lazy
+    ``(indices, similarity)`` of :func:`graph.search_graph`.
     """
     searcher = prepare(reference, tile or reference.chunks[0][0], reference_codes, path, key)
     return searcher.neighbours(query, k, query_codes)
