@@ -59,11 +59,12 @@ def _ours(args, q, r, qc, rc) -> np.ndarray:
 
     plan = plan_run(parse_memory(args.memory_limit), *q.shape[:1], r.shape[0], q.shape[1],
                     args.reference_genes)
-    qd = da.from_array(q, chunks=(plan.query_chunk, -1))
+    # the query in the run's search blocks, the reference in its tiles (held in memory here)
+    qd = da.from_array(q, chunks=(plan.search_chunk, -1))
     rd = da.from_array(r, chunks=(plan.reference_chunk, -1))
-    codes = ((da.from_array(qc, chunks=plan.query_chunk),
+    codes = ((da.from_array(qc, chunks=plan.search_chunk),
               da.from_array(rc, chunks=plan.reference_chunk)) if args.clusters else ())
-    print(f"  (tiles {plan.query_chunk} × {plan.reference_chunk}, {plan.threads} threads)",
+    print(f"  (tiles {plan.search_chunk} × {plan.reference_chunk}, {plan.threads} threads)",
           file=sys.stderr)
     with dask.config.set(scheduler="threads"), threadpool_limits(1, user_api="blas"):
         idx, _ = dask.compute(*search.knn(qd, rd, args.k, *codes))
