@@ -48,3 +48,8 @@ hidden = imputed.var_names[~imputed.var["measured"].to_numpy()]
 sc.pp.log1p(imputed)  # a lazy X: scanpy works on it as on any Dask-backed AnnData
 print("median imputed log1p expression of the unmeasured genes:",
       float(np.nanmedian(imputed[:, hidden].X.compute())))
+
+# Any run can be reopened later with every gene imputed on demand (a run with
+# impute_genes="none" stores only the neighbours, and this still works):
+lazy = scimpute_dask.read_run(out)
+print("Gad1 from the stored neighbours, computed now:", lazy[:, ["Gad1"]].X.compute()[:5, 0])
