@@ -40,29 +40,34 @@ def _bounds(n: int, tile: int) -> Iterator[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class StoredTiles:
-    """A prepared reference in a Zarr group; each read decodes the chunks of one tile."""
+    """A prepared reference in a Zarr group; each read decodes the chunks of one tile.
+
+    The arrays are opened once, here: on an object store every opening is a request.
+    """
 
     group: zarr.Group
     tile: int
-    n: int = field(init=False)
+    arrays: dict[str, zarr.Array] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "n", self.group["values"].shape[0])
+        object.__setattr__(self, "arrays", {name: self.group[name] for name in
+                                            (*PREPARED, "codes") if name in self.group})
 
     def bounds(self) -> Iterator[tuple[int, int]]:
-        return _bounds(self.n, self.tile)
+        return _bounds(self.arrays["values"].shape[0], self.tile)
 
     def unit(self, lo: int, hi: int) -> np.ndarray:
-        return self.group["unit"][lo:hi]
+        return self.arrays["unit"][lo:hi]
 
     def values(self, lo: int, hi: int) -> np.ndarray:
-        return self.group["values"][lo:hi]
+        return self.arrays["values"][lo:hi]
 
     def norms(self, lo: int, hi: int) -> np.ndarray:
-        return self.group["norms"][lo:hi, 0]
+        return self.arrays["norms"][lo:hi, 0]
 
     def clusters(self, lo: int, hi: int) -> np.ndarray | None:
-        return self.group["codes"][lo:hi, 0] if "codes" in self.group else None
+        codes = self.arrays.get("codes")
+        return None if codes is None else codes[lo:hi, 0]
 
 
 @dataclass(frozen=True)
