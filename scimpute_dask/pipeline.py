@@ -57,7 +57,8 @@ OUTPUT_NAMES = frozenset({
 TUNING = "tuning.tsv"
 
 #: The settings ``run.json`` (and ``uns["scimpute"]``) records, planned block sizes included.
-RECORDED = ("k", "consider_clusters", "chunk_size", "memory_limit", "threads",
+RECORDED = ("k", "consider_clusters", "search", "recall", "chunk_size", "memory_limit",
+            "threads",
             "reference_chunk_size", "gene_chunk_size", "save_chunks", "normalize",
             "weighting", "temperature", "average", "tune", "impute_genes", "tsv_genes",
             "layer",
@@ -144,6 +145,8 @@ def run_imputation(
     anndata: bool | None = None,
     report: bool = True,
     plot_genes: list[str] | None = None,
+    search: str = "exact",
+    recall: float = 0.95,
     normalize: str = "none",
     weighting: str = "cosine+1",
     temperature: float = 0.1,
@@ -194,7 +197,8 @@ def run_imputation(
         progress=progress,
         scheduler=scheduler, layer=layer, reference_layer=reference_layer,
         cluster_key=cluster_key, coords=coords, anndata=anndata, report=report,
-        plot_genes=plot_genes, normalize=normalize, weighting=weighting,
+        plot_genes=plot_genes, search=search, recall=recall, normalize=normalize,
+        weighting=weighting,
         temperature=temperature, average=average, tune=tune, tune_metric=tune_metric,
         tune_cells=tune_cells, seed=seed, validation=validation)
     return run(query, reference, identities, outdir, config, client=client)
@@ -252,7 +256,7 @@ def _check(query, reference, identities, outdir, config: RunConfig) -> _Checked:
                             "reference": (reference, config.reference_layout, layers[1])},
         {"query": inputs.q_label, "reference": inputs.r_label}, inputs.q_cells,
         inputs.r_genes, inputs.measured,
-        {"k": config.k, **config.search(), "average": config.average})
+        {"k": config.k, **config.search_settings(), "average": config.average})
     checksums = provenance.checksums({"query": query, "reference": reference,
                                       "identities": identities, "coords": config.coords})
     return _Checked(outdir, out.work_dir_for(outdir), parse_memory(config.memory_limit),
@@ -316,7 +320,9 @@ def _compute(layout: RunLayout, q_store: ExpressionStore, r_store: ExpressionSto
                               config.consider_clusters)
     key = {"query": q_store.fingerprint, "reference": r_store.fingerprint,
            "k": config.k, "clusters": data.codes_digest,
-           "chunks": [blocks.query_chunk, blocks.reference_chunk], **config.search()}
+           "chunks": [blocks.query_chunk, blocks.reference_chunk], **config.search_settings()}
+    if config.search == "approx":  # exact keeps the key it always had: older runs resume
+        key.update({"search": "approx", "recall": config.recall, "seed": config.seed})
     # 3. kNN on the shared genes.
     log.info("finding %d nearest neighbours of %d query cells", config.k, len(inputs.q_cells))
     nbrs = stages.neighbours_stage(layout, data, key, inputs, config, blocks)
@@ -364,6 +370,7 @@ def _export(work: Location, inputs: RunInputs, config: RunConfig, checked: _Chec
                 work, inputs, checked.obs, checked.obsm, scores, stats, parameters,
                 config.h5ad, checked.write_adata, None if held is None else held.reliability))
     record = _record(inputs, parameters, scores, stats, timings, checked.checksums)
+    record["search"] = stages.search_record(RunLayout(work))
     if tuned is not None:
         record["tuning"] = tuned.record()
     return files, record

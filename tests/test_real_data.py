@@ -97,3 +97,42 @@ def test_float32_store_writes_the_float64_table_byte_for_byte(mc_inputs, monkeyp
     assert (tmp / "f32" / "imputation.tsv").read_bytes() == \
         (tmp / "f64" / "imputation.tsv").read_bytes()
     np.testing.assert_allclose(stores["f32"][:], stores["f64"][:], rtol=2.5e-7)
+
+
+def _per_gene_pearson(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    t, p = np.log1p(truth), np.log1p(pred)
+    t, p = t - t.mean(axis=0), p - p.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (t * p).sum(axis=0) / np.sqrt((t * t).sum(axis=0) * (p * p).sum(axis=0))
+
+
+def test_approximate_search_keeps_the_held_out_accuracy(tmp_path):
+    """A1 -> A2 with half the genes held out: --search approx, forced onto this small data,
+    gives the held-out accuracy of the exact search, and records the recall it measured."""
+    import json
+
+    ref = pd.read_csv(MC_CORTEX / "A1" / "matrix.csv", index_col=0)
+    query = pd.read_csv(MC_CORTEX / "A2" / "matrix.csv", index_col=0)
+    ref.index, query.index = "A1_" + ref.index.astype(str), "A2_" + query.index.astype(str)
+    visible = np.sort(np.random.default_rng(1).choice(ref.columns, 50, replace=False))
+    hidden = ref.columns.difference(visible)
+    ref.to_csv(tmp_path / "A1.csv")
+    query[visible].to_csv(tmp_path / "A2.csv")
+    pearson, runs = {}, {}
+    for mode in ("exact", "approx"):
+        out = tmp_path / mode
+        assert main(["run", "--query", str(tmp_path / "A2.csv"), "--query-layout",
+                     "cells_x_genes", "--reference", str(tmp_path / "A1.csv"),
+                     "--reference-layout", "cells_x_genes", "--no-clusters", "--k", "15",
+                     "--search", mode, "--tsv-genes", ",".join(hidden), "--no-report",
+                     "--out", str(out), "--quiet"]) == 0
+        imputed = pd.read_csv(out / "imputation.tsv", sep="\t", index_col=0).dropna()
+        r = _per_gene_pearson(query.loc[imputed.index, hidden].to_numpy(float),
+                              imputed[hidden].to_numpy(float))
+        pearson[mode] = float(np.nanmean(r))
+        runs[mode] = json.loads((out / "run.json").read_text())["search"]
+    assert runs["exact"] == {"mode": "exact"}
+    approx = runs["approx"]
+    assert approx["recall_at_k"] >= 0.95 and approx["probes"] < approx["lists"]
+    assert approx["recall_ci95"][0] <= approx["recall_at_k"] <= approx["recall_ci95"][1]
+    assert abs(pearson["approx"] - pearson["exact"]) <= 0.005, pearson

@@ -90,12 +90,28 @@ def prepared_reference(reference: da.Array, tile: int, codes: da.Array | None = 
     return arrays
 
 
-def _search_block(query, *codes, tiles, k: int) -> np.ndarray:
-    return knn.search_block(_one_block(query), tiles, k, codes[0] if codes else None)
+def _lists_of(values: np.ndarray, *, centroids: np.ndarray) -> np.ndarray:
+    return knn.nearest_lists(knn.normalize_rows(values), centroids)[:, 0]
+
+
+def list_ids(reference: da.Array, centroids: np.ndarray) -> da.Array:
+    """Each reference row's nearest coarse list (an approximate search's index)."""
+    return _single_chunk_columns(reference).map_blocks(
+        partial(_lists_of, centroids=centroids), drop_axis=1, dtype=np.int32)
+
+
+def _search_block(query, *codes, tiles, k: int, probing) -> np.ndarray:
+    query = _one_block(query)
+    probes = None
+    if probing is not None:
+        centroids, n = probing
+        probes = knn.nearest_lists(knn.normalize_rows(query), centroids, n)
+    return knn.search_block(query, tiles, k, codes[0] if codes else None, probes)
 
 
 def search_graph(query: da.Array, tiles: knn.Tiles, token: str, k: int,
-                 query_codes: da.Array | None = None) -> tuple[da.Array, da.Array]:
+                 query_codes: da.Array | None = None, probing=None
+                 ) -> tuple[da.Array, da.Array]:
     """Exact cosine kNN of every query row in a prepared reference, one task per query block.
 
     Each task screens its block against every reference tile in float32,
@@ -121,6 +137,10 @@ def search_graph(query: da.Array, tiles: knn.Tiles, token: str, k: int,
     query_codes
         Integer cluster codes of the query rows, for a search restricted to
         each cell's cluster (the reference's are prepared with it).
+    probing
+        ``(centroids, n)``: an approximate search, each cell screening only the
+        rows of its ``n`` nearest coarse lists (a reference prepared in list
+        order); None: exact.
 
     Returns
     -------
@@ -133,11 +153,12 @@ def search_graph(query: da.Array, tiles: knn.Tiles, token: str, k: int,
     query = _single_chunk_columns(query)
     codes = [] if query_codes is None else [query_codes.rechunk((query.chunks[0],)), "i"]
     packed = da.blockwise(
-        partial(_search_block, tiles=tiles, k=k), "ikp", query, "ig", *codes,
+        partial(_search_block, tiles=tiles, k=k, probing=probing), "ikp", query, "ig", *codes,
         new_axes={"k": k, "p": 2}, concatenate=False, dtype=np.float64,
         meta=np.empty((0, 0, 0), dtype=np.float64),
         name="search-" + dask.base.tokenize(query.name, token, k,
-                                            None if query_codes is None else codes[0].name),
+                                            None if query_codes is None else codes[0].name,
+                                            None if probing is None else probing[1]),
     )
     return packed[..., 1].astype(np.int32), packed[..., 0].astype(np.float32)
 

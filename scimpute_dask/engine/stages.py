@@ -21,7 +21,7 @@ import zarr
 from scimpute_dask.config import RunConfig
 from scimpute_dask.engine import cluster, graph, search
 from scimpute_dask.engine.inputs import RunInputs
-from scimpute_dask.engine.resumable import digest, is_complete, names_array, store_stage
+from scimpute_dask.engine.resumable import digest, names_array, store_stage
 from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import Location, is_remote, remove_tree, zarr_store
 from scimpute_dask.io.store import ExpressionStore
@@ -64,35 +64,76 @@ def search_data(layout: RunLayout, q_store: ExpressionStore, r_store: Expression
                       da.from_zarr(stored)[n_q:].rechunk(br), digest(codes))
 
 
+#: Query cells on which an approximate search measures its recall.
+RECALL_SAMPLE = 1000
+
+
 def neighbours_stage(layout: RunLayout, data: SearchData, key: dict, inputs: RunInputs,
                      config: RunConfig, blocks: Plan) -> zarr.Group:
     """kNN of every query cell on the shared genes, with its weights, stored resumably.
 
     The reference is prepared for the search in ``layout.search`` (resumable
     too; keyed by the reference, its genes, the search transform and the
-    clusters) and removed once the neighbours are stored.
+    clusters) and removed once the neighbours are stored. With ``search
+    approx`` it is prepared in the order of coarse lists (k-means of its rows),
+    and the lists each cell probes are the fewest that reach ``config.recall``
+    on a seeded sample of query cells (:meth:`search.Searcher.choose_probes`);
+    what was chosen and measured goes to the group's ``search`` attribute.
     """
     path = layout.neighbours
-    if not is_complete(path, key):
+    if not _neighbours_done(path, key):
         q, r = graph.search_space(data.query, data.reference, config.normalize)
-        searcher = search.prepare(
-            r, blocks.reference_chunk, data.reference_codes, layout.search,
-            {"reference": key["reference"], "genes": digest(inputs.r_cols),
-             "normalize": config.normalize, "clusters": data.codes_digest})
+        prepared_key = {"reference": key["reference"], "genes": digest(inputs.r_cols),
+                        "normalize": config.normalize, "clusters": data.codes_digest}
+        probes, record, stored_key = None, {"mode": "exact"}, key
+        if config.search == "approx":
+            coarse = search.fit_coarse(r, search.n_lists_for(r.shape[0]), config.seed)
+            searcher = search.prepare(r, blocks.reference_chunk, data.reference_codes,
+                                      layout.search, prepared_key, coarse)
+            cells = np.sort(np.random.default_rng(config.seed).choice(
+                q.shape[0], min(q.shape[0], RECALL_SAMPLE), replace=False))
+            chosen = searcher.choose_probes(
+                np.asarray(q[cells].compute(), dtype=np.float32), config.k, config.recall,
+                None if data.query_codes is None else np.asarray(data.query_codes[cells]))
+            probes, record = chosen.probes, chosen.record()
+            # blocks searched with other lists or probes are never resumed into these
+            stored_key = {**key, "lists": digest(coarse), "probes": probes}
+            log.info("approximate search: %d of %d coarse lists per cell, recall@%d %.3f "
+                     "(95%% CI %.3f–%.3f) on %d sampled cells", chosen.probes, chosen.lists,
+                     config.k, chosen.recall, *chosen.interval, chosen.cells)
+        else:
+            searcher = search.prepare(r, blocks.reference_chunk, data.reference_codes,
+                                      layout.search, prepared_key)
         log.debug("reference prepared for the search in %d-cell tiles", blocks.reference_chunk)
-        indices, similarity = searcher.neighbours(q, config.k, data.query_codes)
+        indices, similarity = searcher.neighbours(q, config.k, data.query_codes, probes)
         # stored in the query blocks the imputation and the export read
         bq = blocks.query_chunk
         indices, similarity = indices.rechunk((bq, -1)), similarity.rechunk((bq, -1))
         weights = neighbour_weights(similarity, config.weighting, config.temperature)
         store_stage(path, {"indices": (indices, -1), "weights": (weights, np.nan)},
-                    key, {"k": config.k, "consider_clusters": config.consider_clusters,
-                          "weight": config.weighting})
+                    stored_key, {"k": config.k, "request": key, "search": record,
+                                 "consider_clusters": config.consider_clusters,
+                                 "weight": config.weighting})
         searcher.remove()
     nbrs = zarr.open_group(zarr_store(path), mode="r+")
     names_array(nbrs, "obs_names", inputs.q_cells)
     names_array(nbrs, "reference_names", inputs.r_cells)  # what the indices point at
     return nbrs
+
+
+def _neighbours_done(path: Location, key: dict) -> bool:
+    """Are the neighbours asked for by ``key`` stored completely (an approximate search's
+    stored key adds the lists and probes it chose)?"""
+    if not (path / "zarr.json").exists():
+        return False
+    attrs = dict(zarr.open_group(zarr_store(path, True), mode="r").attrs)
+    return bool(attrs.get("complete")) and attrs.get("request", attrs.get("key")) == key
+
+
+def search_record(layout: RunLayout) -> dict:
+    """How the run's neighbours were searched (``run.json``'s ``search``)."""
+    nbrs = zarr.open_group(zarr_store(layout.neighbours, True), mode="r")
+    return dict(nbrs.attrs.get("search") or {"mode": "exact"})
 
 
 def imputation_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore,

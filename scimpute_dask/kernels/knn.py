@@ -464,7 +464,7 @@ def exact_topk(
     query_norms, reference_norms
         Their rows' float64 norms (:func:`row_norms`), computed once per block.
     reference_rows
-        ``(br,)`` global rows of the reference block: consecutive.
+        ``(br,)`` global rows of the reference block (consecutive, or in any order).
     screened
         ``(bq, m, 2)`` merged candidate lists of :func:`screen` (``m > k``).
     k
@@ -482,12 +482,11 @@ def exact_topk(
     reference_rows = np.asarray(reference_rows, dtype=np.int64)
     qn = np.asarray(query_norms, dtype=np.float64)
     rn = np.asarray(reference_norms, dtype=np.float64)
-    first = int(reference_rows[0]) if len(reference_rows) else 0
     candidates = screened[..., 1].astype(np.int64)
     again = np.flatnonzero(incomplete(screened, k, query.shape[1]))
     candidates[again] = EMPTY  # found by the exhaustive search instead, never twice
     exact = np.full(candidates.shape, -np.inf)
-    _cosine64_into(query, qn, reference, rn, first, candidates, exact)
+    _cosine64_into(query, qn, reference, rn, 0, _positions(candidates, reference_rows), exact)
     out = _rank(exact, candidates, k)
     step = max(1, min(EXHAUSTIVE_ROWS, EXHAUSTIVE_ELEMENTS // max(1, len(reference_rows))))
     for lo in range(0, len(again), step):
@@ -497,9 +496,26 @@ def exact_topk(
             every[np.asarray(query_clusters)[cells, None]
                   != np.asarray(reference_clusters)[None, :]] = EMPTY
         exact = np.full(every.shape, -np.inf)
-        _cosine64_into(query[cells], qn[cells], reference, rn, first, every, exact)
+        _cosine64_into(query[cells], qn[cells], reference, rn, 0,
+                       _positions(every, reference_rows), exact)
         out[cells] = _rank(exact, every, k)
     return out
+
+
+def _positions(ids: np.ndarray, reference_rows: np.ndarray) -> np.ndarray:
+    """Where in a block whose rows are ``reference_rows`` (consecutive, or in any order for
+    a reference prepared in list order) each id lies; ``EMPTY`` for ids it does not hold."""
+    if len(reference_rows) == 0:
+        return np.full(ids.shape, EMPTY, dtype=np.int64)
+    first = int(reference_rows[0])
+    if int(reference_rows[-1]) - first == len(reference_rows) - 1 and \
+            (len(reference_rows) < 2 or (np.diff(reference_rows) == 1).all()):
+        at = ids - first
+        return np.where((ids >= 0) & (at >= 0) & (at < len(reference_rows)), at, EMPTY)
+    order = np.argsort(reference_rows, kind="stable")
+    ranked = reference_rows[order]
+    at = np.clip(np.searchsorted(ranked, ids), 0, len(ranked) - 1)
+    return np.where((ids >= 0) & (ranked[at] == ids), order[at], EMPTY)
 
 
 def drop_self(indices: np.ndarray, similarity: np.ndarray, rows: np.ndarray
@@ -548,14 +564,64 @@ class Tiles(Protocol):
     def clusters(self, lo: int, hi: int) -> np.ndarray | None:
         """Cluster codes of the rows, or None for an unrestricted search."""
 
+    def lists(self, lo: int, hi: int) -> np.ndarray | None:
+        """For an approximate search: the coarse list of each row, ascending within the
+        tile (the rows of one list are contiguous); None for an exact-only reference."""
+
+    def rows(self, lo: int, hi: int) -> np.ndarray | None:
+        """The reference row each prepared row holds (a reference prepared in list order
+        holds them out of order; candidates are named, and ties broken, by these rows);
+        None when they are in order."""
+
 
 def _merged(best: np.ndarray | None, part: np.ndarray, m: int) -> np.ndarray:
     return part if best is None else merge_topk(np.concatenate([best, part], axis=1), m)
 
 
+def _rows(tiles: Tiles, lo: int, hi: int) -> np.ndarray:
+    rows = tiles.rows(lo, hi)
+    return np.arange(lo, hi, dtype=np.int64) if rows is None else rows
+
+
+def _screen_all(unit: np.ndarray, tiles: Tiles, k: int, query_clusters) -> np.ndarray:
+    screened = None
+    for lo, hi in tiles.bounds():
+        rows = _rows(tiles, lo, hi)
+        part = screen(unit, tiles.unit(lo, hi), rows, k, query_clusters, tiles.clusters(lo, hi))
+        screened = _merged(screened, part, k + RERANK_MARGIN)
+    return screened
+
+
+def _screen_probed(unit: np.ndarray, tiles: Tiles, k: int, query_clusters, probes: np.ndarray
+                   ) -> np.ndarray:
+    """The screen of an approximate search: each cell meets only the rows of the coarse
+    lists it probes, one product per list present in a tile (the reference is prepared in
+    list order, so a tile holds a few whole lists)."""
+    m = k + RERANK_MARGIN
+    screened = _pack(*_empty(len(unit), m))
+    n_lists = int(probes.max(initial=-1)) + 1
+    probing = [np.flatnonzero((probes == c).any(axis=1)) for c in range(n_lists)]
+    for lo, hi in tiles.bounds():
+        lists = tiles.lists(lo, hi)
+        offsets = np.searchsorted(lists, np.arange(n_lists + 1))
+        wanted = [c for c in range(n_lists) if offsets[c] < offsets[c + 1] and len(probing[c])]
+        if not wanted:
+            continue
+        rows, tile = _rows(tiles, lo, hi), tiles.unit(lo, hi)
+        codes = tiles.clusters(lo, hi)
+        for c in wanted:
+            cells, a, b = probing[c], offsets[c], offsets[c + 1]
+            part = screen(unit[cells], tile[a:b], rows[a:b], k,
+                          None if query_clusters is None else query_clusters[cells],
+                          None if codes is None else codes[a:b])
+            screened[cells] = _merged(screened[cells], part, m)
+    return screened
+
+
 def search_block(query: np.ndarray, tiles: Tiles, k: int,
-                 query_clusters: np.ndarray | None = None) -> np.ndarray:
-    """Exact cosine kNN of one query block in a tiled reference, one tile held at a time.
+                 query_clusters: np.ndarray | None = None,
+                 probes: np.ndarray | None = None) -> np.ndarray:
+    """Cosine kNN of one query block in a tiled reference, one tile held at a time.
 
     The float32 :func:`screen` of every tile, its candidate lists merged as
     they come; then :func:`exact_topk` in every tile, merged again. Any tiling
@@ -572,6 +638,11 @@ def search_block(query: np.ndarray, tiles: Tiles, k: int,
         Neighbours per query cell.
     query_clusters
         ``(bq,)`` cluster codes; with them only same-cluster pairs are compared.
+    probes
+        ``(bq, p)`` coarse lists each cell probes (an approximate search over a
+        reference prepared with lists, :meth:`Tiles.lists`): the screen meets
+        only those lists' rows; the candidates are then ranked exactly as
+        always, so the only error left is a true neighbour in a list not probed.
 
     Returns
     -------
@@ -581,16 +652,26 @@ def search_block(query: np.ndarray, tiles: Tiles, k: int,
     """
     q = np.ascontiguousarray(query, dtype=np.float32)
     unit, q_norms = normalize_rows(q), row_norms(q)
-    m = k + RERANK_MARGIN
-    screened = None
-    for lo, hi in tiles.bounds():
-        rows = np.arange(lo, hi, dtype=np.int64)
-        part = screen(unit, tiles.unit(lo, hi), rows, k, query_clusters, tiles.clusters(lo, hi))
-        screened = _merged(screened, part, m)
+    if probes is not None:
+        screened = _screen_probed(unit, tiles, k, query_clusters, probes)
+        # cells whose probed lists hold fewer than k + margin candidates: every list
+        short = np.flatnonzero((screened[:, -1, 1] == EMPTY) & ~zero_rows(q))
+        if len(short):
+            screened[short] = _screen_all(unit[short], tiles, k,
+                                          None if query_clusters is None
+                                          else query_clusters[short])
+    else:
+        screened = _screen_all(unit, tiles, k, query_clusters)
     del unit
-    best = None
+    best = _pack(*_empty(len(q), k))
+    # an approximate search reads only the tiles holding its candidates (every tile if a
+    # cell must be searched exhaustively)
+    skip = probes is not None and not incomplete(screened, k, q.shape[1]).any()
+    candidates = screened[..., 1].astype(np.int64)
     for lo, hi in tiles.bounds():
-        rows = np.arange(lo, hi, dtype=np.int64)
+        rows = _rows(tiles, lo, hi)
+        if skip and not np.isin(candidates, rows).any():
+            continue
         part = exact_topk(q, q_norms, tiles.values(lo, hi), tiles.norms(lo, hi), rows,
                           screened, k, query_clusters, tiles.clusters(lo, hi))
         best = _merged(best, part, k)
@@ -598,3 +679,16 @@ def search_block(query: np.ndarray, tiles: Tiles, k: int,
     best[undefined, :, 0] = np.nan
     best[undefined, :, 1] = EMPTY
     return best
+
+
+def nearest_lists(unit: np.ndarray, centroids: np.ndarray, n: int = 1) -> np.ndarray:
+    """The ``n`` coarse lists (k-means centroids of unit rows) nearest each unit row, nearest
+    first: ``(rows, n)`` int32."""
+    unit = np.asarray(unit, dtype=np.float32)
+    # squared distance up to the row's own norm, which does not change the order
+    d = (centroids * centroids).sum(axis=1)[None, :] - 2.0 * (unit @ centroids.T)
+    n = min(n, centroids.shape[0])
+    near = np.argpartition(d, n - 1, axis=1)[:, :n] if n < centroids.shape[0] else \
+        np.tile(np.arange(centroids.shape[0]), (len(d), 1))
+    order = np.argsort(np.take_along_axis(d, near, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(near, order, axis=1).astype(np.int32)

@@ -186,7 +186,7 @@ def cross_validate(
         scheduler=scheduler)
     limit = parse_memory(config.memory_limit)
     inputs = check_study(query, reference, identities, config)
-    k, folds, options = config.k, config.folds, config.search()
+    k, folds, options = config.k, config.folds, config.search_settings()
     n_shared = len(inputs.q_cols)
     if not 2 <= folds <= n_shared:
         raise InputError(f"folds must be between 2 and the number of shared genes ({n_shared}), "
@@ -208,7 +208,7 @@ def cross_validate(
         clock = time.perf_counter()
         def searcher(settings: RunConfig) -> _Search:
             return _Search(zarr_dir, q_store, r_store, inputs, blocks, settings.k,
-                           settings.search(), settings.consider_clusters, settings.average)
+                           settings.search_settings(), settings.consider_clusters, settings.average)
 
         pair = searcher(config)
         imputed, moments, tuned = [], [], {}

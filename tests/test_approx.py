@@ -1,0 +1,73 @@
+"""The approximate search: coarse lists probed, every candidate ranked exactly."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from sklearn.metrics.pairwise import cosine_similarity
+
+from scimpute_dask.engine import search
+from scimpute_dask.io.storage import location
+from scimpute_dask.kernels import knn
+
+
+def _clustered(n: int, g: int, types: int, seed: int) -> np.ndarray:
+    """Counts of cell types with shared programmes: the structure single-cell data has."""
+    rng = np.random.default_rng(seed)
+    programmes = rng.lognormal(0.0, 1.0, (types, g)) * (rng.random((types, g)) < 0.3)
+    cells = programmes[rng.integers(0, types, n)] * rng.lognormal(0.0, 0.3, (n, 1))
+    return rng.poisson(cells).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _clustered(900, 60, 30, 2), _clustered(6000, 60, 30, 1)
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_recall_target_is_met_and_every_neighbour_is_ranked_exactly(data, tmp_path, stored):
+    q, r = data
+    k = 15
+    rd = da.from_array(r, chunks=(1000, -1))
+    coarse = search.fit_coarse(rd, search.n_lists_for(len(r)), seed=0)
+    searcher = search.prepare(rd, 700, path=location(tmp_path / "s.zarr") if stored else None,
+                              key={"t": 1}, coarse=coarse)
+    chosen = searcher.choose_probes(q[:300], k, 0.95)
+    assert chosen.recall >= 0.95 and chosen.probes < chosen.lists  # cheaper than exact
+    assert chosen.interval[0] <= chosen.recall <= chosen.interval[1]
+    with dask.config.set(scheduler="sync"):
+        idx, sim = dask.compute(*searcher.neighbours(da.from_array(q, chunks=(250, -1)), k,
+                                                     probes=chosen.probes))
+    dense = np.round(cosine_similarity(q.astype(np.float64), r.astype(np.float64)), 12)
+    zero = knn.zero_rows(q)
+    # each returned neighbour's cosine is the brute force's (the exact ranking)
+    got = np.take_along_axis(dense, np.maximum(idx, 0), axis=1)
+    np.testing.assert_allclose(sim[~zero], got[~zero], rtol=0, atol=1e-6)
+    assert (np.diff(sim[~zero], axis=1) <= 1e-7).all()
+    exact = np.argsort(-dense, axis=1, kind="stable")[:, :k]
+    recall = search.recall_at_k(idx[~zero], exact[~zero]).mean()
+    assert recall >= 0.93, recall  # the sample's estimate holds on the whole query
+
+
+def test_all_lists_probed_is_the_exact_search(data, tmp_path):
+    q, r = data
+    rd = da.from_array(r, chunks=(1000, -1))
+    coarse = search.fit_coarse(rd, 12, seed=3)
+    approx = search.prepare(rd, 999, path=location(tmp_path / "a.zarr"), coarse=coarse)
+    with dask.config.set(scheduler="sync"):
+        a = dask.compute(*approx.neighbours(da.from_array(q, chunks=(300, -1)), 10, probes=12))
+        e = dask.compute(*search.knn(da.from_array(q, chunks=(300, -1)), rd, 10))
+    # the same neighbours, equal cosines too: candidates are named by their reference rows
+    np.testing.assert_array_equal(a[0], e[0])
+    np.testing.assert_array_equal(a[1], e[1])
+
+
+def test_a_tiny_reference_gets_a_small_index():
+    rng = np.random.default_rng(0)
+    r = rng.poisson(2.0, (40, 8)).astype(np.float32)
+    rd = da.from_array(r, chunks=(40, -1))
+    assert search.n_lists_for(40) == 3
+    searcher = search.prepare(rd, 40, coarse=search.fit_coarse(rd, search.n_lists_for(40)))
+    assert searcher.choose_probes(r[:10] + 1, 5, 1.0).recall == 1.0
