@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -45,52 +45,20 @@ def _bounds(n: int, tile: int) -> Iterator[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
-class StoredTiles:
-    """A prepared reference in a Zarr group; each read decodes the chunks of one tile.
+class PreparedTiles:
+    """A prepared reference (:class:`scimpute_dask.kernels.knn.Tiles`): its arrays, Zarr
+    arrays of a stored preparation (each read decodes the chunks of one tile) or NumPy
+    arrays held in memory (small data: the tuner, the compat API)."""
 
-    The arrays are opened once, here: on an object store every opening is a request.
-    """
-
-    group: zarr.Group
+    arrays: dict
     tile: int
-    arrays: dict[str, zarr.Array] = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "arrays", {name: self.group[name] for name in
-                                            (*PREPARED, *OPTIONAL) if name in self.group})
-
-    def bounds(self) -> Iterator[tuple[int, int]]:
-        return _bounds(self.arrays["values"].shape[0], self.tile)
-
-    def unit(self, lo: int, hi: int) -> np.ndarray:
-        return self.arrays["unit"][lo:hi]
-
-    def values(self, lo: int, hi: int) -> np.ndarray:
-        return self.arrays["values"][lo:hi]
-
-    def norms(self, lo: int, hi: int) -> np.ndarray:
-        return self.arrays["norms"][lo:hi, 0]
-
-    def clusters(self, lo: int, hi: int) -> np.ndarray | None:
-        return self._column("codes", lo, hi)
-
-    def lists(self, lo: int, hi: int) -> np.ndarray | None:
-        return self._column("lists", lo, hi)
-
-    def rows(self, lo: int, hi: int) -> np.ndarray | None:
-        return self._column("rows", lo, hi)
-
-    def _column(self, name: str, lo: int, hi: int) -> np.ndarray | None:
-        array = self.arrays.get(name)
-        return None if array is None else array[lo:hi, 0]
-
-
-@dataclass(frozen=True)
-class ArrayTiles:
-    """A prepared reference held in memory (small data: the tuner, the compat API)."""
-
-    arrays: dict[str, np.ndarray]
-    tile: int
+    @classmethod
+    def stored(cls, group: zarr.Group, tile: int) -> PreparedTiles:
+        """The arrays of a stored preparation, opened once (on an object store every
+        opening is a request)."""
+        return cls({name: group[name] for name in (*PREPARED, *OPTIONAL) if name in group},
+                   tile)
 
     def bounds(self) -> Iterator[tuple[int, int]]:
         return _bounds(self.arrays["values"].shape[0], self.tile)
@@ -149,7 +117,7 @@ class Recall:
 class Searcher:
     """A prepared reference (:func:`prepare`) that query blocks are searched against."""
 
-    tiles: StoredTiles | ArrayTiles
+    tiles: PreparedTiles
     token: str
     path: Location | None = None
     coarse: Coarse | None = None
@@ -284,13 +252,14 @@ def prepare(reference: da.Array, tile: int, codes: da.Array | None = None,
     arrays = graph.prepared_reference(reference, tile, codes)
     if path is None:
         computed = dask.compute(*arrays.values())
-        return Searcher(ArrayTiles(dict(zip(arrays, computed, strict=True)), tile),
+        return Searcher(PreparedTiles(dict(zip(arrays, computed, strict=True)), tile),
                         uuid.uuid4().hex)
     fills = {"values": np.nan, "unit": np.nan, "norms": np.nan, "codes": -1}
     # raw: normalised rows do not compress, and every search task reads each tile once
     group = store_stage(path, {name: (arr, fills[name]) for name, arr in arrays.items()},
                         {**(key or {}), "tile": tile}, {"tile": tile}, compressors=None)
-    return Searcher(StoredTiles(group, tile), dask.base.tokenize(str(path), key, tile), path)
+    return Searcher(PreparedTiles.stored(group, tile), dask.base.tokenize(str(path), key, tile),
+                    path)
 
 
 def _prepare_in_lists(reference: da.Array, tile: int, codes: da.Array | None,
@@ -317,13 +286,13 @@ def _prepare_in_lists(reference: da.Array, tile: int, codes: da.Array | None,
         arrays["norms"] = kernel.row_norms(arrays["values"])[:, None]
         if codes is not None:
             arrays["codes"] = np.asarray(codes.compute(), dtype=np.int32)[order][:, None]
-        return Searcher(ArrayTiles(arrays, tile), uuid.uuid4().hex, coarse=centroids)
+        return Searcher(PreparedTiles(arrays, tile), uuid.uuid4().hex, coarse=centroids)
     key = {**(key or {}), "tile": tile, "lists": digest(centroids)}
     token = dask.base.tokenize(str(path), key)
     if (path / "zarr.json").exists():
         group = zarr.open_group(zarr_store(path), mode="r")
         if dict(group.attrs).get("key") == key and group.attrs.get("complete"):
-            return Searcher(StoredTiles(group, tile), token, path, centroids)
+            return Searcher(PreparedTiles.stored(group, tile), token, path, centroids)
     remove_tree(path)
     group = zarr.open_group(zarr_store(path), mode="w")
 
@@ -373,7 +342,7 @@ def _prepare_in_lists(reference: da.Array, tile: int, codes: da.Array | None,
                     out["norms"][lo : lo + filled] = kernel.row_norms(values)[:, None]
                     lo, filled = lo + filled, 0
     group.attrs.update({"key": key, "tile": tile, "complete": True})
-    return Searcher(StoredTiles(group, tile), token, path, centroids)
+    return Searcher(PreparedTiles.stored(group, tile), token, path, centroids)
 
 
 def knn(query: da.Array, reference: da.Array, k: int, query_codes: da.Array | None = None,
