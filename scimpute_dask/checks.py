@@ -11,6 +11,7 @@ from numbers import Integral
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from scimpute_dask.errors import InputError, some
 
@@ -41,6 +42,11 @@ def check_values(
 
     Stores hold float32: a finite value beyond its range would become infinite.
     """
+    if sparse.issparse(values):
+        values = sparse.csr_matrix(values)
+        _check_entries(values.data, values.indptr, values.indices, row_names, col_names,
+                       label, row_kind, col_kind)
+        return
     too_large = np.finfo(np.float32).max
     for bad, what in ((~np.isfinite(values), "is NaN or infinite"), (values < 0, "is negative"),
                       (values > too_large, f"is larger than float32 can hold (at most "
@@ -52,6 +58,18 @@ def check_values(
                 f"value {float(values[r, c])!r} {what}; expression must be finite and "
                 f"non-negative"
             )
+
+
+def _check_entries(data: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
+                   row_names: np.ndarray, col_names: np.ndarray, label: str, row_kind: str,
+                   col_kind: str) -> None:
+    """:func:`check_values` on the stored entries of a CSR block (the others are zeros)."""
+    bad = ~np.isfinite(data) | (data < 0) | (np.abs(data) > np.finfo(np.float32).max)
+    if bad.any():
+        at = int(np.argmax(bad))
+        r = int(np.searchsorted(indptr, at, side="right")) - 1
+        check_values(np.array([[data[at]]]), row_names[r : r + 1],
+                     col_names[indices[at] : indices[at] + 1], label, row_kind, col_kind)
 
 
 def shared_genes(query_genes: np.ndarray, reference_genes: np.ndarray, query_label: str,

@@ -56,7 +56,7 @@ def _frame(source: PathOrFrame, label: str) -> pd.DataFrame:
     with tempfile.TemporaryDirectory() as tmp:
         store = convert(source, Path(tmp) / "m.zarr")
         return pd.DataFrame(
-            np.asarray(store.group["X"][:]),
+            store.read(),
             index=pd.Index(store.cell_names, name=None),
             columns=pd.Index(store.gene_names),
         )

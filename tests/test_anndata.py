@@ -224,8 +224,12 @@ def test_sparse_input_is_never_densified_whole(tmp_path):
           f"{dense_mib:.0f} MiB")
     assert big - baseline < dense_mib / 4
     store = scimpute_dask.ExpressionStore.open(tmp_path / "big.h5ad.zarr")
-    np.testing.assert_array_equal(store.group["X"].get_orthogonal_selection(
-        ([0, 4_567, 119_999], slice(None))), probe)
+    np.testing.assert_array_equal(store.select([0, 4_567, 119_999], np.arange(n_genes)), probe)
+    # stored sparse: within 1.5 times its CSR bytes (float32 values, int32 genes, int64 rows)
+    assert store.sparse
+    stored = sum(f.stat().st_size for f in (tmp_path / "big.h5ad.zarr").rglob("*")
+                 if f.is_file())
+    assert stored <= 1.5 * (8 * nnz + 8 * (n_cells + 1)), stored
 
 
 def test_csc_and_integer_layers_convert_like_dense(tmp_path, small_inputs):
@@ -238,9 +242,9 @@ def test_csc_and_integer_layers_convert_like_dense(tmp_path, small_inputs):
     for layer in (None, "counts"):
         store = scimpute_dask.convert(tmp_path / "csc.h5ad", tmp_path / f"{layer}.zarr",
                                       layer=layer, memory_limit="700MB")
-        np.testing.assert_array_equal(store.group["X"][:], dense.group["X"][:])
+        np.testing.assert_array_equal(store.read(), dense.read())
     in_memory = scimpute_dask.convert(csc, tmp_path / "mem.zarr")
-    np.testing.assert_array_equal(in_memory.group["X"][:], dense.group["X"][:])
+    np.testing.assert_array_equal(in_memory.read(), dense.read())
     with pytest.raises(InputError, match="only be chosen for AnnData"):
         run_imputation(small_inputs.query, tmp_path / "csc.h5ad", None, 0, tmp_path / "o",
                        consider_clusters=False, layer="counts")

@@ -55,8 +55,8 @@ def test_10x_directory_equals_the_dense_path(tmp_path, counts, gz, monkeypatch):
     dense = convert(expected, tmp_path / "dense.zarr", memory_limit="700MB")
     assert list(store.cell_names) == list(counts.index)
     assert list(store.gene_names) == list(dense.gene_names)
-    np.testing.assert_array_equal(store.group["X"][:], dense.group["X"][:])
-    np.testing.assert_array_equal(store.group["X"][:], counts.to_numpy(np.float32))
+    np.testing.assert_array_equal(store.read(), dense.read())
+    np.testing.assert_array_equal(store.read(), counts.to_numpy(np.float32))
     assert not list(tmp_path.glob(".*buckets*"))
 
 

@@ -13,6 +13,7 @@ from functools import partial
 import dask
 import dask.array as da
 import numpy as np
+from scipy import sparse
 
 from scimpute_dask.kernels import imputation, knn, normalization, scoring, vote
 
@@ -240,6 +241,43 @@ def impute_graph(
         concatenate=False,
         dtype=dtype,
     )
+
+
+def _column_max_block(block) -> np.ndarray:
+    if sparse.issparse(block):
+        largest = np.zeros(block.shape[1])
+        np.maximum.at(largest, block.indices, np.abs(block.data))
+        return largest[None]
+    return np.nanmax(np.abs(block), axis=0, initial=0)[None].astype(np.float64)
+
+
+def column_max(x: da.Array) -> da.Array:
+    """The largest magnitude of every column (NaN skipped), of dense or CSR blocks."""
+    return x.map_blocks(_column_max_block, chunks=((1,) * x.numblocks[0], x.chunks[1]),
+                        dtype=np.float64, meta=np.empty((0, 0))).max(axis=0)
+
+
+def _log1p_moments_block(block) -> np.ndarray:
+    if sparse.issparse(block):
+        block = sparse.csr_matrix(block)
+        x = np.log1p(block.data.astype(np.float64))
+        return np.stack([np.bincount(block.indices, x, block.shape[1]),
+                         np.bincount(block.indices, x * x, block.shape[1])])[None]
+    x = np.log1p(block.astype(np.float64))
+    return np.stack([x.sum(axis=0), (x * x).sum(axis=0)])[None]
+
+
+def log1p_variance(x: da.Array) -> da.Array:
+    """The variance of ``log1p`` of every column, of dense or CSR blocks (from a CSR
+    block's entries: the zeros it leaves out add nothing to either sum)."""
+    if not sparse.issparse(x._meta):
+        return da.log1p(x.astype(np.float64)).var(axis=0)
+    sums = x.map_blocks(_log1p_moments_block, new_axis=1,
+                        chunks=((1,) * x.numblocks[0], (2,), x.chunks[1]),
+                        dtype=np.float64, meta=np.empty((0, 0, 0))).sum(axis=0)
+    n = max(1, x.shape[0])
+    mean = sums[0] / n
+    return sums[1] / n - mean * mean
 
 
 def _score_block(imputed, measured, *patch, at) -> np.ndarray:

@@ -156,14 +156,11 @@ def imputation_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionSto
     arithmetic or geometric, never exceeds its largest term, so the reference
     decides. If more than a quarter of the genes are wide, ``X`` is float64.
     """
-    n_ref, n_genes = len(inputs.r_cells), len(inputs.r_genes)
+    n_genes = len(inputs.r_genes)
     genes = inputs.imputed if genes is None else np.asarray(genes, dtype=np.int64)
     imputed_path, wide_path = stores or (layout.imputed, layout.wide)
-    reference = r_store.to_dask((n_ref, gene_chunk))
-    subset = {}
-    if len(genes) < n_genes:
-        reference = reference[:, genes].rechunk((n_ref, gene_chunk))
-        subset = {"imputed": digest(genes)}
+    subset = {"imputed": digest(genes)} if len(genes) < n_genes else {}
+    reference = r_store.gene_blocks(gene_chunk, genes if subset else None)
     wide_all, dtype = imputed_format(nbrs)
     wide = np.flatnonzero(np.isin(genes, wide_all))  # positions among the stored genes
     indices, weights = da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"])
@@ -178,7 +175,8 @@ def imputation_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionSto
              "wide_genes": wide.tolist()}
     if len(wide):
         store_stage(wide_path, {"X": (graph.impute_graph(
-            indices, weights, reference[:, wide].rechunk({1: -1}), average=average), np.nan)},
+            indices, weights, r_store.gene_blocks(len(wide), genes[wide]), average=average),
+            np.nan)},
             {**key, **extra, **subset}, {"genes": wide.tolist()})
     out = store_stage(imputed_path, {"X": (imputed, np.nan)},
                       {**key, "genes": gene_chunk, **extra, **subset}, attrs)
@@ -201,7 +199,7 @@ def describe_run(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore,
     """
     if "wide_genes" not in nbrs.attrs:
         # in the store's own chunks: each read once, none held for another task
-        wide = wide_genes(r_store.to_dask())
+        wide = wide_genes(r_store)
         dtype = "float32" if 4 * len(wide) <= len(inputs.r_genes) else "float64"
         nbrs.attrs.update({"wide_genes": wide.tolist() if dtype == "float32" else [],
                            "imputed_dtype": dtype})
@@ -218,11 +216,18 @@ def imputed_format(nbrs: zarr.Group) -> tuple[np.ndarray, type]:
             np.dtype(nbrs.attrs["imputed_dtype"]).type)
 
 
-def wide_genes(reference: da.Array) -> np.ndarray:
-    """Genes with a reference value of magnitude ``FLOAT32_TEXT_LIMIT`` or more."""
-    if not reference.size:
+def wide_genes(r_store: ExpressionStore) -> np.ndarray:
+    """Genes with a reference value of magnitude ``FLOAT32_TEXT_LIMIT`` or more.
+
+    Read in the store's own chunks (each once, none held for another task); a
+    sparse store's entries only.
+    """
+    n, g = r_store.shape
+    if not n * g:
         return np.zeros(0, dtype=np.int64)
-    (largest,) = cluster.compute(da.nanmax(abs(reference), axis=0))
+    reference = r_store.gene_blocks(r_store.chunks[1]) if r_store.sparse \
+        else r_store.to_dask()
+    (largest,) = cluster.compute(graph.column_max(reference))
     return np.flatnonzero(largest >= imputation.FLOAT32_TEXT_LIMIT)
 
 

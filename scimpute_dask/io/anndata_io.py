@@ -306,13 +306,19 @@ def fingerprint(src: Path, layer: str | None) -> dict:
     return stores.file_fingerprint(src, **options)
 
 
-def _blocks(matrix, start: int, step: int, by_columns: bool
-            ) -> Iterator[tuple[int, np.ndarray]]:
-    """Dense blocks of rows (or columns), starting at ``start``, in the matrix's dtype."""
+def _blocks(matrix, start: int, step: int, by_columns: bool, keep_sparse: bool
+            ) -> Iterator[tuple[int, np.ndarray | sparse.csr_matrix]]:
+    """Blocks of rows (or columns), starting at ``start``, in the matrix's dtype: dense,
+    or canonical CSR (duplicates summed, as densifying would) with ``keep_sparse``."""
     n = matrix.shape[1 if by_columns else 0]
     for lo in range(start, n, step):
         block = matrix[:, lo : lo + step] if by_columns else matrix[lo : lo + step]
-        yield lo, block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+        if keep_sparse:
+            block = sparse.csr_matrix(block)
+            block.sum_duplicates()
+            yield lo, block
+        else:
+            yield lo, block.toarray() if hasattr(block, "toarray") else np.asarray(block)
 
 
 def _is_csc(matrix) -> bool:
@@ -320,12 +326,18 @@ def _is_csc(matrix) -> bool:
     return fmt == "csc" or type(matrix).__name__ == "_CSCDataset"
 
 
+def _is_csr(matrix) -> bool:
+    fmt = getattr(matrix, "format", None)
+    return fmt == "csr" or type(matrix).__name__ == "_CSRDataset"
+
+
 def convert_anndata(source, store: Location, *, layer: str | None, restart: bool, progress: bool,
                     memory_limit: int, name: str | None = None):
     """Stream an AnnData's ``X`` (or a layer) into an ExpressionStore, resumably.
 
     CSR and dense matrices are read one block of rows at a time, CSC one block
-    of genes at a time; neither is ever densified whole.
+    of genes at a time; neither is ever densified whole. CSR stays sparse in the
+    store (:mod:`.blocked`).
     """
     in_memory = not isinstance(source, str | os.PathLike)
     label = name or ("AnnData" if in_memory else str(source))
@@ -340,7 +352,7 @@ def convert_anndata(source, store: Location, *, layer: str | None, restart: bool
             return stores.ExpressionStore(store)
     with _opened(source) as root:
         matrix = _matrix(root, layer, label)
-        by_columns = _is_csc(matrix)
+        by_columns, keep_sparse = _is_csc(matrix), _is_csr(matrix)
 
         def shape() -> stores.Shape:
             return cells, genes, plan.store_chunks(len(cells), len(genes), by_columns, 0,
@@ -349,7 +361,7 @@ def convert_anndata(source, store: Location, *, layer: str | None, restart: bool
         def blocks(done: int, offset: int, chunks: tuple[int, int]
                    ) -> Iterator[stores.Block]:
             for lo, block in _blocks(matrix, done, chunks[1] if by_columns else chunks[0],
-                                     by_columns):
+                                     by_columns, keep_sparse):
                 hi = lo + block.shape[1 if by_columns else 0]
                 if by_columns:
                     check_values(block.T, genes[lo:hi], cells, label, "gene", "cell")
@@ -359,7 +371,7 @@ def convert_anndata(source, store: Location, *, layer: str | None, restart: bool
 
         return stores.write_store(
             store, fp, label, shape=shape, blocks=blocks, by_columns=by_columns,
-            restart=restart, progress=progress,
+            sparse=keep_sparse, restart=restart, progress=progress,
             desc=f"convert {label if in_memory else Path(source).name}")
 
 

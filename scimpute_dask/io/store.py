@@ -5,7 +5,9 @@ cells × genes:
 
 ``X``
     float32 array, cells × genes, chunked ``(cell_chunk, gene_chunk)``
-    (:func:`scimpute_dask.plan.store_chunks`).
+    (:func:`scimpute_dask.plan.store_chunks`); or, for a sparse input, a group
+    holding the matrix as CSR by blocks of cells and genes (:mod:`.blocked`),
+    read back by every stage in the same blocks as a dense one.
 ``obs_names`` / ``var_names``
     cell and gene names.
 attrs
@@ -28,8 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
+from scipy import sparse as sp
 
 from scimpute_dask.errors import InputError
+from scimpute_dask.io import blocked
 from scimpute_dask.io.registry import Reader, ReadOptions
 from scimpute_dask.io.storage import (
     Location,
@@ -87,23 +91,112 @@ class ExpressionStore:
         return np.asarray(self.group["var_names"][:], dtype=object)
 
     @property
+    def sparse(self) -> bool:
+        """Is ``X`` stored sparse (blocked CSR)?"""
+        return blocked.is_blocked(self.group)
+
+    def _blocked(self) -> blocked.BlockedCSR:
+        return blocked.BlockedCSR(self.group["X"])
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.group["X"].shape)
+        return self._blocked().shape if self.sparse else tuple(self.group["X"].shape)
 
     @property
     def chunks(self) -> tuple[int, int]:
-        return tuple(self.group["X"].chunks)
+        return self._blocked().chunks if self.sparse else tuple(self.group["X"].chunks)
+
+    @property
+    def density(self) -> float:
+        """The fraction of values stored (1 for a dense store)."""
+        if not self.sparse:
+            return 1.0
+        n, g = self.shape
+        return self._blocked().nnz / max(1, n * g)
 
     @property
     def fingerprint(self) -> dict:
         return dict(self.group.attrs["fingerprint"])
 
     def to_dask(self, chunks: tuple[int, int] | None = None):
-        """The matrix as a lazy Dask array read straight from Zarr."""
+        """The matrix as a lazy, dense Dask array read straight from Zarr."""
         import dask.array as da
 
+        if self.sparse:
+            return self.columns(np.arange(self.shape[1]), chunks or self.chunks)
         X = self.group["X"]
         return da.from_zarr(X, chunks=chunks or X.chunks)
+
+    def columns(self, cols: np.ndarray, chunks: tuple[int, int]):
+        """Genes ``cols`` (positions) of every cell, dense, chunked ``chunks`` (-1 = all)."""
+        if not self.sparse:
+            return self.to_dask()[:, cols].rechunk(chunks)
+        return self._view(cols, chunks, as_sparse=False)
+
+    def gene_blocks(self, gene_chunk: int, genes: np.ndarray | None = None):
+        """Genes ``genes`` (default all) of every cell in blocks of ``gene_chunk`` genes
+        (one chunk of cells): CSR blocks from a sparse store, NumPy ones from a dense one."""
+        n, g = self.shape
+        if not self.sparse:
+            reference = self.to_dask((n, gene_chunk))
+            if genes is None or len(genes) == g:
+                return reference
+            return reference[:, genes].rechunk((n, gene_chunk))
+        return self._view(np.arange(g) if genes is None else genes, (n, gene_chunk),
+                          as_sparse=True)
+
+    def _view(self, cols: np.ndarray, chunks: tuple[int, int], as_sparse: bool):
+        import dask.array as da
+
+        view = _SparseView(self.path, np.asarray(cols, dtype=np.int64), self.shape[0],
+                           as_sparse)
+        meta = (sp.csr_matrix((0, 0), dtype=np.float32) if as_sparse
+                else np.empty((0, 0), dtype=np.float32))
+        return da.from_array(view, chunks=chunks, asarray=False, fancy=False, meta=meta,
+                             name=f"sparse-{'csr' if as_sparse else 'dense'}-"
+                                  f"{_tokenize(view)}")
+
+    def select(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` × genes ``cols`` (positions), dense float32, read at once."""
+        if self.sparse:
+            return self._blocked().select(rows, cols)
+        return self.group["X"].get_orthogonal_selection((rows, cols))
+
+    def read(self) -> np.ndarray:
+        """The whole matrix, dense (small stores only)."""
+        n, g = self.shape
+        return self.select(np.arange(n), np.arange(g)) if self.sparse \
+            else self.group["X"][:]
+
+
+def _tokenize(view: _SparseView) -> str:
+    from dask.base import tokenize
+
+    return tokenize(str(view.path), view.cols, view.as_sparse)
+
+
+class _SparseView:
+    """Rows × chosen genes of a blocked-CSR store, sliced as Dask asks: a Dask array's
+    chunks are CSR or dense blocks assembled by the worker that reads them."""
+
+    def __init__(self, path: Location, cols: np.ndarray, n_cells: int, as_sparse: bool):
+        self.path, self.cols, self.as_sparse = path, cols, as_sparse
+        self.shape = (n_cells, len(cols))
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 2
+        self._reader: blocked.BlockedCSR | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None}  # the open arrays stay with their process
+
+    def __getitem__(self, key: tuple[slice, slice]):
+        rows, cols = key
+        if self._reader is None:
+            group = zarr.open_group(zarr_store(self.path, read_only=True), mode="r")
+            self._reader = blocked.BlockedCSR(group["X"])
+        lo, hi, _ = rows.indices(self.shape[0])
+        block = self._reader.rows(lo, hi, self.cols[cols])
+        return block if self.as_sparse else block.toarray()
 
 
 def is_store(path: Location) -> bool:
@@ -208,40 +301,44 @@ def create(
     cell_names: np.ndarray,
     gene_names: np.ndarray,
     chunks: tuple[int, int],
+    sparse: bool = False,
 ) -> zarr.Group:
-    """A new, empty store for ``cell_names`` × ``gene_names``, progress at zero."""
+    """A new, empty store for ``cell_names`` × ``gene_names``, progress at zero; ``X``
+    blocked CSR when ``sparse``."""
     if not is_remote(store):  # object stores have no directories to make
         store.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(zarr_store(store), mode="w")
     for key, names in (("obs_names", cell_names), ("var_names", gene_names)):
         arr = group.create_array(key, shape=(len(names),), dtype=str, chunks=(max(len(names), 1),))
         arr[:] = np.asarray(names, dtype=str)
-    group.create_array(
-        "X",
-        shape=(len(cell_names), len(gene_names)),
-        dtype="float32",
-        chunks=chunks,
-        fill_value=0.0,
-        compressors=COMPRESSORS,
-    )
+    shape = (len(cell_names), len(gene_names))
+    if sparse:
+        blocked.create(group, shape, chunks)
+    else:
+        group.create_array("X", shape=shape, dtype="float32", chunks=chunks, fill_value=0.0,
+                           compressors=COMPRESSORS)
     group.attrs.update(
         {
             "format": FORMAT,
             "fingerprint": fingerprint,
-            "progress": {"rows_done": 0, "offset": 0},
+            "progress": {"rows_done": 0, "offset": 0, "nnz": 0},
             "complete": False,
         }
     )
     return group
 
 
-def record_progress(group: zarr.Group, rows_done: int, offset: int = 0) -> None:
-    """After a block's chunks are written: how far the conversion got (never before)."""
-    group.attrs["progress"] = {"rows_done": rows_done, "offset": offset}
+def record_progress(group: zarr.Group, rows_done: int, offset: int = 0, nnz: int = 0
+                    ) -> None:
+    """After a block's chunks are written: how far the conversion got (never before), and
+    a sparse store's entries so far."""
+    group.attrs["progress"] = {"rows_done": rows_done, "offset": offset, "nnz": nnz}
 
 
 def finish(group: zarr.Group, store: Location) -> ExpressionStore:
     """Mark a store complete: from now on it is reused, never rewritten."""
+    if blocked.is_blocked(group):
+        group["X"].attrs["nnz"] = int(group.attrs["progress"].get("nnz", 0))
     group.attrs["complete"] = True
     return ExpressionStore(store)
 
@@ -249,12 +346,12 @@ def finish(group: zarr.Group, store: Location) -> ExpressionStore:
 @dataclass(frozen=True)
 class Block:
     """Rows ``lo:hi`` of the streamed axis (cells, or genes with ``by_columns``), as the
-    store holds them (cells × genes), and how far into the input they end (a text
-    reader's byte offset, recorded for resuming)."""
+    store holds them (cells × genes; dense, or canonical scipy CSR for cells), and how
+    far into the input they end (a text reader's byte offset, recorded for resuming)."""
 
     lo: int
     hi: int
-    values: np.ndarray
+    values: np.ndarray | sp.csr_matrix
     offset: int = 0
 
 
@@ -264,8 +361,9 @@ Shape = tuple[np.ndarray, np.ndarray, tuple[int, int]]
 
 def write_store(store: Location, fingerprint: dict, label: str, *,
                 shape: Callable[[], Shape], blocks: Callable[..., Iterable[Block]],
-                by_columns: bool = False, restart: bool = False, resume: bool = True,
-                progress: bool = False, desc: str = "convert") -> ExpressionStore:
+                by_columns: bool = False, sparse: bool = False, restart: bool = False,
+                resume: bool = True, progress: bool = False, desc: str = "convert"
+                ) -> ExpressionStore:
     """The one conversion loop every reader drives: resumable, block by block.
 
     A complete conversion of the same input (same ``fingerprint``) is reused as
@@ -277,6 +375,10 @@ def write_store(store: Location, fingerprint: dict, label: str, *,
     (:func:`record_progress`), so a kill at any point loses at most the block
     in flight. Readers yield whole chunks along the streamed axis, so that a
     resumed write never mixes two.
+
+    A reader of sparse input (rows of cells) says ``sparse`` and yields CSR
+    blocks, stored sparse (:mod:`.blocked`); a store begun dense by an earlier
+    version is resumed dense.
     """
     group = resumable(store, fingerprint, restart, label)
     if group is not None and group.attrs.get("complete"):
@@ -286,18 +388,27 @@ def write_store(store: Location, fingerprint: dict, label: str, *,
         group = None
     if group is None:
         cells, genes, chunks = shape()
-        group = create(store, fingerprint, cells, genes, chunks)
-    X = for_writing(group["X"])
+        if sparse:
+            chunks = (chunks[0], min(len(genes), blocked.GENE_BLOCK) or 1)
+        group = create(store, fingerprint, cells, genes, chunks, sparse and not by_columns)
     state = dict(group.attrs["progress"])
-    done = int(state["rows_done"])
-    bar = progress_bar(progress, total=X.shape[1 if by_columns else 0], initial=done,
-                       desc=desc)
-    for block in blocks(done, int(state["offset"]), X.chunks):
-        if by_columns:
-            X[:, block.lo : block.hi] = block.values
+    done, nnz = int(state["rows_done"]), int(state.get("nnz", 0))
+    as_csr = blocked.is_blocked(group)
+    X = group["X"] if as_csr else for_writing(group["X"])
+    chunks = tuple(X.attrs["chunks"]) if as_csr else X.chunks
+    n = group["var_names" if by_columns else "obs_names"].shape[0]
+    bar = progress_bar(progress, total=n, initial=done, desc=desc)
+    for block in blocks(done, int(state["offset"]), chunks):
+        values = block.values
+        if as_csr:
+            nnz += blocked.write_block(X, block.lo, sp.csr_matrix(values), COMPRESSORS)
         else:
-            X[block.lo : block.hi, :] = block.values
-        record_progress(group, block.hi, block.offset)
+            values = values.toarray() if sp.issparse(values) else values
+            if by_columns:
+                X[:, block.lo : block.hi] = values
+            else:
+                X[block.lo : block.hi, :] = values
+        record_progress(group, block.hi, block.offset, nnz)
         bar.update(block.hi - block.lo)
     bar.close()
     return finish(group, store)

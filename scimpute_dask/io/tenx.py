@@ -5,7 +5,7 @@ the older ``genes.tsv``), each optionally gzipped. The MatrixMarket file is
 genes × cells in coordinate format, in no guaranteed order, so it is streamed
 in two passes that never hold it whole: the entries are read in fixed-size
 batches and appended to one bucket file per block of cells on disk, then each
-bucket becomes one dense block of rows of the cells × genes store. Memory is
+bucket becomes one block of rows of the cells × genes store, kept sparse. Memory is
 bounded by a batch plus one block, whatever the file size.
 
 Gene names are the feature symbols (the second column), made unique as
@@ -219,13 +219,14 @@ def convert_10x(directory: Path, store: Location, *, restart: bool, progress: bo
                 # duplicated coordinates are summed, as scipy.io.mmread + tocsr does
                 block = sparse.coo_matrix(
                     (entries["value"], (entries["cell"] - lo, entries["gene"])),
-                    shape=(hi - lo, len(genes))).toarray()
+                    shape=(hi - lo, len(genes))).tocsr()
+                block.sum_duplicates()
                 check_values(block, cells[lo:hi], genes, label, "cell", "gene")
                 yield stores.Block(lo, hi, block.astype(np.float32))
 
     # the buckets do not outlive a process: an interrupted conversion starts over
     return stores.write_store(store, fingerprint(directory), label, shape=shape, blocks=blocks,
-                              restart=restart, resume=False, progress=progress,
+                              sparse=True, restart=restart, resume=False, progress=progress,
                               desc=f"convert {directory.name}")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from scimpute_dask.engine import graph
 from scimpute_dask.engine.inputs import RunInputs
 from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.export.tables import HISTOGRAM
@@ -52,7 +53,7 @@ def choose_genes(reference: da.Array, genes: np.ndarray, measured: np.ndarray, d
     One blockwise pass over the reference; the imputed matrix, which can be far
     larger, is not read.
     """
-    variance = da.log1p(reference.astype(np.float64)).var(axis=0).compute()
+    variance = graph.log1p_variance(reference).compute()
     order = np.argsort(-variance, kind="stable")
     if drawable is not None:
         order = order[np.asarray(drawable)[order]]
@@ -183,7 +184,9 @@ def run_figures(work: Location, files: dict[str, Location], xy: np.ndarray | Non
     if plot_genes is None:
         drawable = np.zeros(len(genes), dtype=bool)
         drawable[inputs.imputed] = True
-        shared, others = choose_genes(r_store.to_dask(), inputs.r_genes, measured, drawable)
+        reference = r_store.gene_blocks(r_store.chunks[1]) if r_store.sparse \
+            else r_store.to_dask()
+        shared, others = choose_genes(reference, inputs.r_genes, measured, drawable)
     else:
         pos = genes.get_indexer(list(plot_genes))
         shared = [g for g, p in zip(plot_genes, pos, strict=True) if measured[p]]
@@ -197,7 +200,7 @@ def run_figures(work: Location, files: dict[str, Location], xy: np.ndarray | Non
         files["measured_map"] = work / SHARED_PNG
         spatial_measured_vs_imputed(
             files["measured_map"], xy[rows], shared,
-            q_store.group["X"].get_orthogonal_selection((rows, q_pos)),
+            q_store.select(rows, q_pos),
             imputed.get_orthogonal_selection((rows, column[r_pos])))
         figures.append((SHARED_PNG, "Genes the query measured: measured (left) and "
                         "imputed (right) expression on the tissue"))

@@ -32,9 +32,13 @@ from scimpute_dask.io.store import ExpressionStore
 BLOCK_BYTES = 64 * 2**20
 
 
-def gene_block(n_reference: int, store_genes: int) -> int:
-    """Genes per task: within :data:`BLOCK_BYTES`, covering whole store chunks or dividing one."""
-    fit = max(1, BLOCK_BYTES // (4 * max(1, n_reference)))
+def gene_block(n_reference: int, store_genes: int, density: float = 1.0) -> int:
+    """Genes per task: within :data:`BLOCK_BYTES`, covering whole store chunks or dividing one.
+
+    ``density`` < 1: a sparse store's fraction of stored values (8 bytes each).
+    """
+    per_gene = 4 * n_reference if density >= 1 else 8 * n_reference * density
+    fit = max(1, int(BLOCK_BYTES // max(1.0, per_gene)))
     if fit >= store_genes:
         return fit // store_genes * store_genes
     return max(d for d in range(1, fit + 1) if store_genes % d == 0)
@@ -82,7 +86,8 @@ def read_run(outdir: str | os.PathLike):
     wide, dtype = imputed_format(nbrs)
     indices, weights = da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"])
     values = graph.impute_graph(
-        indices, weights, r_store.to_dask((n_ref, gene_block(n_ref, r_store.chunks[1]))),
+        indices, weights, r_store.gene_blocks(
+            gene_block(n_ref, r_store.chunks[1], r_store.density)),
         dtype=dtype, average=attrs["average"], wide=wide)
     genes = pd.Index(r_store.gene_names.astype(str))
     measured = np.zeros(len(genes), dtype=bool)

@@ -216,9 +216,8 @@ def tune_stores(q_store: ExpressionStore, r_store: ExpressionStore, inputs: RunI
     genes = np.arange(len(inputs.q_cols)) if genes is None else np.asarray(genes)
     # drawn as tune() draws it, so that tune() keeps every cell read here
     cells = subsample(len(inputs.q_cells), config.tune_cells, config.seed)
-    query = q_store.group["X"].get_orthogonal_selection((cells, inputs.q_cols[genes]))
-    reference = r_store.group["X"].get_orthogonal_selection(
-        (slice(None), inputs.r_cols[genes]))
+    query = q_store.select(cells, inputs.q_cols[genes])
+    reference = r_store.select(np.arange(r_store.shape[0]), inputs.r_cols[genes])
     clusters = config.consider_clusters and inputs.q_ids is not None
     return tune(query, reference,
                 query_clusters=inputs.q_ids[cells] if clusters else None,
