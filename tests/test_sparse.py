@@ -14,7 +14,7 @@ from scimpute_dask import ExpressionStore, read_run, run_imputation
 from scimpute_dask.io import blocked
 from scimpute_dask.synthetic import make_pair
 
-OUTPUTS = ("imputation.tsv", "sim_matrix.tsv", "scores.txt", "knn_indices.tsv")
+OUTPUTS = ("imputation.tsv", "sim_matrix.tsv", "scores.txt")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,8 @@ def test_sparse_reference_gives_the_dense_outputs_byte_for_byte(inputs, tmp_path
     assert store.sparse and 0.05 < store.density < 0.15
     for name in OUTPUTS:
         assert (outs["csr"] / name).read_bytes() == (outs["dense"] / name).read_bytes(), name
+    a, b = (zarr.open_group(o / "zarr" / "neighbors.zarr", mode="r") for o in outs.values())
+    np.testing.assert_array_equal(a["indices"][:], b["indices"][:])
     a, b = (zarr.open_group(o / "zarr" / "imputed.zarr", mode="r") for o in outs.values())
     assert a.attrs["wide_genes"] == b.attrs["wide_genes"]
     np.testing.assert_array_equal(a["X"][:], b["X"][:])
