@@ -26,7 +26,7 @@ import numpy as np
 
 from scimpute_dask import __version__, plan
 from scimpute_dask.config import RUN_OPTIONS, RunConfig, documented, parse_memory
-from scimpute_dask.engine import cluster, stages
+from scimpute_dask.engine import cluster, search, stages
 from scimpute_dask.engine.inputs import RunInputs, check_inputs, store_for
 from scimpute_dask.errors import InputError
 from scimpute_dask.export import outdir as out
@@ -218,6 +218,7 @@ class _Checked:
     held: heldout.HeldOut | None
     checksums: object  # Future of the inputs' checksums for run.json
     write_adata: bool
+    exact_s: float | None = None  # the exact search's projected time, when slow
 
 
 def run(query, reference, identities, outdir, config: RunConfig, *, client=None) -> RunResult:
@@ -257,10 +258,21 @@ def _check(query, reference, identities, outdir, config: RunConfig) -> _Checked:
         {"query": inputs.q_label, "reference": inputs.r_label}, inputs.q_cells,
         inputs.r_genes, inputs.measured,
         {"k": config.k, **config.search_settings(), "average": config.average})
+    exact_s = None
+    if config.search == "exact":
+        exact_s = search.exact_too_slow(len(inputs.q_cells), len(inputs.r_cells),
+                                        len(inputs.q_cols))
+        if exact_s is not None:
+            log.warning("the exact search of %d query × %d reference cells on %d genes is "
+                        "projected at %.0f minutes on this machine; --search approx ranks "
+                        "the same candidates exactly, probing only the lists that reach "
+                        "--recall (measured on the data), in a fraction of it",
+                        len(inputs.q_cells), len(inputs.r_cells), len(inputs.q_cols),
+                        exact_s / 60)
     checksums = provenance.checksums({"query": query, "reference": reference,
                                       "identities": identities, "coords": config.coords})
     return _Checked(outdir, out.work_dir_for(outdir), parse_memory(config.memory_limit),
-                    inputs, layers, obs, obsm, held, checksums, write_adata)
+                    inputs, layers, obs, obsm, held, checksums, write_adata, exact_s)
 
 
 def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Clock,
@@ -277,7 +289,7 @@ def _stages(query, reference, config: RunConfig, checked: _Checked, clock: _Cloc
             tuned = tuning.tune_stores(q_store, r_store, inputs, config)
             config = dataclasses.replace(config, **tuned.best)
             clock.lap("tune")
-        blocks = _plan(checked.limit, inputs, config, r_store.chunks)
+        blocks = _plan(checked.limit, inputs, config, r_store)
         with cluster.compute_on(client, config.scheduler, blocks.threads, config.progress):
             scores = _compute(RunLayout(work), q_store, r_store, inputs, config, blocks, clock)
         files, record = _export(work, inputs, config, checked, blocks, scores, tuned,
@@ -371,6 +383,8 @@ def _export(work: Location, inputs: RunInputs, config: RunConfig, checked: _Chec
                 config.h5ad, checked.write_adata, None if held is None else held.reliability))
     record = _record(inputs, parameters, scores, stats, timings, checked.checksums)
     record["search"] = stages.search_record(RunLayout(work))
+    if checked.exact_s is not None:
+        record["search"]["exact_projected_s"] = round(checked.exact_s, 1)
     if tuned is not None:
         record["tuning"] = tuned.record()
     return files, record
@@ -399,14 +413,15 @@ def _report(work: Location, files: dict[str, Location], record: dict,
 # --------------------------------------------------------------------------- #
 # Helpers of the run
 # --------------------------------------------------------------------------- #
-def _plan(limit: int, inputs: RunInputs, config: RunConfig, store_chunks: tuple[int, int]
+def _plan(limit: int, inputs: RunInputs, config: RunConfig, r_store: ExpressionStore
           ) -> plan.Plan:
     blocks = plan.plan_run(limit, len(inputs.q_cells), len(inputs.r_cells),
                            len(inputs.q_cols), len(inputs.r_genes),
                            query_chunk=config.chunk_size,
                            reference_chunk=config.reference_chunk_size,
-                           gene_chunk=config.gene_chunk_size, k=config.k)
-    blocks = plan.align_to_store(blocks, store_chunks)
+                           gene_chunk=config.gene_chunk_size, k=config.k,
+                           density=r_store.density)
+    blocks = plan.align_to_store(blocks, r_store.chunks)
     log.debug("block sizes: %s", blocks)
     return blocks
 

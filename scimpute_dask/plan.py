@@ -142,6 +142,7 @@ def plan_run(
     reference_chunk: int | None = None,
     gene_chunk: int | None = None,
     k: int = 25,
+    density: float = 1.0,
 ) -> Plan:
     """Block sizes that keep a run's peak memory under ``memory_limit``.
 
@@ -157,6 +158,11 @@ def plan_run(
         Overrides; the others are derived around them.
     k
         Neighbours per query cell (the kNN's lists grow with it).
+    density
+        The reference store's fraction of stored values: below 1 it is sparse
+        (:mod:`scimpute_dask.io.blocked`), and a gene block holds 8 bytes per
+        stored value (value and gene) instead of the dense block's float32 read
+        and its concatenation.
     """
     threads = threads or os.cpu_count() or 1
     avail = available_bytes(memory_limit)
@@ -181,7 +187,8 @@ def plan_run(
     bs = max(1, min(bs, -(-max(1, n_query) // threads)))
     # Imputation: per thread one float32 reference gene block (read, then
     # concatenated) and one float64 output tile with its accumulator.
-    gb = gene_chunk or _clamp(avail / 2 / threads / (8 * n_reference + 24 * bq), 1, n_genes)
+    per_gene = 8 * n_reference * min(1.0, density)
+    gb = gene_chunk or _clamp(avail / 2 / threads / (per_gene + 24 * bq), 1, n_genes)
     return Plan(memory_limit, threads, int(bq), int(br), int(min(gb, max(1, n_genes))),
                 int(bs))
 

@@ -71,3 +71,27 @@ def test_a_tiny_reference_gets_a_small_index():
     assert search.n_lists_for(40) == 3
     searcher = search.prepare(rd, 40, coarse=search.fit_coarse(rd, search.n_lists_for(40)))
     assert searcher.choose_probes(r[:10] + 1, 5, 1.0).recall == 1.0
+
+
+def test_a_slow_exact_search_is_told_about_approx(tmp_path, small_pair, monkeypatch, caplog):
+    """The check stage projects the exact search's time from the shapes and the measured
+    matrix-product rate; over the threshold it says so and names the alternative."""
+    import json
+    import logging
+
+    from scimpute_dask import run_imputation
+
+    projected = search.exact_seconds(10_000, 200_000, 2_000)
+    # 8·10¹² flops: minutes, not seconds or hours, on any CPU this runs on
+    assert 10 < projected < 3_600
+    assert search.exact_too_slow(100, 100, 10) is None  # not even measured
+    monkeypatch.setattr(search, "SLOW_EXACT_S", 0.0)
+    monkeypatch.setattr(search, "FASTEST", 1e30)
+    query, ref = small_pair.query.iloc[:50], small_pair.reference.iloc[:80]
+    with caplog.at_level(logging.WARNING, logger="scimpute_dask"):
+        run_imputation(query, ref, outdir=tmp_path / "out", k=5, consider_clusters=False,
+                       report=False)
+    assert "--search approx" in caplog.text and "projected" in caplog.text
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["search"]["mode"] == "exact"
+    assert record["search"]["exact_projected_s"] >= 0

@@ -180,6 +180,45 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
     return hits.sum(axis=1) / np.maximum((exact >= 0).sum(axis=1), 1)
 
 
+#: An exact search projected to take longer than this (seconds) is told about ``approx``.
+SLOW_EXACT_S = 1800.0
+#: The exact search's time over its products' time at the sgemm rate: the screen's
+#: merges, the float64 re-ranking and the reads (10,000 × 200,000 cells, 2,000 genes:
+#: 80 s for 8·10¹² flops at 156 GFLOPS).
+EXACT_OVERHEAD = 1.5
+#: Faster than any CPU this runs on (flops per second): a search projected under
+#: SLOW_EXACT_S at this rate is not measured.
+FASTEST = 2e12
+
+
+def exact_seconds(n_query: int, n_reference: int, n_shared: int) -> float:
+    """The exact search's projected time on this machine, in seconds.
+
+    Its cost is the products of every query cell with every reference cell on
+    the shared genes (2·q·r·g flops), at the float32 matrix-product rate
+    measured now on blocks of that width, times :data:`EXACT_OVERHEAD`.
+    """
+    width = int(min(max(1, n_shared), 2048))
+    rng = np.random.default_rng(0)
+    a = rng.random((1024, width), dtype=np.float32)
+    b = rng.random((width, 2048), dtype=np.float32)
+    a @ b  # warm: threads started, pages touched
+    start = time.perf_counter()
+    a @ b
+    rate = 2 * a.shape[0] * b.shape[1] * width / max(time.perf_counter() - start, 1e-9)
+    return EXACT_OVERHEAD * 2.0 * n_query * n_reference * max(1, n_shared) / rate
+
+
+def exact_too_slow(n_query: int, n_reference: int, n_shared: int) -> float | None:
+    """:func:`exact_seconds` when over :data:`SLOW_EXACT_S` (measured only when it could
+    be), else None."""
+    flops = 2.0 * n_query * n_reference * max(1, n_shared)
+    if EXACT_OVERHEAD * flops / FASTEST < SLOW_EXACT_S:
+        return None
+    seconds = exact_seconds(n_query, n_reference, n_shared)
+    return seconds if seconds > SLOW_EXACT_S else None
+
+
 def n_lists_for(n_reference: int) -> int:
     """Coarse lists for a reference: about √n / 2, at most 256 (each search task loops
     over the lists of every tile, so they must not get too small)."""
