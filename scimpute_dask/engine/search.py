@@ -4,8 +4,9 @@ against it one tile at a time.
 A run, the held-out validation, the tuner, the compat API and
 self-imputation all search through :func:`prepare` and
 :meth:`Searcher.neighbours`. Preparing casts the reference's search-space
-rows to float32 and stores them, their L2-normalised copy, their float64
-norms and their cluster codes in row tiles — in a Zarr group of the work
+rows to float32 and stores them (LZ4-compressed: an atlas's rows are mostly
+zeros), their float64 norms and their cluster codes in row tiles (each tile
+normalised as it is read) — in a Zarr group of the work
 directory when a path is given (resumable; read by the workers themselves on
 a cluster), in memory otherwise. Each search task then reads the tiles it
 needs, one at a time, instead of receiving the reference from Dask: Dask
@@ -31,11 +32,15 @@ import zarr
 from scimpute_dask.engine import graph
 from scimpute_dask.engine.resumable import digest, store_stage
 from scimpute_dask.io.storage import Location, is_remote, remove_tree, zarr_store
+from scimpute_dask.io.store import COMPRESSORS
 from scimpute_dask.kernels import knn as kernel
 
 #: Arrays of a prepared reference, as :func:`graph.prepared_reference` names them, and
-#: those it has with clusters or coarse lists.
+#: those it has with clusters or coarse lists. A stored preparation has no ``unit``.
 PREPARED = ("values", "unit", "norms")
+#: What a stored preparation holds, in its key: one stored by an older version (with
+#: raw ``unit`` rows) is prepared again.
+STORED = "values+norms, lz4"
 OPTIONAL = ("codes", "lists", "rows")
 
 
@@ -64,7 +69,10 @@ class PreparedTiles:
         return _bounds(self.arrays["values"].shape[0], self.tile)
 
     def unit(self, lo: int, hi: int) -> np.ndarray:
-        return self.arrays["unit"][lo:hi]
+        # a stored preparation keeps only the values: normalising a tile costs 1/bq of
+        # screening it, and halves what is written and read
+        unit = self.arrays.get("unit")
+        return kernel.normalize_rows(self.values(lo, hi)) if unit is None else unit[lo:hi]
 
     def values(self, lo: int, hi: int) -> np.ndarray:
         return self.arrays["values"][lo:hi]
@@ -293,10 +301,11 @@ def prepare(reference: da.Array, tile: int, codes: da.Array | None = None,
         computed = dask.compute(*arrays.values())
         return Searcher(PreparedTiles(dict(zip(arrays, computed, strict=True)), tile),
                         uuid.uuid4().hex)
-    fills = {"values": np.nan, "unit": np.nan, "norms": np.nan, "codes": -1}
-    # raw: normalised rows do not compress, and every search task reads each tile once
+    fills = {"values": np.nan, "norms": np.nan, "codes": -1}
+    del arrays["unit"]  # normalised as read (PreparedTiles.unit)
     group = store_stage(path, {name: (arr, fills[name]) for name, arr in arrays.items()},
-                        {**(key or {}), "tile": tile}, {"tile": tile}, compressors=None)
+                        {**(key or {}), "tile": tile, "stored": STORED}, {"tile": tile},
+                        compressors=COMPRESSORS)
     return Searcher(PreparedTiles.stored(group, tile), dask.base.tokenize(str(path), key, tile),
                     path)
 
@@ -326,7 +335,7 @@ def _prepare_in_lists(reference: da.Array, tile: int, codes: da.Array | None,
         if codes is not None:
             arrays["codes"] = np.asarray(codes.compute(), dtype=np.int32)[order][:, None]
         return Searcher(PreparedTiles(arrays, tile), uuid.uuid4().hex, coarse=centroids)
-    key = {**(key or {}), "tile": tile, "lists": digest(centroids)}
+    key = {**(key or {}), "tile": tile, "lists": digest(centroids), "stored": STORED}
     token = dask.base.tokenize(str(path), key)
     if (path / "zarr.json").exists():
         group = zarr.open_group(zarr_store(path), mode="r")
@@ -337,10 +346,9 @@ def _prepare_in_lists(reference: da.Array, tile: int, codes: da.Array | None,
 
     def array(name: str, columns: int, dtype: str) -> zarr.Array:
         return group.create_array(name, shape=(n, columns), dtype=dtype,
-                                  chunks=(tile, columns), compressors=None)
+                                  chunks=(tile, columns), compressors=COMPRESSORS)
 
-    out = {"values": array("values", g, "float32"), "unit": array("unit", g, "float32"),
-           "norms": array("norms", 1, "float64")}
+    out = {"values": array("values", g, "float32"), "norms": array("norms", 1, "float64")}
     lists = np.empty(n, dtype=np.int32)
     local = None if is_remote(path) else path.parent
     with tempfile.TemporaryDirectory(prefix=".search-buckets-", dir=local) as tmp:
@@ -377,7 +385,6 @@ def _prepare_in_lists(reference: da.Array, tile: int, codes: da.Array | None,
                 if filled == len(buffer) or lo + filled == n:
                     values = buffer[:filled]
                     out["values"][lo : lo + filled] = values
-                    out["unit"][lo : lo + filled] = kernel.normalize_rows(values)
                     out["norms"][lo : lo + filled] = kernel.row_norms(values)[:, None]
                     lo, filled = lo + filled, 0
     group.attrs.update({"key": key, "tile": tile, "complete": True})
