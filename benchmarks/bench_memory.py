@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from measure import in_child, run_sampled
 
 from scimpute_dask.synthetic import write_counts_store
 
@@ -43,55 +39,6 @@ def _generate(work: Path, args: argparse.Namespace) -> None:
     for n in args.reference_cells:
         write_counts_store(work / f"reference_{n}.zarr", n, np.arange(args.reference_genes),
                            prefix="r")
-
-
-def _in_child(target, *args) -> None:
-    # Linux carries a parent's high-water RSS into an exec'd child: this process stays small
-    proc = multiprocessing.get_context("spawn").Process(target=target, args=args)
-    proc.start()
-    proc.join()
-    if proc.exitcode:
-        raise SystemExit(f"data generation failed ({proc.exitcode})")
-
-
-#: Log lines that open a stage, and the stage they open.
-STAGE_LINES = (("finding", "knn"), ("imputing", "impute"), ("scoring", "score"),
-               ("exporting", "export"))
-
-
-def _run_sampled(cmd: list[str]) -> tuple[float, dict[str, float]]:
-    """Run ``cmd``; its ``ru_maxrss`` and the peak RSS sampled within each logged stage (MiB)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stage = ["convert"]
-    peaks: dict[str, float] = {}
-    tail: list[str] = []
-
-    def follow() -> None:
-        for line in proc.stderr:
-            tail[:] = [*tail[-20:], line]
-            for word, name in STAGE_LINES:
-                if re.search(rf"\b{word}\b", line):
-                    stage[0] = name
-
-    reader = threading.Thread(target=follow, daemon=True)
-    reader.start()
-    status_file = Path(f"/proc/{proc.pid}/status")
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        try:
-            rss = int(re.search(r"VmRSS:\s+(\d+)", status_file.read_text()).group(1)) / 1024
-        except (OSError, AttributeError):
-            rss = 0.0
-        peaks[stage[0]] = max(peaks.get(stage[0], 0.0), rss)
-        time.sleep(0.2)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    reader.join(timeout=5)
-    if proc.returncode:
-        sys.stderr.write("".join(tail))
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
-    return usage.ru_maxrss / 1024, peaks
 
 
 def main() -> None:
@@ -110,7 +57,7 @@ def main() -> None:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        _in_child(_generate, work, args)
+        in_child(_generate, work, args)
         print(f"generated in {time.perf_counter() - t0:.0f} s", flush=True)
         for n in args.reference_cells:
             out = work / f"out_{n}"
@@ -121,7 +68,7 @@ def main() -> None:
                    "--memory-limit", args.memory_limit, "--restart", "--verbose"]
             print("$", " ".join(cmd), flush=True)
             t0 = time.perf_counter()
-            peak, stage_peaks = _run_sampled(cmd)
+            peak, stage_peaks, _ = run_sampled(cmd)
             wall = time.perf_counter() - t0
             timings = json.loads((out / "run.json").read_text())["timings_s"]
             block = n * args.shared * 4 / 2**30

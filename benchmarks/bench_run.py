@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from measure import in_child
 
 from scimpute_dask.synthetic import make_pair, write_scimpute_tsv
 
@@ -38,16 +38,6 @@ def _generate(work: Path, n_query: int, args: argparse.Namespace, reference: boo
     pair.identities.to_csv(work / f"ids_{n_query}.tsv", sep="\t", index=False)
     if reference:
         write_scimpute_tsv(pair.reference, work / "reference.tsv")
-
-
-def _in_child(target, *args) -> None:
-    # A separate process: Linux carries a parent's high-water RSS into an
-    # exec'd child, so this process must stay small for the measurement.
-    proc = multiprocessing.get_context("spawn").Process(target=target, args=args)
-    proc.start()
-    proc.join()
-    if proc.exitcode:
-        raise SystemExit(f"data generation failed ({proc.exitcode})")
 
 
 def _run_measured(cmd: list[str]) -> float:
@@ -135,7 +125,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for i, n_query in enumerate(args.query_cells):
             t0 = time.perf_counter()
-            _in_child(_generate, work, n_query, args, i == 0)
+            in_child(_generate, work, n_query, args, i == 0)
             q = work / f"query_{n_query}.tsv"
             print(f"generated {n_query} query cells in {time.perf_counter() - t0:.0f} s "
                   f"({q.stat().st_size / 2**20:,.0f} MiB of TSV)", flush=True)

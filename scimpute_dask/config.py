@@ -358,10 +358,11 @@ OPTIONS: dict[str, Option] = _options(
            "blocks) and start over", "--restart"),
     Option("progress", False, Boolean(), "show progress bars (the CLI's --quiet hides them)"),
     # the outputs
-    Option("impute_genes", "all", GeneList(),
-           "reference genes imputed and stored (imputed.zarr, adata.zarr): 'all', 'none' "
-           "(only the neighbours and weights are stored; read_run() imputes any gene on "
-           "demand), a list (comma-separated or @FILE with one gene per line on the CLI)",
+    Option("impute_genes", "all", GeneList(("all", "none", "unmeasured")),
+           "reference genes imputed and stored (imputed.zarr, adata.zarr): 'all', "
+           "'unmeasured' (those the query did not measure), 'none' (only the neighbours "
+           "and weights are stored; read_run() imputes any gene on demand), a list "
+           "(comma-separated or @FILE with one gene per line on the CLI)",
            "--impute-genes", "GENES"),
     Option("tsv_genes", "all", Optional(GeneList()),
            "genes written to imputation.tsv: 'all' (scimpute's table), 'none' (Zarr only: "

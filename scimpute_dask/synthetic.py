@@ -471,14 +471,18 @@ def atlas_cells(model: AtlasModel, n_cells: int, seed: int, library: float = 400
 
 
 def write_sparse_h5ad(path, cells: np.ndarray, genes: np.ndarray, obs: dict[str, np.ndarray],
-                      blocks) -> None:
+                      blocks, *, obs_after=None) -> None:
     """A CSR ``.h5ad`` written one block of rows at a time (never whole in memory), in
     anndata's on-disk schema.
 
     Parameters
     ----------
+    obs
+        ``obs`` columns.
     blocks
         CSR blocks of consecutive rows, together ``len(cells)`` × ``len(genes)``.
+    obs_after
+        A function giving more ``obs`` columns, called once the blocks are written.
     """
     import anndata
     import h5py
@@ -504,7 +508,89 @@ def write_sparse_h5ad(path, cells: np.ndarray, genes: np.ndarray, obs: dict[str,
         if row != len(cells):
             raise ValueError(f"blocks gave {row} rows for {len(cells)} cells")
         write = anndata.io.write_elem
+        obs = {**obs, **(obs_after() if obs_after else {})}
         write(f, "obs", pd.DataFrame(obs, index=pd.Index(cells.astype(str))))
         write(f, "var", pd.DataFrame(index=pd.Index(genes.astype(str))))
         for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
             write(f, key, {})
+
+
+def write_atlas_pair(directory, n_reference: int, n_query: int, n_genes: int = 20_000,
+                     n_panel: int = 5_000, n_truth: int = 2_000, seed: int = 0,
+                     library: float = 1_400.0, capture: float = 0.5) -> dict:
+    """An atlas and a spatial section of it, sparse ``.h5ad`` written block by block.
+
+    ``reference.h5ad``: ``n_reference`` cells × ``n_genes`` counts of
+    :func:`atlas_cells` (~5 % non-zero at the default library size), ``obs``
+    with each cell's type. ``query.h5ad``: ``n_query`` other cells of the
+    same types, measured on a panel of ``n_panel`` genes (half the genes whose
+    expression varies most between types, as panels are designed; half at
+    random) by binomial capture of each molecule (``capture``).
+    ``truth.npz``: for ``n_truth`` seeded query cells (``truth_cells.npy``),
+    their full-transcriptome counts, the answer on the genes the panel left
+    out; ``query_truth.h5ad`` holds those cells' panel counts alone.
+
+    Returns
+    -------
+    dict
+        The paths (``reference``, ``query``, ``query_truth``, ``truth``,
+        ``truth_cells``) and the panel's gene positions (``panel``).
+    """
+    from pathlib import Path
+
+    from scipy import sparse
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = atlas_model(n_genes, seed)
+    genes = np.array([f"gene{i:05d}" for i in range(n_genes)])
+    rng = np.random.default_rng([seed, 12])
+    spread = np.log(model.profiles).var(axis=0)
+    top = np.argsort(-spread, kind="stable")[: n_panel // 2]
+    rest = rng.choice(np.setdiff1d(np.arange(n_genes), top), n_panel - len(top), replace=False)
+    panel = np.sort(np.concatenate([top, rest]))
+    paths = {name: directory / file for name, file in (
+        ("reference", "reference.h5ad"), ("query", "query.h5ad"),
+        ("query_truth", "query_truth.h5ad"), ("truth", "truth.npz"),
+        ("truth_cells", "truth_cells.npy"))}
+
+    types: list[np.ndarray] = []
+
+    def reference_blocks():
+        for t, counts in atlas_cells(model, n_reference, seed=seed + 1, library=library):
+            types.append(t)
+            yield counts
+
+    r_cells = np.array([f"ref{i:07d}" for i in range(n_reference)])
+    # obs is written after X: the types are known once the blocks are drawn
+    write_sparse_h5ad(paths["reference"], r_cells, genes, {}, reference_blocks(),
+                      obs_after=lambda: {"type": model.type_names[np.concatenate(types)]})
+    truth_cells = np.sort(rng.choice(n_query, min(n_truth, n_query), replace=False))
+    q_types: list[np.ndarray] = []
+    truth, truth_panel = [], []
+
+    def query_blocks():
+        lo = 0
+        for t, counts in atlas_cells(model, n_query, seed=seed + 2, library=library):
+            q_types.append(t)
+            hi = lo + counts.shape[0]
+            here = truth_cells[(truth_cells >= lo) & (truth_cells < hi)] - lo
+            measured = counts[:, panel].tocsr()
+            measured.data = rng.binomial(measured.data.astype(np.int64),
+                                         capture).astype(np.float32)
+            measured.eliminate_zeros()
+            truth.append(counts[here])
+            truth_panel.append(measured[here])
+            lo = hi
+            yield measured
+
+    q_cells = np.array([f"spot{i:07d}" for i in range(n_query)])
+    write_sparse_h5ad(paths["query"], q_cells, genes[panel], {}, query_blocks(),
+                      obs_after=lambda: {"type": model.type_names[np.concatenate(q_types)]})
+    write_sparse_h5ad(paths["query_truth"], q_cells[truth_cells], genes[panel], {},
+                      iter([sparse.vstack(truth_panel).tocsr()]),
+                      obs_after=lambda: {"type": model.type_names[
+                          np.concatenate(q_types)[truth_cells]]})
+    sparse.save_npz(paths["truth"], sparse.vstack(truth).tocsr())
+    np.save(paths["truth_cells"], truth_cells)
+    return {**paths, "panel": panel}

@@ -107,3 +107,15 @@ def test_blocked_reads_match_the_matrix(tmp_path):
     rows = np.array([3, 2099, 511, 512, 17])
     np.testing.assert_array_equal(store.select(rows, cols), D[np.ix_(rows, cols)])
     np.testing.assert_array_equal(store.read(), D)
+
+
+def test_unmeasured_genes_only(inputs, tmp_path):
+    """``impute_genes="unmeasured"``: every reference gene the query did not measure."""
+    _, query, paths, genes = inputs
+    out = tmp_path / "unmeasured"
+    run_imputation(query, paths["csr"], outdir=out, k=9, cluster_key="type", report=False,
+                   impute_genes="unmeasured", tsv_genes="none")
+    stored = zarr.open_group(out / "zarr" / "imputed.zarr", mode="r")
+    expected = [g for g in genes if g not in set(query.var_names)]
+    assert list(stored["var_names"][:]) == expected
+    assert (out / "scores.txt").exists() and not (out / "zarr" / "imputed_shared.zarr").exists()

@@ -110,7 +110,8 @@ def check_inputs(query, reference, identities, config: RunConfig, *, tsv: bool =
     if budget:
         plan.check_budget(parse_memory(config.memory_limit), len(q_cells), len(r_cells),
                           len(q_cols), len(r_genes), k=config.k)
-    impute_cols = imputed_columns(config.impute_genes, r_genes, r_label) if tsv else None
+    impute_cols = imputed_columns(config.impute_genes, r_genes, r_label, r_cols) if tsv \
+        else None
     imputed = np.arange(len(r_genes)) if impute_cols is None else impute_cols
     tsv_cols = tsv_columns(config.tsv_genes, r_genes, r_label, imputed) if tsv else None
     check_plot_genes(config.plot_genes, r_genes, r_label, imputed)
@@ -173,12 +174,16 @@ def _not_imputed(pos: np.ndarray, r_genes: np.ndarray, imputed: np.ndarray, what
                          "is not; read_run() imputes any gene of a finished run")
 
 
-def imputed_columns(impute_genes, r_genes: np.ndarray, r_label: str) -> np.ndarray | None:
-    """Reference columns imputed and stored, ascending (``None``: all of them)."""
+def imputed_columns(impute_genes, r_genes: np.ndarray, r_label: str,
+                    shared: np.ndarray | None = None) -> np.ndarray | None:
+    """Reference columns imputed and stored, ascending (``None``: all of them;
+    ``"unmeasured"``: all but the ``shared`` ones)."""
     if isinstance(impute_genes, str) and impute_genes == "all":
         return None
     if isinstance(impute_genes, str) and impute_genes == "none":
         return np.zeros(0, dtype=np.int64)
+    if isinstance(impute_genes, str) and impute_genes == "unmeasured":
+        return np.setdiff1d(np.arange(len(r_genes)), np.asarray(shared, dtype=np.int64))
     return np.unique(_gene_positions(impute_genes, r_genes, r_label, "imputation"))
 
 
