@@ -107,3 +107,30 @@ def test_compose_file_describes_the_cluster():
                                                  capture_output=True).returncode == 0:
         subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config",
                         "-q"], check=True)
+
+
+def test_approx_search_of_a_sparse_atlas_on_a_cluster_matches_the_local_run(tmp_path,
+                                                                             dask_cluster):
+    """The atlas path on workers: a CSR reference read sparse from its store, the index built
+    once, the same probes chosen, the same neighbours found and imputed."""
+    import json
+
+    from scimpute_dask.synthetic import write_atlas_pair
+
+    address, _ = dask_cluster
+    data = write_atlas_pair(tmp_path / "atlas", 6000, 1500, n_genes=1200, n_panel=300,
+                            n_truth=10, seed=4)
+    args = ["run", "--query", str(data["query"]), "--reference", str(data["reference"]),
+            "--no-clusters", "--search", "approx", "--recall", "0.9", "--k", "10",
+            "--impute-genes", "unmeasured", "--no-report", "-q"]
+    runs = {}
+    for name, extra in (("local", []), ("cluster", ["--scheduler", address])):
+        runs[name] = tmp_path / name
+        subprocess.run([*CLI, *args, *extra, "--out", str(runs[name])], check=True)
+    _same_outputs(runs["local"], runs["cluster"])
+    local, cluster = (json.loads((runs[n] / "run.json").read_text())["search"] for n in runs)
+    assert local["mode"] == "approx" and 1 <= local["probes"] < local["lists"]
+    assert {k: v for k, v in local.items() if k != "seconds"} == \
+        {k: v for k, v in cluster.items() if k != "seconds"}
+    stored = zarr.open_group(runs["cluster"] / "zarr" / "reference.zarr", mode="r")
+    assert stored["X"].attrs["encoding"] == "blocked-csr"

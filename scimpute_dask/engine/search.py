@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
@@ -57,6 +57,13 @@ class PreparedTiles:
 
     arrays: dict
     tile: int
+    #: The per-row columns (norms, codes, lists, rows) read whole at their first use: a
+    #: few bytes a row, read otherwise once per tile and task, each read a request of its
+    #: own. Not pickled: each process reads its own.
+    columns: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "columns": {}}
 
     @classmethod
     def stored(cls, group: zarr.Group, tile: int) -> PreparedTiles:
@@ -78,7 +85,7 @@ class PreparedTiles:
         return self.arrays["values"][lo:hi]
 
     def norms(self, lo: int, hi: int) -> np.ndarray:
-        return self.arrays["norms"][lo:hi, 0]
+        return self._column("norms", lo, hi)
 
     def clusters(self, lo: int, hi: int) -> np.ndarray | None:
         return self._column("codes", lo, hi)
@@ -89,9 +96,27 @@ class PreparedTiles:
     def rows(self, lo: int, hi: int) -> np.ndarray | None:
         return self._column("rows", lo, hi)
 
-    def _column(self, name: str, lo: int, hi: int) -> np.ndarray | None:
-        array = self.arrays.get(name)
-        return None if array is None else array[lo:hi, 0]
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        order = self._column("rows", 0, None)
+        if order is None:
+            return np.asarray(rows, dtype=np.int64)
+        inverse = self.columns.get("positions")
+        if inverse is None:
+            inverse = np.empty(len(order), dtype=np.int64)
+            inverse[order] = np.arange(len(order))
+            self.columns["positions"] = inverse
+        rows = np.asarray(rows, dtype=np.int64)
+        return np.where(rows >= 0, inverse[np.maximum(rows, 0)], kernel.EMPTY)
+
+    def _column(self, name: str, lo: int, hi: int | None) -> np.ndarray | None:
+        column = self.columns.get(name)
+        if column is None:
+            array = self.arrays.get(name)
+            if array is None:
+                return None
+            # two threads may both read it: the same values, the last one kept
+            column = self.columns[name] = np.asarray(array[:, 0])
+        return column[lo:hi]
 
 
 #: Coarse lists of an approximate search: k-means centroids of the reference's unit rows
