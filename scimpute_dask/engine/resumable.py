@@ -46,11 +46,12 @@ def _region(chunks: tuple[tuple[int, ...], ...], index: tuple[int, int]) -> tupl
 
 
 def is_complete(path: Location, key: dict) -> bool:
-    """Has a stage been stored at ``path`` completely, with this ``key``?"""
+    """Has a stage been stored at ``path`` completely, with this ``key`` (or, for a stage
+    that stored more in its key than it was asked, with this ``request``)?"""
     if not (path / "zarr.json").exists():
         return False
     attrs = dict(zarr.open_group(zarr_store(path, True), mode="r").attrs)
-    return attrs.get("key") == key and bool(attrs.get("complete"))
+    return attrs.get("request", attrs.get("key")) == key and bool(attrs.get("complete"))
 
 
 def store_stage(

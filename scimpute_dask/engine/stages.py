@@ -21,7 +21,7 @@ import zarr
 from scimpute_dask.config import RunConfig
 from scimpute_dask.engine import cluster, graph, search
 from scimpute_dask.engine.inputs import RunInputs
-from scimpute_dask.engine.resumable import digest, names_array, store_stage
+from scimpute_dask.engine.resumable import digest, is_complete, names_array, store_stage
 from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import Location, is_remote, remove_tree, zarr_store
 from scimpute_dask.io.store import ExpressionStore
@@ -50,9 +50,9 @@ def search_data(layout: RunLayout, q_store: ExpressionStore, r_store: Expression
                 inputs: RunInputs, blocks: Plan, clusters: bool) -> SearchData:
     """The kNN's inputs; the cluster codes go through Zarr, not embedded in the graph, so that
     nothing large travels via the scheduler."""
-    bs, br = blocks.search_chunk or blocks.query_chunk, blocks.reference_chunk
-    q = q_store.to_dask()[:, inputs.q_cols].rechunk((bs, -1))
-    r = r_store.to_dask()[:, inputs.r_cols].rechunk((br, -1))
+    bs, br = blocks.search_chunk, blocks.reference_chunk
+    q = q_store.columns(inputs.q_cols, (bs, -1))
+    r = r_store.columns(inputs.r_cols, (br, -1))
     if not clusters:
         return SearchData(q, r, None, None, None)
     n_q = len(inputs.q_cells)
@@ -81,7 +81,8 @@ def neighbours_stage(layout: RunLayout, data: SearchData, key: dict, inputs: Run
     what was chosen and measured goes to the group's ``search`` attribute.
     """
     path = layout.neighbours
-    if not _neighbours_done(path, key):
+    # an approximate search's stored key adds the lists and probes it chose
+    if not is_complete(path, key):
         q, r = graph.search_space(data.query, data.reference, config.normalize)
         prepared_key = {"reference": key["reference"], "genes": digest(inputs.r_cols),
                         "normalize": config.normalize, "clusters": data.codes_digest}
@@ -119,15 +120,6 @@ def neighbours_stage(layout: RunLayout, data: SearchData, key: dict, inputs: Run
     names_array(nbrs, "obs_names", inputs.q_cells)
     names_array(nbrs, "reference_names", inputs.r_cells)  # what the indices point at
     return nbrs
-
-
-def _neighbours_done(path: Location, key: dict) -> bool:
-    """Are the neighbours asked for by ``key`` stored completely (an approximate search's
-    stored key adds the lists and probes it chose)?"""
-    if not (path / "zarr.json").exists():
-        return False
-    attrs = dict(zarr.open_group(zarr_store(path, True), mode="r").attrs)
-    return bool(attrs.get("complete")) and attrs.get("request", attrs.get("key")) == key
 
 
 def search_record(layout: RunLayout) -> dict:

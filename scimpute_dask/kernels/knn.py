@@ -420,10 +420,21 @@ def incomplete(screened: np.ndarray, k: int, n_genes: int) -> np.ndarray:
     (big groups of equal cosines, e.g. integer counts on few genes) the cell is
     searched again exactly.
     """
-    last = screened[:, -1, 0]
-    kth = screened[:, min(k, screened.shape[1]) - 1, 0]
     full = screened[:, -1, 1] != EMPTY
-    return full & (last >= kth - 2 * screen_error(n_genes) - 1e-11)
+    return full & (screened[:, -1, 0] >= band_floor(screened, k, n_genes))
+
+
+def band_floor(screened: np.ndarray, k: int, n_genes: int) -> np.ndarray:
+    """Per cell, the lowest float32 screen value a row of its exact k nearest can have.
+
+    k rows screen at or above the k-th kept value, so the true k-th cosine is at
+    least that minus :func:`screen_error`; a row screened (by any float32
+    product) below this floor is truly below the k-th by more than the exact
+    ranking's 1e-12 grid, and cannot be among the k nearest. An exhaustive
+    search computes float64 cosines only for the rows above it.
+    """
+    kth = screened[:, min(k, screened.shape[1]) - 1, 0]
+    return kth - 2 * screen_error(n_genes) - 1e-11
 
 
 #: Query cells searched exhaustively at once, and the (cells × block) buffer's
@@ -489,12 +500,16 @@ def exact_topk(
     _cosine64_into(query, qn, reference, rn, 0, _positions(candidates, reference_rows), exact)
     out = _rank(exact, candidates, k)
     step = max(1, min(EXHAUSTIVE_ROWS, EXHAUSTIVE_ELEMENTS // max(1, len(reference_rows))))
+    floor = band_floor(screened, k, query.shape[1])
+    unit = normalize_rows(reference) if len(again) else None
     for lo in range(0, len(again), step):
         cells = again[lo : lo + step]
         every = np.repeat(reference_rows[None, :], len(cells), axis=0)
         if query_clusters is not None:
             every[np.asarray(query_clusters)[cells, None]
                   != np.asarray(reference_clusters)[None, :]] = EMPTY
+        # float64 only where the float32 screen leaves a row within reach of the k-th
+        every[normalize_rows(query[cells]) @ unit.T < floor[cells, None]] = EMPTY
         exact = np.full(every.shape, -np.inf)
         _cosine64_into(query[cells], qn[cells], reference, rn, 0,
                        _positions(every, reference_rows), exact)
@@ -596,6 +611,59 @@ def _screen_all(unit: np.ndarray, tiles: Tiles, k: int, query_clusters) -> np.nd
     return screened
 
 
+def _cells_probing(probes: np.ndarray) -> list[np.ndarray]:
+    """The cells probing each list, ascending (a cell probes a list once)."""
+    n_lists = int(probes.max(initial=-1)) + 1
+    flat = probes.ravel()
+    order = np.argsort(flat, kind="stable")
+    ends = np.searchsorted(flat[order], np.arange(n_lists + 1))
+    return [order[ends[c] : ends[c + 1]] // probes.shape[1] for c in range(n_lists)]
+
+
+def _lists_in_tile(tiles: Tiles, lo: int, hi: int, probing: list[np.ndarray]
+                   ) -> tuple[np.ndarray, list[int]]:
+    """Where each list starts in a tile (prepared in list order), and the lists there that
+    some cell probes."""
+    n_lists = len(probing)
+    offsets = np.searchsorted(tiles.lists(lo, hi), np.arange(n_lists + 1))
+    return offsets, [c for c in range(n_lists)
+                     if offsets[c] < offsets[c + 1] and len(probing[c])]
+
+
+def _search_probed(q: np.ndarray, q_norms: np.ndarray, tiles: Tiles, probes: np.ndarray,
+                   k: int, query_clusters, floor: np.ndarray) -> np.ndarray:
+    """Every row of each cell's probed lists ranked by float64 cosine: the exhaustive search
+    of cells the float32 screen cannot vouch for, within the lists they probe (all lists
+    probed: the exact search's), over the rows screened at or above ``floor``
+    (:func:`band_floor`)."""
+    best = _pack(*_empty(len(q), k))
+    probing = _cells_probing(probes)
+    unit = normalize_rows(q)
+    for lo, hi in tiles.bounds():
+        offsets, wanted = _lists_in_tile(tiles, lo, hi, probing)
+        if not wanted:
+            continue
+        values, rows = tiles.values(lo, hi), _rows(tiles, lo, hi)
+        norms = np.asarray(tiles.norms(lo, hi), dtype=np.float64)
+        codes, tile = tiles.clusters(lo, hi), tiles.unit(lo, hi)
+        for c in wanted:
+            a, b = offsets[c], offsets[c + 1]
+            step = max(1, min(EXHAUSTIVE_ROWS, EXHAUSTIVE_ELEMENTS // (b - a)))
+            for at in range(0, len(probing[c]), step):
+                cells = probing[c][at : at + step]
+                every = np.repeat(rows[None, a:b], len(cells), axis=0)
+                local = np.repeat(np.arange(b - a)[None, :], len(cells), axis=0)
+                other = unit[cells] @ tile[a:b].T < floor[cells, None]
+                if query_clusters is not None:
+                    other |= np.asarray(query_clusters)[cells, None] != codes[None, a:b]
+                every[other], local[other] = EMPTY, EMPTY
+                exact = np.full(every.shape, -np.inf)
+                _cosine64_into(q[cells], q_norms[cells], values[a:b], norms[a:b], 0, local,
+                               exact)
+                best[cells] = _merged(best[cells], _rank(exact, every, k), k)
+    return best
+
+
 def _screen_probed(unit: np.ndarray, tiles: Tiles, k: int, query_clusters, probes: np.ndarray
                    ) -> np.ndarray:
     """The screen of an approximate search: each cell meets only the rows of the coarse
@@ -603,16 +671,9 @@ def _screen_probed(unit: np.ndarray, tiles: Tiles, k: int, query_clusters, probe
     list order, so a tile holds a few whole lists)."""
     m = k + RERANK_MARGIN
     screened = _pack(*_empty(len(unit), m))
-    n_lists = int(probes.max(initial=-1)) + 1
-    # the cells probing each list, ascending (a cell probes a list once)
-    flat = probes.ravel()
-    order = np.argsort(flat, kind="stable")
-    ends = np.searchsorted(flat[order], np.arange(n_lists + 1))
-    probing = [order[ends[c] : ends[c + 1]] // probes.shape[1] for c in range(n_lists)]
+    probing = _cells_probing(probes)
     for lo, hi in tiles.bounds():
-        lists = tiles.lists(lo, hi)
-        offsets = np.searchsorted(lists, np.arange(n_lists + 1))
-        wanted = [c for c in range(n_lists) if offsets[c] < offsets[c + 1] and len(probing[c])]
+        offsets, wanted = _lists_in_tile(tiles, lo, hi, probing)
         if not wanted:
             continue
         rows, tile = _rows(tiles, lo, hi), tiles.unit(lo, hi)
@@ -671,10 +732,24 @@ def search_block(query: np.ndarray, tiles: Tiles, k: int,
     else:
         screened = _screen_all(unit, tiles, k, query_clusters)
     del unit
-    if probes is not None and not incomplete(screened, k, q.shape[1]).any():
+    if probes is not None:
         # an approximate search ranks its candidates where they lie, reading only the
-        # tiles holding them (every tile if a cell must be searched exhaustively)
+        # tiles holding them; a cell the screen cannot vouch for is searched exhaustively
+        # within its probed lists (all lists for one searched whole)
         best = _rank_candidates(q, q_norms, tiles, screened, k)
+        again = incomplete(screened, k, q.shape[1])
+        everywhere = np.zeros(len(q), dtype=bool)
+        everywhere[short] = True
+        for cells, lists in ((np.flatnonzero(again & ~everywhere), probes),
+                             (np.flatnonzero(again & everywhere), None)):
+            if len(cells):
+                n_lists = int(tiles.lists(0, None).max(initial=-1)) + 1
+                lists = np.tile(np.arange(n_lists), (len(cells), 1)) if lists is None \
+                    else lists[cells]
+                best[cells] = _search_probed(
+                    q[cells], q_norms[cells], tiles, lists, k,
+                    None if query_clusters is None else np.asarray(query_clusters)[cells],
+                    band_floor(screened[cells], k, q.shape[1]))
     else:
         best = _pack(*_empty(len(q), k))
         for lo, hi in tiles.bounds():

@@ -296,8 +296,8 @@ class _Search:
         self.zarr_dir, self.k, self.options, self.blocks = zarr_dir, k, options, blocks
         self.average = average
         bq, br = blocks.query_chunk, blocks.reference_chunk
-        self.q_shared = q_store.to_dask()[:, inputs.q_cols].rechunk((bq, -1))
-        self.r_shared = r_store.to_dask()[:, inputs.r_cols].rechunk((br, -1))
+        self.q_shared = q_store.columns(inputs.q_cols, (bq, -1))
+        self.r_shared = r_store.columns(inputs.r_cols, (br, -1))
         self.reference = r_store.to_dask()
         self.codes = None
         if clusters:
@@ -318,7 +318,7 @@ class _Search:
         path = self.zarr_dir / f"{name}_neighbors.zarr"
         key = {**self.base_key, "search_genes": digest(search_genes)}
         if not is_complete(path, key):
-            bs = self.blocks.search_chunk or self.blocks.query_chunk
+            bs = self.blocks.search_chunk
             q, r = graph.search_space(self.q_shared[:, search_genes].rechunk((bs, -1)),
                                       self.r_shared[:, search_genes],
                                       self.options["normalize"])
