@@ -252,13 +252,17 @@ def exact_too_slow(n_query: int, n_reference: int, n_shared: int) -> float | Non
     return seconds if seconds > SLOW_EXACT_S else None
 
 
+#: The most coarse lists: at a million reference cells, lists of ~2,000 cells.
+MAX_LISTS = 512
+
+
 def n_lists_for(n_reference: int) -> int:
-    """Coarse lists for a reference: about √n / 2, at most 256 (each search task loops
-    over the lists of every tile, so they must not get too small)."""
-    return int(min(256, max(1, round(np.sqrt(n_reference) / 2))))
+    """Coarse lists for a reference: about √n / 2, at most :data:`MAX_LISTS` (each search
+    task loops over the lists of every tile, so they must not get too small)."""
+    return int(min(MAX_LISTS, max(1, round(np.sqrt(n_reference) / 2))))
 
 
-def fit_coarse(reference: da.Array, n_lists: int, seed: int = 0, sample: int = 20_000
+def fit_coarse(reference: da.Array, n_lists: int, seed: int = 0, sample: int | None = None
                ) -> Coarse:
     """Coarse lists of a reference's rows: the centroids, in the full space of the unit
     rows, of a mini-batch k-means (scikit-learn) of a seeded sample's 64 principal
@@ -273,6 +277,7 @@ def fit_coarse(reference: da.Array, n_lists: int, seed: int = 0, sample: int = 2
     from sklearn.decomposition import PCA
 
     g = reference.shape[1]
+    sample = sample or max(20_000, 64 * n_lists)  # rows enough for every list's centroid
     rng = np.random.default_rng(seed)
     # whole blocks drawn at random (scattered rows would read every block of the store),
     # at least 32 of them (a reference ordered by cell type is still covered), then rows
