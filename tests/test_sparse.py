@@ -119,3 +119,35 @@ def test_unmeasured_genes_only(inputs, tmp_path):
     expected = [g for g in genes if g not in set(query.var_names)]
     assert list(stored["var_names"][:]) == expected
     assert (out / "scores.txt").exists() and not (out / "zarr" / "imputed_shared.zarr").exists()
+
+
+def test_an_interrupted_sparse_conversion_resumes(tmp_path):
+    """Killed after two blocks of cells, the conversion resumes at the third: the store
+    equals one converted whole, its entries counted once."""
+    from scimpute_dask.io import store as stores
+
+    n, g = 1000, 300
+    M = sparse.random(n, g, density=0.1, format="csr", random_state=2, dtype=np.float32)
+    cells = np.array([f"c{i}" for i in range(n)], dtype=object)
+    names = np.array([f"g{i}" for i in range(g)], dtype=object)
+    seen = []
+
+    def blocks(done, offset, chunks, fail_after=None):
+        for lo in range(done, n, chunks[0]):
+            if fail_after is not None and len(seen) == fail_after:
+                raise KeyboardInterrupt
+            seen.append(lo)
+            yield stores.Block(lo, min(n, lo + chunks[0]), M[lo : lo + chunks[0]])
+
+    def convert(**kw):
+        return stores.write_store(tmp_path / "s.zarr", {"t": 1}, "t",
+                                  shape=lambda: (cells, names, (256, 300)), sparse=True,
+                                  blocks=lambda d, o, c: blocks(d, o, c, **kw))
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(fail_after=2)
+    assert not zarr.open_group(tmp_path / "s.zarr", mode="r").attrs["complete"]
+    store = convert()
+    assert seen == [0, 256, 512, 768]  # the first two blocks were not converted again
+    np.testing.assert_array_equal(store.read(), M.toarray())
+    assert store.density == pytest.approx(M.nnz / (n * g))
