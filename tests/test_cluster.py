@@ -62,7 +62,7 @@ def test_cli_on_a_real_cluster_matches_the_local_run(tmp_path, dask_cluster, clu
             lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
     assert any("write_blocks" in p for p in prefixes), prefixes
     # the reference was prepared by the workers, and searched by them from its store
-    assert "normalize_rows" in prefixes, prefixes
+    assert "norms_column" in prefixes, prefixes
     assert "search" in prefixes, prefixes
 
 

@@ -16,7 +16,7 @@ from scimpute_dask.synthetic import write_scimpute_tsv
 def _same(store: ExpressionStore, frame: pd.DataFrame) -> None:
     assert list(store.cell_names) == list(frame.index.astype(str))
     assert list(store.gene_names) == list(frame.columns.astype(str))
-    np.testing.assert_array_equal(np.asarray(store.group["X"][:]),
+    np.testing.assert_array_equal(store.read(),
                                   frame.to_numpy(np.float32))
 
 
