@@ -217,9 +217,7 @@ def wide_genes(r_store: ExpressionStore) -> np.ndarray:
     n, g = r_store.shape
     if not n * g:
         return np.zeros(0, dtype=np.int64)
-    reference = r_store.gene_blocks(r_store.chunks[1]) if r_store.sparse \
-        else r_store.to_dask()
-    (largest,) = cluster.compute(graph.column_max(reference))
+    (largest,) = cluster.compute(graph.column_max(r_store.in_chunks()))
     return np.flatnonzero(largest >= imputation.FLOAT32_TEXT_LIMIT)
 
 

@@ -145,6 +145,11 @@ class ExpressionStore:
         return self._view(np.arange(g) if genes is None else genes, (n, gene_chunk),
                           as_sparse=True)
 
+    def in_chunks(self):
+        """The whole matrix in the store's own chunks, each read once: dense blocks of a
+        dense store, CSR gene blocks (all cells) of a sparse one."""
+        return self.gene_blocks(self.chunks[1]) if self.sparse else self.to_dask()
+
     def _view(self, cols: np.ndarray, chunks: tuple[int, int], as_sparse: bool):
         import dask.array as da
 

@@ -645,7 +645,7 @@ def _search_probed(q: np.ndarray, q_norms: np.ndarray, tiles: Tiles, probes: np.
             continue
         values, rows = tiles.values(lo, hi), _rows(tiles, lo, hi)
         norms = np.asarray(tiles.norms(lo, hi), dtype=np.float64)
-        codes, tile = tiles.clusters(lo, hi), tiles.unit(lo, hi)
+        codes, tile = tiles.clusters(lo, hi), normalize_rows(values)  # one read of the tile
         for c in wanted:
             a, b = offsets[c], offsets[c + 1]
             step = max(1, min(EXHAUSTIVE_ROWS, EXHAUSTIVE_ELEMENTS // (b - a)))

@@ -184,9 +184,8 @@ def run_figures(work: Location, files: dict[str, Location], xy: np.ndarray | Non
     if plot_genes is None:
         drawable = np.zeros(len(genes), dtype=bool)
         drawable[inputs.imputed] = True
-        reference = r_store.gene_blocks(r_store.chunks[1]) if r_store.sparse \
-            else r_store.to_dask()
-        shared, others = choose_genes(reference, inputs.r_genes, measured, drawable)
+        shared, others = choose_genes(r_store.in_chunks(), inputs.r_genes, measured,
+                                      drawable)
     else:
         pos = genes.get_indexer(list(plot_genes))
         shared = [g for g, p in zip(plot_genes, pos, strict=True) if measured[p]]
