@@ -37,6 +37,13 @@ def test_recall_target_is_met_and_every_neighbour_is_ranked_exactly(data, tmp_pa
     chosen = searcher.choose_probes(q[:300], k, 0.95)
     assert chosen.recall >= 0.95 and chosen.probes < chosen.lists  # cheaper than exact
     assert chosen.interval[0] <= chosen.recall <= chosen.interval[1]
+    # the recall foreseen from where the exact neighbours lie is what searching with
+    # those probes measures (the choice searches only once, exactly)
+    sample = da.from_array(q[:300], chunks=(150, -1))
+    for foreseen in (searcher.choose_probes(q[:300], k, 0.0), chosen):  # 1 probe, chosen
+        found = np.asarray(searcher.neighbours(sample, k, probes=foreseen.probes)[0].compute())
+        assert foreseen.measured(found).recall == pytest.approx(foreseen.recall, abs=1e-12)
+    assert chosen.recall > searcher.choose_probes(q[:300], k, 0.0).recall
     with dask.config.set(scheduler="sync"):
         idx, sim = dask.compute(*searcher.neighbours(da.from_array(q, chunks=(250, -1)), k,
                                                      probes=chosen.probes))

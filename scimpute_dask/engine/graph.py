@@ -243,17 +243,9 @@ def impute_graph(
     )
 
 
-def _column_max_block(block) -> np.ndarray:
-    if sparse.issparse(block):
-        largest = np.zeros(block.shape[1])
-        np.maximum.at(largest, block.indices, np.abs(block.data))
-        return largest[None]
-    return np.nanmax(np.abs(block), axis=0, initial=0)[None].astype(np.float64)
-
-
 def column_max(x: da.Array) -> da.Array:
     """The largest magnitude of every column (NaN skipped), of dense or CSR blocks."""
-    return x.map_blocks(_column_max_block, chunks=((1,) * x.numblocks[0], x.chunks[1]),
+    return x.map_blocks(imputation.column_max, chunks=((1,) * x.numblocks[0], x.chunks[1]),
                         dtype=np.float64, meta=np.empty((0, 0))).max(axis=0)
 
 

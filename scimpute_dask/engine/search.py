@@ -17,11 +17,12 @@ small the tiles were planned.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dask
@@ -35,6 +36,8 @@ from scimpute_dask.engine.resumable import digest, store_stage
 from scimpute_dask.io.storage import Location, is_remote, remove_tree, zarr_store
 from scimpute_dask.io.store import COMPRESSORS
 from scimpute_dask.kernels import knn as kernel
+
+log = logging.getLogger("scimpute_dask")
 
 #: Arrays of a prepared reference, as :func:`graph.prepared_reference` names them, and
 #: those it has with clusters or coarse lists. A stored preparation has no ``unit``.
@@ -137,6 +140,16 @@ class Recall:
     cells: int  # sampled query cells with neighbours
     target: float
     seconds: float
+    #: The sample's exact neighbours (``(cells, k)`` reference rows), the measure of
+    #: :meth:`measured`.
+    exact: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def measured(self, found: np.ndarray) -> Recall:
+        """This choice with the recall of ``found``, the search's own neighbours of the
+        sample (what the run returned, not what the choice predicted)."""
+        defined = (self.exact >= 0).any(axis=1)
+        mean, interval = _mean_interval(recall_at_k(found[defined], self.exact[defined]))
+        return replace(self, recall=mean, interval=interval)
 
     def record(self) -> dict:
         """What ``run.json`` keeps of it."""
@@ -145,6 +158,16 @@ class Recall:
                 "recall_ci95": [round(x, 4) for x in self.interval],
                 "sample_cells": self.cells, "target": self.target,
                 "seconds": round(self.seconds, 3)}
+
+
+def _mean_interval(per_cell: np.ndarray) -> tuple[float, tuple[float, float]]:
+    """The mean and its normal 95 % confidence interval, within [0, 1]."""
+    if not len(per_cell):
+        return 1.0, (1.0, 1.0)
+    mean = float(per_cell.mean())
+    half = 1.96 * float(per_cell.std(ddof=1)) / np.sqrt(len(per_cell)) \
+        if len(per_cell) > 1 else 0.0
+    return mean, (max(0.0, mean - half), min(1.0, mean + half))
 
 
 @dataclass(frozen=True)
@@ -166,17 +189,66 @@ class Searcher:
         reference prepared with coarse lists) each cell screens only the rows
         of its ``probes`` nearest lists, every candidate then ranked exactly.
         """
-        probing = None if probes is None else (self.coarse, probes)
-        return graph.search_graph(query, self.tiles, self.token, k, query_codes, probing)
+        if probes is None or self.path is None:
+            probing = None if probes is None else (self.coarse, probes)
+            return graph.search_graph(query, self.tiles, self.token, k, query_codes, probing)
+        return self._neighbours_in_lists(query, k, query_codes, probes)
+
+    def _neighbours_in_lists(self, query: da.Array, k: int, query_codes: da.Array | None,
+                             probes: int) -> tuple[da.Array, da.Array]:
+        """An approximate search of a stored preparation, its query cells searched in the
+        order of their nearest list.
+
+        In the query's own order every block of cells probes nearly every list,
+        so every task reads the whole reference. Sorted by nearest list (and the
+        lists ordered so that similar ones are neighbours, :func:`fit_coarse`), a
+        block's cells probe a few neighbouring lists, and its task reads only
+        the tiles holding them. The query is sorted as the reference is
+        (:func:`_prepare_in_lists`, in ``query`` beside the preparation), its
+        neighbours stored in that order (``found``; both resumable) and returned
+        lazily in the query's own order, read from there. The same neighbours,
+        each cell's search being its own.
+        """
+        block = query.chunks[0][0]
+        key = {"query": query.name, "codes": None if query_codes is None else query_codes.name,
+               "lists": digest(self.coarse)}
+        clock = time.perf_counter()
+        in_lists = _prepare_in_lists(query, block, query_codes, self.path / "query", key,
+                                     self.coarse).tiles.arrays
+        log.debug("query cells sorted by nearest list in %.1f s", time.perf_counter() - clock)
+        clock = time.perf_counter()
+        codes = None if query_codes is None else da.from_zarr(in_lists["codes"])[:, 0]
+        indices, similarity = graph.search_graph(
+            da.from_zarr(in_lists["values"]), self.tiles, self.token, k, codes,
+            (self.coarse, probes))
+        found = store_stage(self.path / "found", {"indices": (indices, -1),
+                                                  "similarity": (similarity, np.nan)},
+                            {**key, "probes": probes, "k": k, "reference": self.token}, {})
+        log.debug("searched in %.1f s", time.perf_counter() - clock)
+        where = np.empty(query.shape[0], dtype=np.int64)  # each query cell's sorted place
+        where[np.asarray(in_lists["rows"][:, 0])] = np.arange(query.shape[0])
+        where = da.from_array(where, chunks=(query.chunks[0],))
+        return tuple(where.map_blocks(_rows_of, found[name], new_axis=1, dtype=found[name].dtype,
+                                      chunks=(query.chunks[0], (k,)))
+                     for name in ("indices", "similarity"))
 
     def choose_probes(self, sample: np.ndarray, k: int, target: float,
                       sample_codes: np.ndarray | None = None) -> Recall:
-        """The fewest probes (1, 2, 4, … lists) whose recall@k on ``sample`` reaches
-        ``target``, measured against the exact search of the same cells.
+        """The fewest probes (lists each cell screens) whose recall@k on ``sample``
+        reaches ``target``, measured against the exact search of the same cells.
 
-        All lists probed is the exact search, so the target is always reached
-        in the end; the cost is one exact and a few approximate searches of the
-        sample, in this process.
+        One exact search of the sample decides it, whatever the probes: an
+        approximate search returns the exact top k among the rows of the lists
+        it probes (every candidate is ranked by the exact cosine, and a cell the
+        screen cannot vouch for is searched exhaustively within those lists), so
+        its recall at ``p`` probes is the share of each cell's exact neighbours
+        lying in the cell's ``p`` nearest lists — known for every ``p`` at once.
+        A cell whose probed lists hold fewer than ``k`` + margin rows is searched
+        in every list (recall 1). With cluster codes more cells are (fewer rows
+        of the cell's cluster), so the estimate can only be low. All lists
+        probed is the exact search: the target is always reached in the end.
+        The run then records the recall its own neighbours have
+        (:meth:`Recall.measured`).
         """
         clock = time.perf_counter()
         n_lists = len(self.coarse)
@@ -184,28 +256,39 @@ class Searcher:
         chunk = max(1, -(-len(sample) // 2))
         query = da.from_array(sample, chunks=(chunk, -1))
         codes = None if sample_codes is None else da.from_array(sample_codes, chunks=chunk)
-
-        def found(probes: int | None) -> np.ndarray:
-            return np.asarray(self.neighbours(query, k, codes, probes)[0].compute())
-
-        exact = found(None)
+        exact = np.asarray(self.neighbours(query, k, codes)[0].compute())
         defined = (exact >= 0).any(axis=1)
-        probes = 1
-        while True:
-            per_cell = recall_at_k(found(probes)[defined], exact[defined])
-            mean = float(per_cell.mean()) if len(per_cell) else 1.0
-            if mean >= target or probes >= n_lists:
+        # each exact neighbour's list, and that list's place among the cell's nearest
+        lists = self.tiles.lists(0, None)
+        where = self.tiles.positions(exact[defined])
+        neighbour_lists = np.where(where >= 0, lists[np.maximum(where, 0)], -1)
+        ranking = kernel.nearest_lists(kernel.normalize_rows(sample[defined]), self.coarse,
+                                       n_lists)
+        place = np.empty_like(ranking)
+        np.put_along_axis(place, ranking, np.arange(n_lists, dtype=ranking.dtype)[None, :],
+                          axis=1)
+        needed = np.where(neighbour_lists >= 0,
+                          np.take_along_axis(place, np.maximum(neighbour_lists, 0), axis=1),
+                          n_lists)
+        held = np.cumsum(np.bincount(lists, minlength=n_lists)[ranking], axis=1)
+        valid = np.maximum((exact[defined] >= 0).sum(axis=1), 1)
+        for probes in range(1, n_lists + 1):  # all lists probed: recall 1
+            short = held[:, probes - 1] < k + kernel.RERANK_MARGIN
+            per_cell = np.where(short, 1.0, (needed < probes).sum(axis=1) / valid)
+            mean, interval = _mean_interval(per_cell)
+            if mean >= target:
                 break
-            probes = min(n_lists, probes * 2)
-        half = 1.96 * float(per_cell.std(ddof=1)) / np.sqrt(len(per_cell)) \
-            if len(per_cell) > 1 else 0.0
-        return Recall(n_lists, probes, mean, (max(0.0, mean - half), min(1.0, mean + half)),
-                      int(defined.sum()), target, time.perf_counter() - clock)
+        return Recall(n_lists, probes, mean, interval, int(defined.sum()), target,
+                      time.perf_counter() - clock, exact)
 
     def remove(self) -> None:
         """Delete a stored preparation (its work is done)."""
         if self.path is not None:
             remove_tree(self.path)
+
+
+def _rows_of(rows: np.ndarray, array: zarr.Array) -> np.ndarray:
+    return array.get_orthogonal_selection((rows, slice(None)))
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
@@ -272,8 +355,11 @@ def fit_coarse(reference: da.Array, n_lists: int, seed: int = 0, sample: int | N
     Cells are assigned and probe in the full space: on clustered counts (300 genes,
     50,000 cells, 112 lists) the lists holding a cell's 25 true neighbours were among
     its 16 nearest for 97 % of them, against 96 % with 64 components and 66 % with 32;
-    fitting in 64 components keeps the fit a few seconds.
+    fitting in 64 components keeps the fit a few seconds. The lists are numbered in
+    the order of the leaves of their centroids' average-linkage tree, so that similar
+    lists are numbered (and stored) side by side.
     """
+    from scipy.cluster.hierarchy import leaves_list, linkage
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.decomposition import PCA
 
@@ -298,7 +384,12 @@ def fit_coarse(reference: da.Array, n_lists: int, seed: int = 0, sample: int | N
     sums = np.zeros((n_lists, g))
     np.add.at(sums, labels, unit)
     counts = np.bincount(labels, minlength=n_lists)
-    return (sums[counts > 0] / counts[counts > 0, None]).astype(np.float32)
+    centroids = (sums[counts > 0] / counts[counts > 0, None]).astype(np.float32)
+    if len(centroids) < 3:
+        return centroids
+    # similar lists numbered side by side (the leaves of their average-linkage tree): the
+    # lists a query block probes are then a few runs of tiles (Searcher.neighbours)
+    return centroids[leaves_list(linkage(centroids, "average"))]
 
 
 def prepare(reference: da.Array, tile: int, codes: da.Array | None = None,
@@ -350,8 +441,9 @@ def _prepare_in_lists(reference: da.Array, tile: int, codes: da.Array | None,
     Stored, the reordering is an external bucket sort in one pass over the reference:
     each block is read once, its rows assigned to their nearest list and appended to
     a local file per list (as CSR where that is smaller); the tiles are then filled
-    from the lists in order and written. Memory stays a block and a tile. (On a cluster the blocks
-    are computed by the workers and sorted here.)
+    from the lists in order and written. Memory stays two blocks, the rows waiting to
+    be written (:data:`_PENDING_BYTES`) and a tile. (On a cluster the blocks are
+    computed by the workers and sorted here.)
     """
     reference = reference.rechunk({1: -1})
     n, g = reference.shape
@@ -385,6 +477,8 @@ def _prepare_in_lists(reference: da.Array, tile: int, codes: da.Array | None,
     with tempfile.TemporaryDirectory(prefix=".search-buckets-", dir=local) as tmp:
         buckets = Path(tmp)
         starts = np.cumsum((0, *reference.chunks[0]))
+        pending: dict[int, list[np.ndarray]] = {}
+        held = 0
         for first in range(0, reference.numblocks[0], 2):  # two blocks at a time: two cores
             blocks = dask.compute(*[reference.blocks[j, 0] for j in
                                     range(first, min(first + 2, reference.numblocks[0]))])
@@ -393,9 +487,18 @@ def _prepare_in_lists(reference: da.Array, tile: int, codes: da.Array | None,
                 lo = starts[j]
                 assigned = kernel.nearest_lists(kernel.normalize_rows(block), centroids)[:, 0]
                 lists[lo : lo + len(block)] = assigned
-                for c in np.unique(assigned):
+                order = np.argsort(assigned, kind="stable")
+                bounds = np.searchsorted(assigned[order], np.arange(len(centroids) + 1))
+                for c in np.flatnonzero(np.diff(bounds)):
+                    pending.setdefault(int(c), []).append(block[order[bounds[c]:bounds[c + 1]]])
+                held += block.nbytes
+            # a list's rows gathered over blocks, written as one record: a block's
+            # rows of one list are a few, and each record costs an opening and a header
+            if held >= _PENDING_BYTES or first + 2 >= reference.numblocks[0]:
+                for c, parts in pending.items():
                     with open(buckets / f"{c}.rows", "ab") as fh:
-                        _write_rows(fh, block[assigned == c])
+                        _write_rows(fh, np.concatenate(parts))
+                pending, held = {}, 0
         order = np.argsort(lists, kind="stable")  # each list's rows in original order
         array("lists", 1, "int32")[:] = lists[order][:, None]
         array("rows", 1, "int64")[:] = order[:, None]
@@ -420,6 +523,8 @@ def _prepare_in_lists(reference: da.Array, tile: int, codes: da.Array | None,
     return Searcher(PreparedTiles.stored(group, tile), token, path, centroids)
 
 
+#: Rows of the reference gathered by list before they are written to the list's bucket.
+_PENDING_BYTES = 128 * 2**20
 #: A bucket record's header: rows, stored entries (-1: dense rows follow).
 _RECORD = np.dtype([("rows", "<i8"), ("entries", "<i8")])
 

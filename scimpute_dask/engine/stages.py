@@ -10,6 +10,7 @@ imputation itself.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,11 +49,14 @@ class SearchData:
 
 def search_data(layout: RunLayout, q_store: ExpressionStore, r_store: ExpressionStore,
                 inputs: RunInputs, blocks: Plan, clusters: bool) -> SearchData:
-    """The kNN's inputs; the cluster codes go through Zarr, not embedded in the graph, so that
+    """The kNN's inputs (the reference is prepared in tiles, not searched in these
+    blocks); the cluster codes go through Zarr, not embedded in the graph, so that
     nothing large travels via the scheduler."""
     bs, br = blocks.search_chunk, blocks.reference_chunk
     q = q_store.columns(inputs.q_cols, (bs, -1))
-    r = r_store.columns(inputs.r_cols, (br, -1))
+    # the reference in whole chunks of its store (the tile, aligned to them, divides or
+    # covers one): a smaller block would decode its whole store chunk for a part of it
+    r = r_store.columns(inputs.r_cols, (max(br, r_store.chunks[0]), -1))
     if not clusters:
         return SearchData(q, r, None, None, None)
     n_q = len(inputs.q_cells)
@@ -86,22 +90,27 @@ def neighbours_stage(layout: RunLayout, data: SearchData, key: dict, inputs: Run
         q, r = graph.search_space(data.query, data.reference, config.normalize)
         prepared_key = {"reference": key["reference"], "genes": digest(inputs.r_cols),
                         "normalize": config.normalize, "clusters": data.codes_digest}
-        probes, record, stored_key = None, {"mode": "exact"}, key
+        probes, chosen, stored_key = None, None, key
         if config.search == "approx":
+            clock = time.perf_counter()
             coarse = search.fit_coarse(r, search.n_lists_for(r.shape[0]), config.seed)
+            log.debug("%d coarse lists fitted in %.1f s", len(coarse),
+                      time.perf_counter() - clock)
+            clock = time.perf_counter()
             searcher = search.prepare(r, blocks.reference_chunk, data.reference_codes,
                                       layout.search, prepared_key, coarse)
+            log.debug("reference prepared in list order in %.1f s", time.perf_counter() - clock)
             cells = np.sort(np.random.default_rng(config.seed).choice(
                 q.shape[0], min(q.shape[0], RECALL_SAMPLE), replace=False))
             chosen = searcher.choose_probes(
                 np.asarray(q[cells].compute(), dtype=np.float32), config.k, config.recall,
                 None if data.query_codes is None else np.asarray(data.query_codes[cells]))
-            probes, record = chosen.probes, chosen.record()
+            probes = chosen.probes
             # blocks searched with other lists or probes are never resumed into these
             stored_key = {**key, "lists": digest(coarse), "probes": probes}
             log.info("approximate search: %d of %d coarse lists per cell, recall@%d %.3f "
-                     "(95%% CI %.3f–%.3f) on %d sampled cells", chosen.probes, chosen.lists,
-                     config.k, chosen.recall, *chosen.interval, chosen.cells)
+                     "expected on %d sampled cells (chosen in %.1f s)", chosen.probes,
+                     chosen.lists, config.k, chosen.recall, chosen.cells, chosen.seconds)
         else:
             searcher = search.prepare(r, blocks.reference_chunk, data.reference_codes,
                                       layout.search, prepared_key)
@@ -111,11 +120,27 @@ def neighbours_stage(layout: RunLayout, data: SearchData, key: dict, inputs: Run
         bq = blocks.query_chunk
         indices, similarity = indices.rechunk((bq, -1)), similarity.rechunk((bq, -1))
         weights = neighbour_weights(similarity, config.weighting, config.temperature)
-        store_stage(path, {"indices": (indices, -1), "weights": (weights, np.nan)},
-                    stored_key, {"k": config.k, "request": key, "search": record,
-                                 "consider_clusters": config.consider_clusters,
-                                 "weight": config.weighting})
+        record = {"mode": "exact"} if chosen is None else chosen.record()
+        group = store_stage(path, {"indices": (indices, -1), "weights": (weights, np.nan)},
+                            stored_key, {"k": config.k, "request": key,
+                                         # expected; then what the search measured
+                                         "search": record,
+                                         "consider_clusters": config.consider_clusters,
+                                         "weight": config.weighting})
+        if chosen is not None:
+            chosen = chosen.measured(group["indices"].get_orthogonal_selection((cells,
+                                                                                slice(None))))
+            record = chosen.record()
+            log.info("approximate search: recall@%d %.3f (95%% CI %.3f–%.3f) on the %d "
+                     "sampled cells", config.k, chosen.recall, *chosen.interval, chosen.cells)
+            if chosen.recall < config.recall:
+                log.warning("approximate search: recall@%d %.3f on the sampled cells is "
+                            "below the %.3f asked for", config.k, chosen.recall,
+                            config.recall)
+        group.attrs["search"] = record
+        clock = time.perf_counter()
         searcher.remove()
+        log.debug("search preparation removed in %.1f s", time.perf_counter() - clock)
     nbrs = zarr.open_group(zarr_store(path), mode="r+")
     names_array(nbrs, "obs_names", inputs.q_cells)
     names_array(nbrs, "reference_names", inputs.r_cells)  # what the indices point at

@@ -8,7 +8,9 @@ stores of a run in progress (the stages, the export) and of a finished one
     DIR/zarr/query.zarr          the converted query (when it was not a store)
     DIR/zarr/reference.zarr      the converted reference (idem)
     DIR/zarr/clusters.zarr       cluster codes of both, for a clustered search
-    DIR/zarr/search.zarr         the reference prepared for the search (until the kNN is stored)
+    DIR/zarr/search.zarr         the reference prepared for the search (until the kNN is stored);
+                                 an approximate search's query in list order (``query``)
+                                 and its neighbours in that order (``found``) within it
     DIR/zarr/neighbors.zarr      each query cell's neighbours and weights
     DIR/zarr/imputed.zarr        the imputed genes (float32 keeping scimpute's text)
     DIR/zarr/imputed_wide.zarr   float64 values of the genes too large for that

@@ -50,6 +50,25 @@ def neighbour_weights(similarity, weighting: str = "cosine+1",
     raise ValueError(f"unknown weighting {weighting!r}")
 
 
+@numba.njit(nogil=True, cache=True)
+def _column_max_into(indices, data, largest):  # pragma: no cover - compiled
+    for i in range(len(data)):
+        v = abs(data[i])
+        if v > largest[indices[i]]:  # NaN never is
+            largest[indices[i]] = v
+
+
+def column_max(block) -> np.ndarray:
+    """The largest magnitude in every column of a dense or CSR block (NaN skipped; 0 for
+    an empty column), ``(1, columns)`` float64."""
+    if sparse.issparse(block):
+        block = sparse.csr_matrix(block)
+        largest = np.zeros(block.shape[1])
+        _column_max_into(block.indices, block.data, largest)
+        return largest[None]
+    return np.nanmax(np.abs(block), axis=0, initial=0)[None].astype(np.float64)
+
+
 @numba.njit(nogil=True, cache=True, inline="always")
 def weighted_sums_into(indices, weights, reference, acc, log_space):  # pragma: no cover
     """``acc = Σ w·x`` (or ``Σ w·log1p(x)``) over one cell's neighbours; returns ``Σ w``.
