@@ -335,7 +335,8 @@ OPTIONS: dict[str, Option] = _options(
            "NAME"),
     Option("coords", None, Optional(PathLike()),
            "spatial coordinates of the query cells: a table of cell name, x, y (.csv or "
-           "tab-separated; default: obsm['spatial'] of an AnnData query)", "--coords",
+           "tab-separated; default: obsm['spatial'] of an AnnData query, the cell "
+           "centroids of a Xenium bundle)", "--coords",
            "FILE"),
     # resources
     Option("memory_limit", None, Optional(MemorySize()),

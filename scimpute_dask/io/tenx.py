@@ -8,7 +8,9 @@ batches and appended to one bucket file per block of cells on disk, then each
 bucket becomes one block of rows of the cells × genes store, kept sparse. Memory is
 bounded by a batch plus one block, whatever the file size.
 
-Gene names are the feature symbols (the second column), made unique as
+Only ``Gene Expression`` features are kept (not antibody capture, CRISPR
+guides or Xenium's control probes), as ``scanpy.read_10x_mtx`` does by
+default. Gene names are the feature symbols (the second column), made unique as
 anndata's ``var_names_make_unique`` does (``Gene``, ``Gene-1``, ...), as
 ``scanpy.read_10x_mtx`` returns them by default.
 """
@@ -32,6 +34,8 @@ from scimpute_dask.io import store as stores
 from scimpute_dask.io.registry import Reader, ReadOptions
 from scimpute_dask.io.storage import Location, is_location, is_remote
 
+#: The feature type kept (the third column of ``features.tsv``).
+GENE_EXPRESSION = "Gene Expression"
 _MATRIX = ("matrix.mtx", "matrix.mtx.gz")
 _BARCODES = ("barcodes.tsv", "barcodes.tsv.gz")
 _FEATURES = ("features.tsv", "features.tsv.gz", "genes.tsv", "genes.tsv.gz")
@@ -94,23 +98,43 @@ def make_unique(names: np.ndarray) -> np.ndarray:
     return names
 
 
-def _column(path: Path, index: int) -> np.ndarray:
-    table = pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False)
-    return np.asarray(table.iloc[:, min(index, table.shape[1] - 1)], dtype=object)
+def _table(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False)
 
 
-def read_names(directory: Path, label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Cell barcodes and gene names of a 10x directory, checked against the matrix header."""
-    label = label or str(directory)
+def _kept(features: pd.DataFrame, label: str) -> np.ndarray:
+    """Positions of the ``Gene Expression`` features (the third column of a v3 table;
+    all of an older ``genes.tsv``), as ``scanpy.read_10x_mtx`` keeps them by default."""
+    if features.shape[1] < 3:
+        return np.arange(len(features))
+    types = features.iloc[:, 2].to_numpy(str)
+    keep = np.flatnonzero(types == GENE_EXPRESSION)
+    if not len(keep):
+        raise InputError(f"{label}: no '{GENE_EXPRESSION}' features (feature types: "
+                         f"{', '.join(sorted(set(types)))})")
+    return keep
+
+
+def _names_and_kept(directory: Path, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Barcodes, kept gene names and the kept features' positions, checked."""
     mtx, barcodes, features = _files(directory, label)
-    cells = _column(barcodes, 0)
-    genes = make_unique(_column(features, 1))
+    cells = np.asarray(_table(barcodes).iloc[:, 0], dtype=object)
+    table = _table(features)
+    keep = _kept(table, f"{label}/{features.name}")
+    genes = make_unique(np.asarray(table.iloc[keep, min(1, table.shape[1] - 1)], dtype=object))
     check_unique_names(cells, f"{label}/{barcodes.name}", "cell")
     check_unique_names(genes, f"{label}/{features.name}", "gene")
     n_genes, n_cells, _, _ = _header(mtx, label)
-    if (n_genes, n_cells) != (len(genes), len(cells)):
+    if (n_genes, n_cells) != (len(table), len(cells)):
         raise InputError(f"{label}: {mtx.name} is {n_genes} genes × {n_cells} cells, but there "
-                         f"are {len(genes)} features and {len(cells)} barcodes")
+                         f"are {len(table)} features and {len(cells)} barcodes")
+    return cells, genes, keep
+
+
+def read_names(directory: Path, label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cell barcodes and gene names (``Gene Expression`` features) of a 10x directory,
+    checked against the matrix header."""
+    cells, genes, _ = _names_and_kept(directory, label or str(directory))
     return cells, genes
 
 
@@ -192,7 +216,7 @@ def convert_10x(directory: Path, store: Location, *, restart: bool, progress: bo
     An interrupted conversion starts again from the beginning.
     """
     label = name or str(directory)
-    cells, genes = read_names(directory, label)
+    cells, genes, keep = _names_and_kept(directory, label)
     mtx = _files(directory, label)[0]
     n_genes, n_cells, nnz, skip = _header(mtx, label)
 
@@ -219,7 +243,9 @@ def convert_10x(directory: Path, store: Location, *, restart: bool, progress: bo
                 # duplicated coordinates are summed, as scipy.io.mmread + tocsr does
                 block = sparse.coo_matrix(
                     (entries["value"], (entries["cell"] - lo, entries["gene"])),
-                    shape=(hi - lo, len(genes))).tocsr()
+                    shape=(hi - lo, n_genes)).tocsr()
+                if len(keep) < n_genes:
+                    block = block[:, keep]
                 block.sum_duplicates()
                 check_values(block, cells[lo:hi], genes, label, "cell", "gene")
                 yield stores.Block(lo, hi, block.astype(np.float32))

@@ -103,7 +103,8 @@ def _check_text(path: Location, label: str) -> None:
     if b"\x00" in head:
         raise InputError(
             f"{label}: a binary file, not delimited text; the inputs read are TSV/CSV "
-            f"(plain or gzip/bzip2/xz/zstd), .h5ad, AnnData-Zarr, 10x directories and "
+            f"(plain or gzip/bzip2/xz/zstd), .h5ad, AnnData-Zarr, 10x directories, 10x HDF5 "
+            f"(.h5), Xenium output bundles and "
             f"scimpute-dask stores")
 
 

@@ -1,0 +1,119 @@
+"""10x HDF5 matrices (Cell Ranger v3+, Xenium) in the schema Cell Ranger writes."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from scimpute_dask import InputError, convert, plan
+from scimpute_dask.cli import main
+from scimpute_dask.io import tenx_h5
+
+h5py = pytest.importorskip("h5py")
+
+
+def write_10x_h5(path, frame: pd.DataFrame, symbols, controls: int = 0, seed: int = 0
+                 ) -> None:
+    """Cell Ranger's ``filtered_feature_bc_matrix.h5``: features × barcodes CSC, byte
+    strings, gzip-compressed datasets; ``controls`` antibody-capture features after the
+    genes (as a multiome or CITE-seq run has), with counts of their own."""
+    rng = np.random.default_rng(seed)
+    counts = frame.to_numpy(np.int64)
+    extra = rng.poisson(3.0, (len(frame), controls))
+    csc = sparse.csc_matrix(np.hstack([counts, extra]).T)
+    types = ["Gene Expression"] * frame.shape[1] + ["Antibody Capture"] * controls
+    with h5py.File(path, "w") as fh:
+        m = fh.create_group("matrix")
+        m.create_dataset("data", data=csc.data.astype(np.int32), compression="gzip")
+        m.create_dataset("indices", data=csc.indices.astype(np.int64), compression="gzip")
+        m.create_dataset("indptr", data=csc.indptr.astype(np.int64), compression="gzip")
+        m.create_dataset("shape", data=np.array(csc.shape, dtype=np.int32))
+        m.create_dataset("barcodes", data=np.array(frame.index, dtype="S"))
+        f = m.create_group("features")
+        f.create_dataset("id", data=np.array([f"ENSMUSG{i:05d}" for i in range(csc.shape[0])],
+                                             dtype="S"))
+        f.create_dataset("name", data=np.array([*symbols, *(f"CD{i}" for i in range(controls))],
+                                               dtype="S"))
+        f.create_dataset("feature_type", data=np.array(types, dtype="S"))
+        f.create_dataset("genome", data=np.array(["mm10"] * csc.shape[0], dtype="S"))
+        f.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
+
+
+@pytest.fixture
+def blocks_of_64(monkeypatch):
+    """Stores in blocks of 64 cells: several, the last one short."""
+    monkeypatch.setattr(plan, "store_chunks", lambda cells, genes, *_: (64, genes))
+
+
+@pytest.fixture
+def counts(small_pair) -> pd.DataFrame:
+    frame = small_pair.reference.round(0)
+    frame.index = [f"AAAC{i:04d}-1" for i in range(len(frame))]
+    return frame
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")  # scanpy's, before
+def test_10x_h5_equals_scanpy(tmp_path, counts, caplog, blocks_of_64):
+    sc = pytest.importorskip("scanpy")
+    symbols = list(counts.columns)
+    symbols[7] = symbols[2]  # a repeated symbol
+    write_10x_h5(tmp_path / "m.h5", counts, symbols, controls=4)
+    with caplog.at_level(logging.INFO, logger="scimpute_dask"):
+        store = convert(tmp_path / "m.h5", tmp_path / "m.zarr", memory_limit="700MB")
+    assert "left out 4 Antibody Capture" in caplog.text
+    expected = sc.read_10x_h5(tmp_path / "m.h5")  # Gene Expression only, as here
+    expected.var_names_make_unique()
+    assert store.sparse
+    assert list(store.cell_names) == list(expected.obs_names)
+    assert list(store.gene_names) == list(expected.var_names)
+    np.testing.assert_array_equal(store.read(), expected.X.toarray())
+    np.testing.assert_array_equal(store.read(), counts.to_numpy(np.float32))
+
+
+def test_an_interrupted_h5_conversion_resumes(tmp_path, counts, monkeypatch, blocks_of_64):
+    write_10x_h5(tmp_path / "m.h5", counts, list(counts.columns))
+    real = tenx_h5._blocks
+
+    def dies(*args, **kwargs):
+        for i, block in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield block
+
+    monkeypatch.setattr(tenx_h5, "_blocks", dies)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path / "m.h5", tmp_path / "m.zarr")
+    starts = []
+
+    def records(path, matrix, start, step, label):
+        starts.append(start)
+        return real(path, matrix, start, step, label)
+
+    monkeypatch.setattr(tenx_h5, "_blocks", records)
+    store = convert(tmp_path / "m.h5", tmp_path / "m.zarr")
+    assert starts == [128]  # two blocks were written before the kill
+    np.testing.assert_array_equal(store.read(), counts.to_numpy(np.float32))
+
+
+def test_bad_h5_files_are_one_line_errors(tmp_path, counts, capsys):
+    with h5py.File(tmp_path / "other.h5", "w") as fh:
+        fh.create_dataset("counts", data=np.zeros((3, 3)))
+    (tmp_path / "damaged.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
+    write_10x_h5(tmp_path / "ok.h5", counts, list(counts.columns))
+    with h5py.File(tmp_path / "ok.h5", "a") as fh:
+        fh["matrix/indices"][3] = 10_000  # an entry outside the features
+    for name, message in [
+        ("other.h5", r"not a 10x HDF5 feature-barcode matrix .* no matrix/data.* found counts"),
+        ("damaged.h5", r"not a readable HDF5 file"),
+        ("ok.h5", r"cell 'AAAC0000-1' has an entry for feature 10000, outside the 120"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            convert(tmp_path / name, tmp_path / "out.zarr")
+        assert not (tmp_path / "out.zarr").exists()
+        assert main(["convert", str(tmp_path / name), str(tmp_path / "out.zarr"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("scimpute-dask: error:") and "\n" not in err
