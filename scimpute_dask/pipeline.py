@@ -32,7 +32,7 @@ from scimpute_dask.errors import InputError
 from scimpute_dask.export import outdir as out
 from scimpute_dask.export import provenance, tables
 from scimpute_dask.export.adata import write_anndata
-from scimpute_dask.io import anndata_io
+from scimpute_dask.io import anndata_io, spatialdata_io
 from scimpute_dask.io.layout import ANNDATA, RESUMABLE, ZARR, RunLayout
 from scimpute_dask.io.storage import Location, is_remote, location, remove_tree
 from scimpute_dask.io.store import ExpressionStore
@@ -229,6 +229,7 @@ def run(query, reference, identities, outdir, config: RunConfig, *, client=None)
     it, to resume.
     """
     clock = _Clock()
+    query, reference = spatialdata_io.resolve(query), spatialdata_io.resolve(reference)
     checked = _check(query, reference, identities, outdir, config)
     clock.lap("check")
     fresh = not checked.work.exists()

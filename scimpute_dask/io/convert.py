@@ -14,7 +14,7 @@ import numpy as np
 
 from scimpute_dask.config import OPTIONS, parse_memory
 from scimpute_dask.errors import InputError
-from scimpute_dask.io import anndata_io, frame, tenx, tenx_h5, text, xenium
+from scimpute_dask.io import anndata_io, frame, spatialdata_io, tenx, tenx_h5, text, xenium
 from scimpute_dask.io import store as stores
 from scimpute_dask.io.registry import Layout, Reader, ReadOptions, as_source, reader_for
 from scimpute_dask.io.storage import is_location, location, remove_tree
@@ -24,6 +24,7 @@ from scimpute_dask.io.store import ExpressionStore
 READERS: tuple[Reader, ...] = (
     frame.READER,
     anndata_io.READER,
+    spatialdata_io.READER,
     tenx.READER,
     tenx_h5.READER,
     xenium.READER,

@@ -104,7 +104,7 @@ def _check_text(path: Location, label: str) -> None:
         raise InputError(
             f"{label}: a binary file, not delimited text; the inputs read are TSV/CSV "
             f"(plain or gzip/bzip2/xz/zstd), .h5ad, AnnData-Zarr, 10x directories, 10x HDF5 "
-            f"(.h5), Xenium output bundles and "
+            f"(.h5), Xenium output bundles, SpatialData stores and "
             f"scimpute-dask stores")
 
 

@@ -1,0 +1,89 @@
+"""SpatialData Zarr stores (``spatialdata``, ``spatialdata-io``) as the query: their table.
+
+A SpatialData store is a Zarr group (its attributes hold ``spatialdata_attrs``)
+whose ``tables/`` are AnnData-Zarr groups annotating its shapes or labels: the
+cells' counts in ``X`` (or a layer) and their centroids in
+``obsm["spatial"]``. The store's one table is read as an AnnData-Zarr input
+(:mod:`.anndata_io`); a store with several is asked to name one, passed as
+``STORE/tables/NAME`` (itself an AnnData-Zarr input). Reading needs no
+``spatialdata`` package: the format is Zarr and AnnData all the way down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from scimpute_dask.errors import InputError
+from scimpute_dask.io import anndata_io
+from scimpute_dask.io import store as stores
+from scimpute_dask.io.registry import Reader, ReadOptions
+from scimpute_dask.io.storage import Location, is_location, is_remote, location
+
+#: The attribute that marks a SpatialData store's root group.
+MARK = "spatialdata_attrs"
+
+
+def _attributes(path: Location) -> dict:
+    for meta in (path / "zarr.json", path / ".zattrs"):
+        if meta.is_file():
+            try:
+                attrs = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                return {}
+            attrs = attrs.get("attributes", {}) if meta.name == "zarr.json" else attrs
+            return attrs if isinstance(attrs, dict) else {}
+    return {}
+
+
+def is_spatialdata(path: object) -> bool:
+    """Is ``path`` a local SpatialData Zarr store?"""
+    return (is_location(path) and not is_remote(path) and path.is_dir()
+            and MARK in _attributes(path))
+
+
+def table_path(store: Path, label: str | None = None) -> Path:
+    """The store's one table (an AnnData-Zarr group); a clear error for none or several."""
+    label = label or str(store)
+    folder = store / "tables"
+    tables = sorted(p.name for p in folder.iterdir()
+                    if p.is_dir() and anndata_io.is_anndata_zarr(p)) if folder.is_dir() else []
+    if not tables:
+        raise InputError(f"{label}: a SpatialData store with no table (tables/ holds no "
+                         f"AnnData): nothing to impute")
+    if len(tables) > 1:
+        raise InputError(f"{label}: a SpatialData store with {len(tables)} tables "
+                         f"({', '.join(tables)}); name one: {label}/tables/NAME")
+    return folder / tables[0]
+
+
+def resolve(source: object) -> object:
+    """A SpatialData store's table path in place of the store; any other input as it is
+    (so that the run reads its AnnData annotations: ``obsm["spatial"]``, ``obs``)."""
+    if isinstance(source, str | os.PathLike) or is_location(source):
+        path = location(source)
+        if is_spatialdata(path):
+            return table_path(path, str(source))
+    return source
+
+
+def _claims(source: object) -> bool:
+    return is_spatialdata(source)
+
+
+def _names(source: Path, options: ReadOptions) -> tuple[np.ndarray, np.ndarray]:
+    return anndata_io.READER.names(table_path(source, options.label), options)
+
+
+def _fingerprint(source: Path, options: ReadOptions) -> dict:
+    return anndata_io.READER.fingerprint(table_path(source, options.label), options)
+
+
+def _convert(source: Path, store: Location, options: ReadOptions) -> stores.ExpressionStore:
+    return anndata_io.READER.convert(table_path(source, options.label), store, options)
+
+
+READER = Reader("a SpatialData store (its table)", _claims, _names, _fingerprint, _convert)

@@ -1,0 +1,84 @@
+"""A SpatialData Zarr store as the query: its table read as AnnData-Zarr, its centroids mapped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from scipy import sparse
+
+from scimpute_dask import InputError, convert
+from scimpute_dask.cli import main
+from scimpute_dask.io import spatialdata_io
+
+anndata = pytest.importorskip("anndata")
+# anndata's notice about its future default, about the tables written here
+pytestmark = pytest.mark.filterwarnings("ignore:Writing zarr v2 data:UserWarning")
+
+
+def write_spatialdata(path, section: pd.DataFrame, xy: np.ndarray, tables=("table",)) -> None:
+    """The layout ``SpatialData.write`` gives a Xenium section read by spatialdata-io: a
+    root group marked ``spatialdata_attrs``, the cells' circles under ``shapes/``, and
+    each table an AnnData-Zarr group under ``tables/`` annotating those shapes (``region``,
+    ``cell_id``; counts as CSR; centroids in ``obsm["spatial"]``)."""
+    root = zarr.open_group(path, mode="w")
+    root.attrs["spatialdata_attrs"] = {"version": "0.2", "spatialdata_software_version": "0.4"}
+    root.create_group("shapes").create_group("cell_circles").attrs.update(
+        {"encoding-type": "ngff:shapes", "spatialdata_attrs": {"version": "0.2"}})
+    root.create_group("tables")
+    for name in tables:
+        obs = pd.DataFrame({"cell_id": section.index.to_numpy(),
+                            "region": pd.Categorical(["cell_circles"] * len(section))},
+                           index=pd.Index([str(i) for i in range(len(section))]))
+        table = anndata.AnnData(sparse.csr_matrix(section.to_numpy(np.float32)), obs=obs,
+                                var=pd.DataFrame(index=section.columns),
+                                obsm={"spatial": xy},
+                                uns={"spatialdata_attrs": {"region": "cell_circles",
+                                                           "region_key": "region",
+                                                           "instance_key": "cell_id"}})
+        table.write_zarr(path / "tables" / name)
+
+
+@pytest.fixture
+def section(small_pair):
+    query = small_pair.query.round(0).clip(lower=0)
+    return query, np.random.default_rng(4).uniform(0, 3000, (len(query), 2))
+
+
+def test_spatialdata_query_to_imputed_anndata_with_its_centroids(tmp_path, section,
+                                                                  small_inputs):
+    query, xy = section
+    write_spatialdata(tmp_path / "section.zarr", query, xy)
+    store = convert(tmp_path / "section.zarr", tmp_path / "q.zarr")
+    np.testing.assert_array_equal(store.read(), query.to_numpy(np.float32))
+    out = tmp_path / "out"
+    assert main(["run", "--query", str(tmp_path / "section.zarr"), "--reference",
+                 str(small_inputs.reference), "--out", str(out), "--k", "10",
+                 "--no-clusters", "--no-report", "-q"]) == 0
+    adata = anndata.read_zarr(out / "adata.zarr")
+    np.testing.assert_array_equal(adata.obsm["spatial"], xy)
+    assert list(adata.obs["cell_id"]) == list(query.index)  # the table's obs carried over
+
+
+def test_spatialdata_stores_without_one_table_are_one_line_errors(tmp_path, section, capsys,
+                                                                  small_inputs):
+    query, xy = section
+    write_spatialdata(tmp_path / "two.zarr", query, xy, tables=("cells", "nuclei"))
+    write_spatialdata(tmp_path / "none.zarr", query, xy, tables=())
+    for name, message in [("two.zarr", r"2 tables \(cells, nuclei\); name one: .*/tables/NAME"),
+                          ("none.zarr", r"no table")]:
+        with pytest.raises(InputError, match=message):
+            convert(tmp_path / name, tmp_path / "q.zarr")
+        out = tmp_path / "out"
+        assert main(["run", "--query", str(tmp_path / name), "--reference",
+                     str(small_inputs.reference), "--out", str(out), "--no-clusters",
+                     "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("scimpute-dask: error:") and "\n" not in err
+        assert not out.exists()
+    # one table named by its path is an AnnData-Zarr input like any other
+    store = convert(tmp_path / "two.zarr" / "tables" / "nuclei", tmp_path / "q.zarr")
+    assert store.shape == query.shape
+    assert spatialdata_io.is_spatialdata(tmp_path / "two.zarr")
+    assert not spatialdata_io.is_spatialdata(tmp_path / "two.zarr" / "tables" / "nuclei")
