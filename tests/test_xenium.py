@@ -17,7 +17,7 @@ from scimpute_dask.cli import main
 from scimpute_dask.io import xenium
 from scimpute_dask.plotting import figures
 
-from .test_tenx_h5 import write_10x_h5
+from .test_tenx_h5 import write_10x_h5, write_h5_matrix
 
 pytest.importorskip("h5py")
 pytest.importorskip("pyarrow")
@@ -31,8 +31,6 @@ def write_bundle(bundle, section: pd.DataFrame, xy: np.ndarray, seed: int = 0,
     """A Xenium Onboard Analysis bundle as it writes one: ``cell_feature_matrix.h5`` (or its
     MatrixMarket folder) with control probes and codewords after the panel's genes,
     ``cells.parquet`` (cell_id, centroids in µm, counts, areas) and ``experiment.xenium``."""
-    import h5py
-
     bundle.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     n_extra = sum(CONTROLS.values())
@@ -43,19 +41,8 @@ def write_bundle(bundle, section: pd.DataFrame, xy: np.ndarray, seed: int = 0,
                                                       for _ in range(n)]
     ids = [f"ENSMUSG{i:05d}" for i in range(len(names))]
     if matrix == "h5":
-        csc = sparse.csc_matrix(counts.T)
-        with h5py.File(bundle / xenium.MATRIX_H5, "w") as fh:
-            m = fh.create_group("matrix")
-            m.create_dataset("data", data=csc.data.astype(np.int32), compression="gzip")
-            m.create_dataset("indices", data=csc.indices.astype(np.int64), compression="gzip")
-            m.create_dataset("indptr", data=csc.indptr.astype(np.int64), compression="gzip")
-            m.create_dataset("shape", data=np.array(csc.shape, dtype=np.int32))
-            m.create_dataset("barcodes", data=np.array(section.index, dtype="S"))
-            f = m.create_group("features")
-            f.create_dataset("id", data=np.array(ids, dtype="S"))
-            f.create_dataset("name", data=np.array(names, dtype="S"))
-            f.create_dataset("feature_type", data=np.array(types, dtype="S"))
-            f.create_dataset("genome", data=np.array(["Unknown"] * len(names), dtype="S"))
+        write_h5_matrix(bundle / xenium.MATRIX_H5, counts, section.index, names, types,
+                        "Unknown")
     else:
         folder = bundle / xenium.MATRIX_MTX
         folder.mkdir()

@@ -15,7 +15,6 @@ to fit in memory.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -42,6 +41,7 @@ from scimpute_dask.io.storage import (
     is_remote,
     location,
     remove_tree,
+    zarr_attributes,
     zarr_store,
 )
 
@@ -69,15 +69,7 @@ def anndata_module():
 
 def is_anndata_zarr(path: Location) -> bool:
     """Is ``path`` a Zarr store written by anndata (v2 or v3 Zarr format)?"""
-    for meta in (path / "zarr.json", path / ".zattrs"):
-        if meta.is_file():
-            try:
-                attrs = json.loads(meta.read_text())
-            except (OSError, ValueError):
-                return False
-            attrs = attrs.get("attributes", {}) if meta.name == "zarr.json" else attrs
-            return isinstance(attrs, dict) and attrs.get("encoding-type") == "anndata"
-    return False
+    return zarr_attributes(path).get("encoding-type") == "anndata"
 
 
 def is_anndata(source: object) -> bool:

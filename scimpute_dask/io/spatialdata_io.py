@@ -11,7 +11,6 @@ cells' counts in ``X`` (or a layer) and their centroids in
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,28 +20,16 @@ from scimpute_dask.errors import InputError
 from scimpute_dask.io import anndata_io
 from scimpute_dask.io import store as stores
 from scimpute_dask.io.registry import Reader, ReadOptions
-from scimpute_dask.io.storage import Location, is_location, is_remote, location
+from scimpute_dask.io.storage import Location, is_location, is_remote, location, zarr_attributes
 
 #: The attribute that marks a SpatialData store's root group.
 MARK = "spatialdata_attrs"
 
 
-def _attributes(path: Location) -> dict:
-    for meta in (path / "zarr.json", path / ".zattrs"):
-        if meta.is_file():
-            try:
-                attrs = json.loads(meta.read_text())
-            except (OSError, ValueError):
-                return {}
-            attrs = attrs.get("attributes", {}) if meta.name == "zarr.json" else attrs
-            return attrs if isinstance(attrs, dict) else {}
-    return {}
-
-
 def is_spatialdata(path: object) -> bool:
     """Is ``path`` a local SpatialData Zarr store?"""
     return (is_location(path) and not is_remote(path) and path.is_dir()
-            and MARK in _attributes(path))
+            and MARK in zarr_attributes(path))
 
 
 def table_path(store: Path, label: str | None = None) -> Path:

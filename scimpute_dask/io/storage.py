@@ -11,6 +11,7 @@ S3: ``AWS_*`` variables, ``~/.aws``), on the client and on every worker.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -72,6 +73,20 @@ def zarr_store(path: Location, read_only: bool = False):
     return zarr.storage.FsspecStore.from_url(
         str(path), storage_options=dict(path.storage_options), read_only=read_only
     )
+
+
+def zarr_attributes(path: Location) -> dict:
+    """The attributes of the Zarr group at ``path`` (v3 ``zarr.json`` or v2 ``.zattrs``),
+    read as JSON without opening it; ``{}`` where there are none."""
+    for meta in (path / "zarr.json", path / ".zattrs"):
+        if meta.is_file():
+            try:
+                attrs = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                return {}
+            attrs = attrs.get("attributes", {}) if meta.name == "zarr.json" else attrs
+            return attrs if isinstance(attrs, dict) else {}
+    return {}
 
 
 def remove_tree(path: Location) -> None:
