@@ -193,6 +193,17 @@ def plan_run(
                 int(bs))
 
 
+def preparation_rows(blocks: Plan, store_rows: int, n_shared: int) -> int:
+    """Reference rows per block read to prepare the search: the store's whole chunks when
+    a thread's share holds four of them as the search sees them (float64, then the
+    float32 copy and its unit rows: 16 bytes a value), else the kNN tile (which divides
+    a chunk: each chunk is then decoded once per tile it holds)."""
+    share = available_bytes(blocks.memory_limit) / max(1, blocks.threads)
+    if 4 * store_rows * 16 * max(1, n_shared) <= share:
+        return max(blocks.reference_chunk, store_rows)
+    return blocks.reference_chunk
+
+
 def aligned(block: int, chunk: int) -> int:
     """A block that covers whole store chunks, or divides one: no chunk is read twice, and
     no Dask rechunk has to split a chunk between two blocks (holding the pieces)."""

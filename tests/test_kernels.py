@@ -346,3 +346,25 @@ def test_float32_keeping_text_rounds_as_float64_does():
             != scoring.round_like_scimpute(values))[finite].any()
     with pytest.raises(ValueError, match="need float64"):
         imputation.float32_keeping_text(np.array([1e7 + 0.005]))
+
+
+def test_column_max_of_csr_blocks_equals_the_dense_one():
+    from scipy import sparse
+
+    from scimpute_dask.kernels.imputation import column_max
+
+    rng = np.random.default_rng(3)
+    dense = sparse.random(300, 70, density=0.05, random_state=3).toarray() * 1e6
+    dense[rng.random(dense.shape) < 0.01] *= -1  # magnitudes
+    np.testing.assert_array_equal(column_max(sparse.csr_matrix(dense)), column_max(dense))
+    assert column_max(sparse.csr_matrix((4, 3))).tolist() == [[0.0, 0.0, 0.0]]
+
+
+def test_the_reference_is_prepared_in_whole_store_chunks_where_they_fit():
+    from scimpute_dask import plan
+
+    roomy = plan.Plan(8 * 10**9, 2, 1024, 512, 64, 8192)
+    assert plan.preparation_rows(roomy, 4096, 5000) == 4096  # 1.3 GB in a 3.8 GB share
+    tight = plan.Plan(plan.BASE_BYTES + 10**9, 2, 1024, 512, 64, 8192)
+    assert plan.preparation_rows(tight, 4096, 5000) == 512  # the tile, which divides it
+    assert plan.preparation_rows(roomy, 256, 5000) == 512  # a tile of whole chunks

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from scimpute_dask import plan
 from scimpute_dask.config import RunConfig
 from scimpute_dask.engine import cluster, graph, search
 from scimpute_dask.engine.inputs import RunInputs
@@ -54,9 +55,10 @@ def search_data(layout: RunLayout, q_store: ExpressionStore, r_store: Expression
     nothing large travels via the scheduler."""
     bs, br = blocks.search_chunk, blocks.reference_chunk
     q = q_store.columns(inputs.q_cols, (bs, -1))
-    # the reference in whole chunks of its store (the tile, aligned to them, divides or
-    # covers one): a smaller block would decode its whole store chunk for a part of it
-    r = r_store.columns(inputs.r_cols, (max(br, r_store.chunks[0]), -1))
+    # the reference in whole chunks of its store where they fit: a smaller block decodes
+    # its whole store chunk for a part of it
+    rows = plan.preparation_rows(blocks, r_store.chunks[0], len(inputs.r_cols))
+    r = r_store.columns(inputs.r_cols, (rows, -1))
     if not clusters:
         return SearchData(q, r, None, None, None)
     n_q = len(inputs.q_cells)
