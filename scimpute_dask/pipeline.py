@@ -62,7 +62,7 @@ RECORDED = ("k", "consider_clusters", "search", "recall", "chunk_size", "memory_
             "reference_chunk_size", "gene_chunk_size", "save_chunks", "normalize",
             "weighting", "temperature", "average", "tune", "impute_genes", "tsv_genes",
             "layer",
-            "reference_layer",
+            "reference_layer", "table",
             "cluster_key", "coords", "validation")
 
 
@@ -140,6 +140,7 @@ def run_imputation(
     client=None,
     layer: str | None = None,
     reference_layer: str | None = None,
+    table: str | None = None,
     cluster_key: str | None = None,
     coords: str | os.PathLike | None = None,
     anndata: bool | None = None,
@@ -167,8 +168,9 @@ def run_imputation(
     ----------
     query, reference
         Paths (TSV/CSV, plain or compressed; ``.h5ad``; AnnData-Zarr; 10x
-        directory; scimpute-dask ``.zarr``), DataFrames (cells × genes) or
-        AnnData objects of the spatial query and the single-cell reference.
+        directory or ``.h5``; Xenium bundle; SpatialData store;
+        scimpute-dask ``.zarr``), DataFrames (cells × genes) or AnnData
+        objects of the spatial query and the single-cell reference.
         Text files and stores may also be fsspec URLs (``s3://…``).
     identities
         scimpute's cell identity table (path or DataFrame). Required when
@@ -195,7 +197,7 @@ def run_imputation(
         reference_chunk_size=reference_chunk_size, gene_chunk_size=gene_chunk_size,
         impute_genes=impute_genes, tsv_genes=tsv_genes, h5ad=h5ad, restart=restart,
         progress=progress,
-        scheduler=scheduler, layer=layer, reference_layer=reference_layer,
+        scheduler=scheduler, layer=layer, reference_layer=reference_layer, table=table,
         cluster_key=cluster_key, coords=coords, anndata=anndata, report=report,
         plot_genes=plot_genes, search=search, recall=recall, normalize=normalize,
         weighting=weighting,
@@ -229,7 +231,8 @@ def run(query, reference, identities, outdir, config: RunConfig, *, client=None)
     it, to resume.
     """
     clock = _Clock()
-    query, reference = spatialdata_io.resolve(query), spatialdata_io.resolve(reference)
+    query = spatialdata_io.resolve(query, config.table)
+    reference = spatialdata_io.resolve(reference)
     checked = _check(query, reference, identities, outdir, config)
     clock.lap("check")
     fresh = not checked.work.exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -66,7 +68,7 @@ def test_spatialdata_stores_without_one_table_are_one_line_errors(tmp_path, sect
     query, xy = section
     write_spatialdata(tmp_path / "two.zarr", query, xy, tables=("cells", "nuclei"))
     write_spatialdata(tmp_path / "none.zarr", query, xy, tables=())
-    for name, message in [("two.zarr", r"2 tables \(cells, nuclei\); name one: .*/tables/NAME"),
+    for name, message in [("two.zarr", r"2 tables \(cells, nuclei\); name one with --table NAME"),
                           ("none.zarr", r"no table")]:
         with pytest.raises(InputError, match=message):
             convert(tmp_path / name, tmp_path / "q.zarr")
@@ -77,7 +79,18 @@ def test_spatialdata_stores_without_one_table_are_one_line_errors(tmp_path, sect
         err = capsys.readouterr().err.strip()
         assert err.startswith("scimpute-dask: error:") and "\n" not in err
         assert not out.exists()
-    # one table named by its path is an AnnData-Zarr input like any other
+    # one table named: by --table, or by its path (an AnnData-Zarr input like any other)
+    out = tmp_path / "out"
+    assert main(["run", "--query", str(tmp_path / "two.zarr"), "--table", "nuclei",
+                 "--reference", str(small_inputs.reference), "--out", str(out), "--k", "5",
+                 "--no-clusters", "--no-report", "--tsv-genes", "none", "-q"]) == 0
+    for source, message in [(tmp_path / "two.zarr", r"no table 'cytoplasm' \(tables: cells"),
+                            (small_inputs.query, r"--table cytoplasm: the query is not a "
+                                                 r"SpatialData store")]:
+        assert main(["run", "--query", str(source), "--table", "cytoplasm", "--reference",
+                     str(small_inputs.reference), "--out", str(tmp_path / "o2"),
+                     "--no-clusters", "-q"]) == 2
+        assert re.search(message, capsys.readouterr().err)
     store = convert(tmp_path / "two.zarr" / "tables" / "nuclei", tmp_path / "q.zarr")
     assert store.shape == query.shape
     assert spatialdata_io.is_spatialdata(tmp_path / "two.zarr")

@@ -4,8 +4,8 @@ A SpatialData store is a Zarr group (its attributes hold ``spatialdata_attrs``)
 whose ``tables/`` are AnnData-Zarr groups annotating its shapes or labels: the
 cells' counts in ``X`` (or a layer) and their centroids in
 ``obsm["spatial"]``. The store's one table is read as an AnnData-Zarr input
-(:mod:`.anndata_io`); a store with several is asked to name one, passed as
-``STORE/tables/NAME`` (itself an AnnData-Zarr input). Reading needs no
+(:mod:`.anndata_io`); a store with several is asked to name one (``--table
+NAME``, or passed as ``STORE/tables/NAME``, itself an AnnData-Zarr input). Reading needs no
 ``spatialdata`` package: the format is Zarr and AnnData all the way down.
 """
 
@@ -32,8 +32,9 @@ def is_spatialdata(path: object) -> bool:
             and MARK in zarr_attributes(path))
 
 
-def table_path(store: Path, label: str | None = None) -> Path:
-    """The store's one table (an AnnData-Zarr group); a clear error for none or several."""
+def table_path(store: Path, label: str | None = None, table: str | None = None) -> Path:
+    """The store's table ``table`` (default: its only one), an AnnData-Zarr group; a clear
+    error for none, several and no ``table``, or an unknown ``table``."""
     label = label or str(store)
     folder = store / "tables"
     tables = sorted(p.name for p in folder.iterdir()
@@ -41,19 +42,27 @@ def table_path(store: Path, label: str | None = None) -> Path:
     if not tables:
         raise InputError(f"{label}: a SpatialData store with no table (tables/ holds no "
                          f"AnnData): nothing to impute")
+    if table is not None:
+        if table not in tables:
+            raise InputError(f"{label}: no table {table!r} (tables: {', '.join(tables)})")
+        return folder / table
     if len(tables) > 1:
         raise InputError(f"{label}: a SpatialData store with {len(tables)} tables "
-                         f"({', '.join(tables)}); name one: {label}/tables/NAME")
+                         f"({', '.join(tables)}); name one with --table NAME (Python: "
+                         f"table=) or as {label}/tables/NAME")
     return folder / tables[0]
 
 
-def resolve(source: object) -> object:
-    """A SpatialData store's table path in place of the store; any other input as it is
-    (so that the run reads its AnnData annotations: ``obsm["spatial"]``, ``obs``)."""
+def resolve(source: object, table: str | None = None) -> object:
+    """A SpatialData store's table path in place of the store (``table``, or its only
+    one); any other input as it is (so that the run reads the table's AnnData
+    annotations: ``obsm["spatial"]``, ``obs``)."""
     if isinstance(source, str | os.PathLike) or is_location(source):
         path = location(source)
         if is_spatialdata(path):
-            return table_path(path, str(source))
+            return table_path(path, str(source), table)
+    if table is not None:
+        raise InputError(f"--table {table}: the query is not a SpatialData store")
     return source
 
 
