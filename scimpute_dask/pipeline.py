@@ -32,8 +32,9 @@ from scimpute_dask.errors import InputError
 from scimpute_dask.export import outdir as out
 from scimpute_dask.export import provenance, tables
 from scimpute_dask.export.adata import write_anndata
-from scimpute_dask.io import anndata_io, spatialdata_io
+from scimpute_dask.io import anndata_io, spatialdata_io, xenium
 from scimpute_dask.io.layout import ANNDATA, RESUMABLE, ZARR, RunLayout
+from scimpute_dask.io.registry import as_source
 from scimpute_dask.io.storage import Location, is_remote, location, remove_tree
 from scimpute_dask.io.store import ExpressionStore
 from scimpute_dask.kernels.scoring import summary_stats
@@ -256,6 +257,10 @@ def _check(query, reference, identities, outdir, config: RunConfig) -> _Checked:
     layers = (config.layer, config.reference_layer if config.reference_layer is not None
               else config.layer)
     obs, obsm = anndata_io.query_annotations(query, inputs.q_cells, config.coords)
+    if config.coords is None and xenium.is_xenium(as_source(query)):
+        xy = xenium.read_coordinates(as_source(query), inputs.q_cells, inputs.q_label)
+        if xy is not None:  # the bundle's cell centroids
+            obsm["spatial"] = xy
     held = None if config.validation is None else heldout.load(
         config.validation, {"query": (query, config.query_layout, layers[0]),
                             "reference": (reference, config.reference_layout, layers[1])},

@@ -33,7 +33,6 @@ from scimpute_dask import plan
 from scimpute_dask.checks import check_unique_names, check_values
 from scimpute_dask.errors import InputError
 from scimpute_dask.io import store as stores
-from scimpute_dask.io import xenium
 from scimpute_dask.io.registry import Reader, ReadOptions
 from scimpute_dask.io.storage import (
     Location,
@@ -273,18 +272,13 @@ def read_coords(path: str | os.PathLike | UPath, cells: np.ndarray) -> np.ndarra
 
 def query_annotations(query, q_cells: np.ndarray, coords
                       ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """The query's ``obs`` and ``obsm`` for the outputs; ``obsm["spatial"]`` from ``coords``
-    (or a Xenium bundle's cell centroids)."""
+    """The query's ``obs`` and ``obsm`` for the outputs; ``obsm["spatial"]`` from ``coords``."""
     obs, obsm = pd.DataFrame(index=pd.Index(q_cells.astype(str))), {}
     if is_anndata(query):
         obs, obsm = read_annotations(query)
         obs.index = pd.Index(q_cells.astype(str))
     if coords is not None:
         obsm["spatial"] = read_coords(coords, q_cells)
-    elif isinstance(query, str | os.PathLike) and xenium.is_xenium(location(query)):
-        xy = xenium.read_coordinates(location(query), q_cells, str(query))
-        if xy is not None:
-            obsm["spatial"] = xy
     spatial = obsm.get("spatial")
     if spatial is not None and (spatial.ndim != 2 or spatial.shape[1] < 2):
         raise InputError(f"query: obsm['spatial'] must be cells × 2 coordinates, "

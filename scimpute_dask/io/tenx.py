@@ -102,16 +102,14 @@ def _table(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False)
 
 
-def _kept(features: pd.DataFrame, label: str) -> np.ndarray:
-    """Positions of the ``Gene Expression`` features (the third column of a v3 table;
-    all of an older ``genes.tsv``), as ``scanpy.read_10x_mtx`` keeps them by default."""
-    if features.shape[1] < 3:
-        return np.arange(len(features))
-    types = features.iloc[:, 2].to_numpy(str)
+def kept_features(types: np.ndarray, label: str) -> np.ndarray:
+    """Positions of the ``Gene Expression`` features among ``types`` (each feature's
+    type), as scanpy's 10x readers keep them by default; an error if there are none."""
+    types = np.asarray(types, dtype=str)
     keep = np.flatnonzero(types == GENE_EXPRESSION)
     if not len(keep):
-        raise InputError(f"{label}: no '{GENE_EXPRESSION}' features (feature types: "
-                         f"{', '.join(sorted(set(types)))})")
+        raise InputError(f"{label}: no '{GENE_EXPRESSION}' features among the {len(types)} "
+                         f"(feature types: {', '.join(sorted(set(types)))})")
     return keep
 
 
@@ -120,7 +118,9 @@ def _names_and_kept(directory: Path, label: str) -> tuple[np.ndarray, np.ndarray
     mtx, barcodes, features = _files(directory, label)
     cells = np.asarray(_table(barcodes).iloc[:, 0], dtype=object)
     table = _table(features)
-    keep = _kept(table, f"{label}/{features.name}")
+    # a v3 table's third column is the feature type; an older genes.tsv has none
+    keep = (kept_features(table.iloc[:, 2].to_numpy(str), f"{label}/{features.name}")
+            if table.shape[1] >= 3 else np.arange(len(table)))
     genes = make_unique(np.asarray(table.iloc[keep, min(1, table.shape[1] - 1)], dtype=object))
     check_unique_names(cells, f"{label}/{barcodes.name}", "cell")
     check_unique_names(genes, f"{label}/{features.name}", "gene")

@@ -37,7 +37,7 @@ from scimpute_dask.errors import InputError
 from scimpute_dask.io import store as stores
 from scimpute_dask.io.registry import Reader, ReadOptions
 from scimpute_dask.io.storage import is_location, is_remote
-from scimpute_dask.io.tenx import GENE_EXPRESSION, make_unique
+from scimpute_dask.io.tenx import GENE_EXPRESSION, kept_features, make_unique
 
 log = logging.getLogger("scimpute_dask")
 
@@ -54,8 +54,14 @@ def _h5py(label: str):
 
 
 def _decoded(values: np.ndarray) -> np.ndarray:
-    return np.asarray([v.decode() if isinstance(v, bytes) else str(v) for v in values],
-                      dtype=object)
+    """Strings of an HDF5 string dataset (fixed-length bytes as Cell Ranger writes them,
+    or variable-length), decoded at once."""
+    values = np.asarray(values)
+    if values.dtype.kind == "O" and len(values) and isinstance(values[0], bytes):
+        values = values.astype("S")  # variable-length: h5py's bytes objects
+    if values.dtype.kind == "S":
+        values = np.char.decode(values, "utf-8")
+    return values.astype(str).astype(object)
 
 
 @dataclass(frozen=True)
@@ -100,10 +106,7 @@ def read_matrix(path: Path, label: str | None = None) -> Matrix:
         raise InputError(f"{label}: matrix/shape is {n_features} features × {n_cells} "
                          f"barcodes, but there are {len(names)} features, {len(cells)} "
                          f"barcodes and {n_indptr} entries in matrix/indptr")
-    keep = np.flatnonzero(types == GENE_EXPRESSION)
-    if not len(keep):
-        raise InputError(f"{label}: no '{GENE_EXPRESSION}' features among the "
-                         f"{len(names)} (feature types: {', '.join(sorted(set(types)))})")
+    keep = kept_features(types, label)
     kinds, counts = np.unique(types[types != GENE_EXPRESSION].astype(str), return_counts=True)
     genes = make_unique(names[keep])
     check_unique_names(cells, f"{label}: matrix/barcodes", "cell")

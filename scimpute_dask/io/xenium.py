@@ -85,8 +85,10 @@ def read_coordinates(bundle: Path, cells: np.ndarray, label: str) -> np.ndarray 
     except (ValueError, KeyError, OSError) as err:
         raise InputError(f"{where}: not a Xenium cells table with columns "
                          f"{', '.join(columns)} ({err})") from None
-    ids = frame["cell_id"].map(lambda v: v.decode() if isinstance(v, bytes) else str(v))
-    index = pd.Index(ids)
+    ids = frame["cell_id"]
+    if len(ids) and isinstance(ids.iloc[0], bytes):  # older bundles' byte-string ids
+        ids = ids.str.decode("utf-8")
+    index = pd.Index(ids.astype(str))
     if index.has_duplicates:
         raise InputError(f"{where}: cell_id {index[index.duplicated()][0]!r} listed twice")
     pos = index.get_indexer(pd.Index(np.asarray(cells, dtype=str)))
