@@ -81,6 +81,8 @@ def test_conversion_killed_at_several_points_resumes_identically(tmp_path, wide_
     assert group.attrs["complete"]
     np.testing.assert_array_equal(group["X"][:], expected)
     assert group["X"][:].tobytes() == expected.tobytes()
+    # the genes' maxima, recorded block by block across the kills
+    np.testing.assert_array_equal(group["column_max"][:], np.abs(expected).max(axis=0))
     assert list(group["obs_names"][:]) == list(zarr.open_group(whole, mode="r")["obs_names"][:])
 
 

@@ -151,3 +151,6 @@ def test_an_interrupted_sparse_conversion_resumes(tmp_path):
     assert seen == [0, 256, 512, 768]  # the first two blocks were not converted again
     np.testing.assert_array_equal(store.read(), M.toarray())
     assert store.density == pytest.approx(M.nnz / (n * g))
+    # every block's gene maxima recorded once, the resumed ones too
+    np.testing.assert_array_equal(store.column_max(), np.abs(M.toarray()).max(axis=0))
+    assert "column_max_blocks" not in store.group

@@ -238,13 +238,16 @@ def imputed_format(nbrs: zarr.Group) -> tuple[np.ndarray, type]:
 def wide_genes(r_store: ExpressionStore) -> np.ndarray:
     """Genes with a reference value of magnitude ``FLOAT32_TEXT_LIMIT`` or more.
 
-    Read in the store's own chunks (each once, none held for another task); a
-    sparse store's entries only.
+    As the conversion recorded them; for a store written without them, read in
+    the store's own chunks (each once, none held for another task; a sparse
+    store's entries only).
     """
     n, g = r_store.shape
     if not n * g:
         return np.zeros(0, dtype=np.int64)
-    (largest,) = cluster.compute(graph.column_max(r_store.in_chunks()))
+    largest = r_store.column_max()
+    if largest is None:  # a store written without it
+        (largest,) = cluster.compute(graph.column_max(r_store.in_chunks()))
     return np.flatnonzero(largest >= imputation.FLOAT32_TEXT_LIMIT)
 
 

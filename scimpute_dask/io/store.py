@@ -10,6 +10,11 @@ cells × genes:
     read back by every stage in the same blocks as a dense one.
 ``obs_names`` / ``var_names``
     cell and gene names.
+``column_max``
+    the largest magnitude of every gene (float64), recorded as the conversion
+    writes its blocks (``column_max_blocks`` until it is complete), so that
+    nothing reads the whole matrix again to learn it. Absent from stores not
+    written by :func:`write_store`.
 attrs
     ``format``, ``fingerprint`` (what was converted), ``progress`` (how far),
     ``complete``.
@@ -43,6 +48,7 @@ from scimpute_dask.io.storage import (
     remove_tree,
     zarr_store,
 )
+from scimpute_dask.kernels.imputation import column_max
 
 #: Bumped when a reader changes what it writes: older stores are then converted again.
 FORMAT_VERSION = 1
@@ -117,6 +123,12 @@ class ExpressionStore:
     @property
     def fingerprint(self) -> dict:
         return dict(self.group.attrs["fingerprint"])
+
+    def column_max(self) -> np.ndarray | None:
+        """The largest magnitude of every gene as the conversion recorded it (float64),
+        or None for a store written without it."""
+        group = self.group
+        return group[COLUMN_MAX][:] if COLUMN_MAX in group else None
 
     def to_dask(self, chunks: tuple[int, int] | None = None):
         """The matrix as a lazy, dense Dask array read straight from Zarr."""
@@ -363,6 +375,32 @@ class Block:
 #: What a new store is created with: cell names, gene names, chunks.
 Shape = tuple[np.ndarray, np.ndarray, tuple[int, int]]
 
+#: The genes' largest magnitudes, and each written block's until the store is complete.
+COLUMN_MAX, BLOCK_MAXIMA = "column_max", "column_max_blocks"
+
+
+def _record_block_max(group: zarr.Group, block: Block, n_genes: int, by_columns: bool
+                      ) -> None:
+    """Before a block's progress is recorded: its genes' largest magnitudes, as stored
+    (float32). Rewritten whole if the block is written again after a kill."""
+    largest = np.zeros(n_genes)
+    # rounding to float32 is monotone: the float32 of the largest is the largest float32
+    found = column_max(block.values)[0].astype(np.float32)
+    largest[slice(block.lo, block.hi) if by_columns else slice(None)] = found
+    group.require_group(BLOCK_MAXIMA).create_array(
+        str(block.lo), shape=largest.shape, dtype=largest.dtype, chunks=largest.shape,
+        overwrite=True)[...] = largest
+
+
+def _gather_column_max(group: zarr.Group, n_genes: int) -> None:
+    """The blocks' maxima into one ``column_max`` (a kill here: done again on resuming)."""
+    largest = np.zeros(n_genes)
+    for _, part in group[BLOCK_MAXIMA].arrays():
+        np.maximum(largest, part[...], out=largest)
+    group.create_array(COLUMN_MAX, shape=largest.shape, dtype=largest.dtype,
+                       chunks=largest.shape, overwrite=True)[...] = largest
+    del group[BLOCK_MAXIMA]
+
 
 def write_store(store: Location, fingerprint: dict, label: str, *,
                 shape: Callable[[], Shape], blocks: Callable[..., Iterable[Block]],
@@ -396,14 +434,21 @@ def write_store(store: Location, fingerprint: dict, label: str, *,
         if sparse:
             chunks = (chunks[0], min(len(genes), blocked.GENE_BLOCK) or 1)
         group = create(store, fingerprint, cells, genes, chunks, sparse and not by_columns)
+        # only a store begun here has every block's maxima (one begun by an older
+        # version is resumed without them)
+        group.require_group(BLOCK_MAXIMA)
     state = dict(group.attrs["progress"])
     done, nnz = int(state["rows_done"]), int(state.get("nnz", 0))
     as_csr = blocked.is_blocked(group)
     X = group["X"] if as_csr else for_writing(group["X"])
     chunks = tuple(X.attrs["chunks"]) if as_csr else X.chunks
     n = group["var_names" if by_columns else "obs_names"].shape[0]
+    n_genes = group["var_names"].shape[0]
+    maxima = BLOCK_MAXIMA in group
     bar = progress_bar(progress, total=n, initial=done, desc=desc)
     for block in blocks(done, int(state["offset"]), chunks):
+        if maxima:
+            _record_block_max(group, block, n_genes, by_columns)
         values = block.values
         if as_csr:
             nnz += blocked.write_block(X, block.lo, sp.csr_matrix(values), COMPRESSORS)
@@ -416,6 +461,8 @@ def write_store(store: Location, fingerprint: dict, label: str, *,
         record_progress(group, block.hi, block.offset, nnz)
         bar.update(block.hi - block.lo)
     bar.close()
+    if maxima:
+        _gather_column_max(group, n_genes)
     return finish(group, store)
 
 
