@@ -161,6 +161,13 @@ def test_output_anndata_opens_in_anndata_and_scanpy(tmp_path, small_inputs):
         np.testing.assert_allclose(sub.X, expected, rtol=1e-6)
         sc.pp.pca(sub, n_comps=5)
         assert sub.obsm["X_pca"].shape == (50, 5)
+    # adata.zarr's X is the imputation store's chunks, linked, not a second copy
+    chunks = [f for f in (out / "adata.zarr" / "X").rglob("*") if f.is_file()
+              and f.name != "zarr.json"]
+    assert chunks and all(f.stat().st_nlink == 2 for f in chunks)
+    assert anndata.read_zarr(out / "adata.zarr").X.dtype == np.float32
+    assert "encoding-type" not in zarr.open_group(out / "zarr" / "imputed.zarr",
+                                                  mode="r")["X"].attrs
 
 
 def test_scanpy_style_api(tmp_path, small_inputs, tsv_run):

@@ -11,7 +11,7 @@ from scimpute_dask import __version__
 from scimpute_dask.engine.inputs import RunInputs
 from scimpute_dask.io import anndata_io
 from scimpute_dask.io.layout import RunLayout
-from scimpute_dask.io.storage import Location, zarr_store
+from scimpute_dask.io.storage import Location, is_remote, zarr_store
 
 
 def write_anndata(work: Location, inputs: RunInputs, obs: pd.DataFrame, obsm: dict,
@@ -39,13 +39,24 @@ def write_anndata(work: Location, inputs: RunInputs, obs: pd.DataFrame, obsm: di
            "version": __version__}
     imputed = (zarr.open_group(zarr_store(layout.imputed, True), mode="r")["X"] if len(genes)
                else np.zeros((len(inputs.q_cells), 0), dtype=np.float32))
-    adata = anndata_io.imputed_anndata(
-        imputed, obs, obsm, var,
-        da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]), uns)
+
+    def anndata(X):
+        return anndata_io.imputed_anndata(
+            X, obs, obsm, var, da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]),
+            uns)
+
+    adata = anndata(imputed)
     files = {}
     if zarr_out:
         files["anndata"] = layout.anndata
-        anndata_io.write(adata, files["anndata"])
+        # float32 as stored (wide genes too, as their nearest float32): the imputation
+        # store's chunks are the AnnData-Zarr's, linked in rather than written again
+        linked = (len(genes) and imputed.dtype == np.float32 and not is_remote(layout.imputed)
+                  and not is_remote(layout.anndata))
+        if linked:
+            anndata_io.write(anndata(None), files["anndata"], layout.imputed / "X")
+        else:
+            anndata_io.write(adata, files["anndata"])
     if h5ad:
         files["h5ad"] = work / "imputed.h5ad"
         anndata_io.write(adata, files["h5ad"])
