@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics.pairwise import cosine_similarity
 
-from scimpute_dask.engine import search
+from scimpute_dask.engine import graph, search
 from scimpute_dask.io.storage import location
 from scimpute_dask.kernels import knn
 
@@ -76,6 +76,22 @@ def test_all_lists_probed_is_the_exact_search(data, tmp_path, kind):
     # the same neighbours, equal cosines too: candidates are named by their reference rows
     np.testing.assert_array_equal(a[0], e[0])
     np.testing.assert_array_equal(a[1], e[1])
+    # the recall sample's exact search, by parts of the reference (whole tiles, in list
+    # order), is the same search; a cell without expression has no neighbours
+    sample = q[:200].copy()
+    sample[3] = 0
+    whole = list(approx.tiles.bounds())
+    for n in (2, len(whole) + 3):  # never more parts than tiles, every tile in one
+        parts = approx.tiles.parts(n)
+        assert len(parts) == min(n, len(whole))
+        assert [b for part in parts for b in part.bounds()] == whole
+    for n in (1, 2, 3, 7):
+        with dask.config.set(scheduler="sync"):
+            (packed,) = dask.compute(graph.search_in_parts(sample, approx.tiles.parts(n), 10))
+        np.testing.assert_array_equal(packed[..., 1].astype(np.int32), e[0][:200] * (
+            np.arange(200) != 3)[:, None] - (np.arange(200) == 3)[:, None])
+        np.testing.assert_array_equal(packed[..., 0].astype(np.float32)[:3], e[1][:3])
+        assert np.isnan(packed[3, :, 0]).all()
 
 
 def test_a_tiny_reference_gets_a_small_index():

@@ -135,6 +135,15 @@ def compute(*collections) -> tuple:
     return tuple(client.gather(futures))
 
 
+def threads() -> int:
+    """How many tasks the current scheduler runs at once: the cluster's worker threads,
+    or this process's."""
+    client = _active_client()
+    if client is not None:
+        return max(1, sum(client.nthreads().values()))
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
 @functools.cache
 def _malloc_trim():
     try:

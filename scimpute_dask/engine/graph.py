@@ -164,6 +164,33 @@ def search_graph(query: da.Array, tiles: knn.Tiles, token: str, k: int,
     return packed[..., 1].astype(np.int32), packed[..., 0].astype(np.float32)
 
 
+def _merge_parts(query: np.ndarray, k: int, *parts: np.ndarray) -> np.ndarray:
+    best = knn.merge_topk(np.concatenate(parts, axis=1), k)
+    undefined = knn.zero_rows(np.asarray(query, dtype=np.float32))
+    best[undefined, :, 0], best[undefined, :, 1] = np.nan, knn.EMPTY
+    return best
+
+
+def search_in_parts(query: np.ndarray, parts: list, k: int,
+                    query_codes: np.ndarray | None = None):
+    """Exact cosine kNN of a few query rows (in memory), one task per part of the
+    reference (:meth:`scimpute_dask.engine.search.PreparedTiles.parts`), merged.
+
+    For a sample of cells searched against a large reference: split by cells,
+    every task would read the whole reference; split by reference rows, each
+    reads its part once. The same lists as :func:`search_graph` (its order of
+    candidates is total, whatever the tiling).
+
+    Returns
+    -------
+    dask.delayed.Delayed
+        Of the packed ``(n_query, k, 2)``: cosine (NaN) and reference row (``-1``)
+        per slot.
+    """
+    found = [dask.delayed(knn.search_block)(query, part, k, query_codes) for part in parts]
+    return dask.delayed(_merge_parts)(query, k, *found)
+
+
 def _drop_self(indices, similarity, rows) -> np.ndarray:
     idx, sim = knn.drop_self(indices, similarity, rows)
     return np.stack([idx.astype(np.float64), sim.astype(np.float64)], axis=-1)

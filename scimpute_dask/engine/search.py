@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 
 import dask
@@ -31,7 +32,7 @@ import numpy as np
 import zarr
 from scipy import sparse
 
-from scimpute_dask.engine import graph
+from scimpute_dask.engine import cluster, graph
 from scimpute_dask.engine.resumable import digest, store_stage
 from scimpute_dask.io.storage import Location, is_remote, remove_tree, zarr_store
 from scimpute_dask.io.store import COMPRESSORS
@@ -61,6 +62,8 @@ class PreparedTiles:
 
     arrays: dict
     tile: int
+    #: The tiles searched: ``(first, last + 1)`` tile numbers; None: all.
+    span: tuple[int, int] | None = None
     #: The per-row columns (norms, codes, lists, rows) read whole at their first use: a
     #: few bytes a row, read otherwise once per tile and task, each read a request of its
     #: own. Not pickled: each process reads its own.
@@ -77,7 +80,19 @@ class PreparedTiles:
                    tile)
 
     def bounds(self) -> Iterator[tuple[int, int]]:
-        return _bounds(self.arrays["values"].shape[0], self.tile)
+        tiles = _bounds(self.arrays["values"].shape[0], self.tile)
+        if self.span is None:
+            return tiles
+        first, last = self.span
+        return (b for i, b in enumerate(tiles) if first <= i < last)
+
+    def parts(self, n: int) -> list[PreparedTiles]:
+        """The reference in ``n`` parts of whole tiles (fewer if it has fewer tiles): a
+        search of each is the exact search within its rows, and their lists merged
+        (:func:`scimpute_dask.kernels.knn.merge_topk`) the search of the whole."""
+        n_tiles = -(-self.arrays["values"].shape[0] // self.tile)
+        edges = np.unique(np.linspace(0, n_tiles, max(1, min(n, n_tiles)) + 1).astype(int))
+        return [replace(self, span=(int(a), int(b))) for a, b in pairwise(edges)]
 
     def unit(self, lo: int, hi: int) -> np.ndarray:
         # a stored preparation keeps only the values: normalising a tile costs 1/bq of
@@ -252,11 +267,11 @@ class Searcher:
         """
         clock = time.perf_counter()
         n_lists = len(self.coarse)
-        # in two blocks, so that both cores search
-        chunk = max(1, -(-len(sample) // 2))
-        query = da.from_array(sample, chunks=(chunk, -1))
-        codes = None if sample_codes is None else da.from_array(sample_codes, chunks=chunk)
-        exact = np.asarray(self.neighbours(query, k, codes)[0].compute())
+        # the sample whole against each part of the reference, one task per core: split
+        # by cells, every task would read the whole reference
+        (packed,) = cluster.compute(graph.search_in_parts(
+            sample, self.tiles.parts(cluster.threads()), k, sample_codes))
+        exact = packed[..., 1].astype(np.int64)
         defined = (exact >= 0).any(axis=1)
         # each exact neighbour's list, and that list's place among the cell's nearest
         lists = self.tiles.lists(0, None)
@@ -276,7 +291,9 @@ class Searcher:
             short = held[:, probes - 1] < k + kernel.RERANK_MARGIN
             per_cell = np.where(short, 1.0, (needed < probes).sum(axis=1) / valid)
             mean, interval = _mean_interval(per_cell)
-            if mean >= target:
+            # the interval's lower end: the target reached on the query, not just on
+            # the sample (a mean just over it is under it on other cells half the time)
+            if interval[0] >= target:
                 break
         return Recall(n_lists, probes, mean, interval, int(defined.sum()), target,
                       time.perf_counter() - clock, exact)
