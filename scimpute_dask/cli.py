@@ -53,7 +53,10 @@ def _add_pair(p: argparse.ArgumentParser, identities_help: str) -> None:
     p.add_argument("--identities", metavar="TSV", help=identities_help)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scimpute-dask`` command line, its options declared once in
+    :data:`scimpute_dask.config.OPTIONS`; the documentation's CLI reference is
+    generated from it."""
     parser = argparse.ArgumentParser(
         prog="scimpute-dask",
         description="Out-of-core gene-expression imputation for spatial transcriptomics "
@@ -294,7 +297,7 @@ _COMMANDS = {"run": _run, "convert": _convert, "demo": _demo, "validate": _valid
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scimpute-dask`` console script."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(format="%(message)s")
     # only our logger: DEBUG on the root would also turn on every library's debug output

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from scimpute_dask.io import textcodec
 
@@ -594,3 +595,95 @@ def write_atlas_pair(directory, n_reference: int, n_query: int, n_genes: int = 2
     sparse.save_npz(paths["truth"], sparse.vstack(truth).tocsr())
     np.save(paths["truth_cells"], truth_cells)
     return {**paths, "panel": panel}
+
+
+def write_10x_matrix_h5(path, counts: np.ndarray, barcodes, names, types, genome: str
+                        ) -> None:
+    """A cells × features count matrix in the HDF5 schema Cell Ranger (v3+) and Xenium
+    Onboard Analysis write: features × barcodes CSC, byte strings, gzip-compressed
+    datasets (needs ``h5py``)."""
+    import h5py
+
+    csc = sparse.csc_matrix(np.asarray(counts).T)
+    with h5py.File(path, "w") as fh:
+        m = fh.create_group("matrix")
+        m.create_dataset("data", data=csc.data.astype(np.int32), compression="gzip")
+        m.create_dataset("indices", data=csc.indices.astype(np.int64), compression="gzip")
+        m.create_dataset("indptr", data=csc.indptr.astype(np.int64), compression="gzip")
+        m.create_dataset("shape", data=np.array(csc.shape, dtype=np.int32))
+        m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
+        f = m.create_group("features")
+        f.create_dataset("id", data=np.array([f"ENSMUSG{i:05d}" for i in range(len(names))],
+                                             dtype="S"))
+        f.create_dataset("name", data=np.array(names, dtype="S"))
+        f.create_dataset("feature_type", data=np.array(types, dtype="S"))
+        f.create_dataset("genome", data=np.array([genome] * len(names), dtype="S"))
+        f.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
+
+
+def write_10x_h5(path, frame: pd.DataFrame, symbols, controls: int = 0, seed: int = 0
+                 ) -> None:
+    """Cell Ranger's ``filtered_feature_bc_matrix.h5`` of the counts ``frame`` (cells ×
+    genes, the genes named ``symbols``); ``controls`` antibody-capture features after
+    the genes (as a CITE-seq run has), with counts of their own."""
+    extra = np.random.default_rng(seed).poisson(3.0, (len(frame), controls))
+    write_10x_matrix_h5(path, np.hstack([frame.to_numpy(np.int64), extra]), frame.index,
+                        [*symbols, *(f"CD{i}" for i in range(controls))],
+                        ["Gene Expression"] * frame.shape[1] + ["Antibody Capture"] * controls,
+                        "mm10")
+
+
+#: The control features a Xenium panel's matrix holds after its genes, and how many.
+XENIUM_CONTROLS = {"Negative Control Probe": 3, "Negative Control Codeword": 2,
+                   "Unassigned Codeword": 2}
+
+
+def write_xenium_bundle(bundle, section: pd.DataFrame, xy: np.ndarray, seed: int = 0,
+                        cells_table: str | None = "cells.parquet", matrix: str = "h5"
+                        ) -> None:
+    """A Xenium Onboard Analysis output bundle of the counts ``section`` (cells × panel
+    genes) at the centroids ``xy`` (µm), in the files and schema it writes.
+
+    ``cell_feature_matrix.h5`` (``matrix="h5"``) or its MatrixMarket folder
+    (``"mtx"``), with control probes and codewords after the panel's genes;
+    ``cells.parquet`` or ``cells.csv.gz`` (``cells_table``; None: none) with
+    ``cell_id``, ``x_centroid``, ``y_centroid``, transcript counts and areas;
+    ``experiment.xenium``. Needs ``h5py`` and ``pyarrow``.
+    """
+    import json
+    from pathlib import Path
+
+    from scipy import io as spio
+
+    bundle = Path(bundle)
+    bundle.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    n_extra = sum(XENIUM_CONTROLS.values())
+    counts = np.hstack([section.to_numpy(np.int64), rng.poisson(0.2, (len(section), n_extra))])
+    names = [*section.columns, *(f"{kind.split()[-1]}_{i:04d}"
+                                 for kind, n in XENIUM_CONTROLS.items() for i in range(n))]
+    types = ["Gene Expression"] * section.shape[1] + [
+        kind for kind, n in XENIUM_CONTROLS.items() for _ in range(n)]
+    ids = [f"ENSMUSG{i:05d}" for i in range(len(names))]
+    if matrix == "h5":
+        write_10x_matrix_h5(bundle / "cell_feature_matrix.h5", counts, section.index, names,
+                            types, "Unknown")
+    else:
+        folder = bundle / "cell_feature_matrix"
+        folder.mkdir()
+        spio.mmwrite(folder / "matrix.mtx", sparse.coo_matrix(counts.T.astype(np.float64)),
+                     field="integer")
+        pd.DataFrame({"id": ids, "name": names, "type": types}).to_csv(
+            folder / "features.tsv", sep="\t", header=False, index=False)
+        pd.Series(section.index).to_csv(folder / "barcodes.tsv", header=False, index=False)
+    if cells_table:
+        cells = pd.DataFrame({"cell_id": section.index, "x_centroid": xy[:, 0],
+                              "y_centroid": xy[:, 1],
+                              "transcript_counts": counts[:, : section.shape[1]].sum(axis=1),
+                              "cell_area": rng.uniform(40, 120, len(section))})
+        if cells_table.endswith(".parquet"):
+            cells.to_parquet(bundle / cells_table, index=False)
+        else:
+            cells.to_csv(bundle / cells_table, index=False)
+    (bundle / "experiment.xenium").write_text(json.dumps(
+        {"major_version": 5, "run_name": "synthetic", "panel_name": "synthetic"}))

@@ -7,44 +7,13 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import sparse
 
 from scimpute_dask import InputError, convert, plan
 from scimpute_dask.cli import main
 from scimpute_dask.io import tenx_h5
+from scimpute_dask.synthetic import write_10x_h5
 
 h5py = pytest.importorskip("h5py")
-
-
-def write_h5_matrix(path, counts: np.ndarray, barcodes, names, types, genome: str) -> None:
-    """A cells × features count matrix in the HDF5 schema Cell Ranger and Xenium Onboard
-    Analysis write: features × barcodes CSC, byte strings, gzip-compressed datasets."""
-    csc = sparse.csc_matrix(np.asarray(counts).T)
-    with h5py.File(path, "w") as fh:
-        m = fh.create_group("matrix")
-        m.create_dataset("data", data=csc.data.astype(np.int32), compression="gzip")
-        m.create_dataset("indices", data=csc.indices.astype(np.int64), compression="gzip")
-        m.create_dataset("indptr", data=csc.indptr.astype(np.int64), compression="gzip")
-        m.create_dataset("shape", data=np.array(csc.shape, dtype=np.int32))
-        m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
-        f = m.create_group("features")
-        f.create_dataset("id", data=np.array([f"ENSMUSG{i:05d}" for i in range(len(names))],
-                                             dtype="S"))
-        f.create_dataset("name", data=np.array(names, dtype="S"))
-        f.create_dataset("feature_type", data=np.array(types, dtype="S"))
-        f.create_dataset("genome", data=np.array([genome] * len(names), dtype="S"))
-        f.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
-
-
-def write_10x_h5(path, frame: pd.DataFrame, symbols, controls: int = 0, seed: int = 0
-                 ) -> None:
-    """Cell Ranger's ``filtered_feature_bc_matrix.h5``; ``controls`` antibody-capture
-    features after the genes (as a CITE-seq run has), with counts of their own."""
-    extra = np.random.default_rng(seed).poisson(3.0, (len(frame), controls))
-    write_h5_matrix(path, np.hstack([frame.to_numpy(np.int64), extra]), frame.index,
-                    [*symbols, *(f"CD{i}" for i in range(controls))],
-                    ["Gene Expression"] * frame.shape[1] + ["Antibody Capture"] * controls,
-                    "mm10")
 
 
 @pytest.fixture

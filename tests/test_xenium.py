@@ -3,66 +3,21 @@ to report.html with spatial maps."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import io as spio
-from scipy import sparse
 
 from scimpute_dask import InputError, convert
 from scimpute_dask.cli import main
 from scimpute_dask.io import xenium
 from scimpute_dask.plotting import figures
-
-from .test_tenx_h5 import write_10x_h5, write_h5_matrix
+from scimpute_dask.synthetic import write_10x_h5
+from scimpute_dask.synthetic import write_xenium_bundle as write_bundle
 
 pytest.importorskip("h5py")
 pytest.importorskip("pyarrow")
-
-CONTROLS = {"Negative Control Probe": 3, "Negative Control Codeword": 2,
-            "Unassigned Codeword": 2}
-
-
-def write_bundle(bundle, section: pd.DataFrame, xy: np.ndarray, seed: int = 0,
-                 cells_table: str | None = "cells.parquet", matrix: str = "h5") -> None:
-    """A Xenium Onboard Analysis bundle as it writes one: ``cell_feature_matrix.h5`` (or its
-    MatrixMarket folder) with control probes and codewords after the panel's genes,
-    ``cells.parquet`` (cell_id, centroids in µm, counts, areas) and ``experiment.xenium``."""
-    bundle.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    n_extra = sum(CONTROLS.values())
-    counts = np.hstack([section.to_numpy(np.int64), rng.poisson(0.2, (len(section), n_extra))])
-    names = [*section.columns, *(f"{kind.split()[-1]}_{i:04d}" for kind, n in CONTROLS.items()
-                                 for i in range(n))]
-    types = ["Gene Expression"] * section.shape[1] + [kind for kind, n in CONTROLS.items()
-                                                      for _ in range(n)]
-    ids = [f"ENSMUSG{i:05d}" for i in range(len(names))]
-    if matrix == "h5":
-        write_h5_matrix(bundle / xenium.MATRIX_H5, counts, section.index, names, types,
-                        "Unknown")
-    else:
-        folder = bundle / xenium.MATRIX_MTX
-        folder.mkdir()
-        spio.mmwrite(folder / "matrix.mtx", sparse.coo_matrix(counts.T.astype(np.float64)),
-                     field="integer")
-        pd.DataFrame({"id": ids, "name": names, "type": types}).to_csv(
-            folder / "features.tsv", sep="\t", header=False, index=False)
-        pd.Series(section.index).to_csv(folder / "barcodes.tsv", header=False, index=False)
-    if cells_table:
-        cells = pd.DataFrame({"cell_id": section.index, "x_centroid": xy[:, 0],
-                              "y_centroid": xy[:, 1],
-                              "transcript_counts": counts[:, : section.shape[1]].sum(axis=1),
-                              "cell_area": rng.uniform(40, 120, len(section))})
-        if cells_table.endswith(".parquet"):
-            cells.to_parquet(bundle / cells_table, index=False)
-        else:
-            cells.to_csv(bundle / cells_table, index=False)
-    (bundle / "experiment.xenium").write_text(json.dumps(
-        {"major_version": 5, "run_name": "test", "panel_name": "synthetic"}))
-
 
 @pytest.fixture
 def section(small_pair):
