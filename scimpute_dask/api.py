@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from scimpute_dask.io import anndata_io
+from scimpute_dask.io import anndata_io, spatialdata_io
 from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import location
 from scimpute_dask.pipeline import run_imputation
@@ -36,6 +36,8 @@ def impute(
     validation: str | os.PathLike | None = None,
     tune: bool = False,
     tune_metric: str = "pearson",
+    table: str | None = None,
+    key_added: str = "scimpute",
 ):
     """Impute every gene of a single-cell reference for the cells of a spatial dataset.
 
@@ -47,7 +49,11 @@ def impute(
     ----------
     adata_spatial
         The spatial AnnData (cells × measured genes): in memory, backed, or
-        the path of an ``.h5ad`` file or AnnData-Zarr store.
+        the path of an ``.h5ad`` file or AnnData-Zarr store. Or a
+        :class:`spatialdata.SpatialData` object: its table (``table``) is the
+        query, and the imputed table is added to it as ``key_added``,
+        annotating the same region (and written into its store if it has
+        one); needs ``pip install 'scimpute-dask[spatialdata]'``.
     adata_ref
         The single-cell reference AnnData (cells × genes), in the same forms.
     k
@@ -91,6 +97,11 @@ def impute(
         same data: ``var`` then also holds each gene's ``agreement``,
         ``predicted_pearson`` and ``heldout_pearson`` (see
         :func:`~scimpute_dask.run_imputation`).
+    table
+        A SpatialData query (object or store): the table to impute (default:
+        its only one).
+    key_added
+        A SpatialData query: the name of the imputed table added to it.
 
     Returns
     -------
@@ -106,7 +117,21 @@ def impute(
     >>> import scimpute_dask
     >>> imputed = scimpute_dask.impute(adata_spatial, adata_ref, k=25, cluster_key="leiden")
     >>> sc.pl.embedding(imputed, basis="spatial", color=["Gad1"])  # doctest: +SKIP
+
+    A SpatialData object gets the imputed table beside its own:
+
+    >>> sdata = spatialdata.read_zarr("xenium.zarr")  # doctest: +SKIP
+    >>> scimpute_dask.impute(sdata, adata_ref, key_added="imputed")  # doctest: +SKIP
+    >>> sdata.tables["imputed"]  # doctest: +SKIP
     """
+    if spatialdata_io.is_spatialdata_object(adata_spatial):
+        source, query = spatialdata_io.table_of(adata_spatial, table)
+        result = impute(query, adata_ref, k, cluster_key=cluster_key, layer=layer,
+                        reference_layer=reference_layer, copy=True, outdir=outdir,
+                        memory_limit=memory_limit, progress=progress, scheduler=scheduler,
+                        client=client, validation=validation, tune=tune,
+                        tune_metric=tune_metric)
+        return spatialdata_io.add_table(adata_spatial, source, result, key_added)
     with tempfile.TemporaryDirectory(prefix="scimpute-") as tmp:
         out = location(outdir) if outdir is not None else Path(tmp) / "run"
         run_imputation(
@@ -115,7 +140,7 @@ def impute(
             layer=layer, reference_layer=reference_layer, tsv_genes=None, anndata=True,
             report=outdir is not None, memory_limit=memory_limit, progress=progress,
             scheduler=scheduler, client=client, validation=validation, tune=tune,
-            tune_metric=tune_metric,
+            tune_metric=tune_metric, table=table,
         )
         result = anndata_io.read_lazy(RunLayout(out).anndata)
         if outdir is None:

@@ -95,3 +95,68 @@ def test_spatialdata_stores_without_one_table_are_one_line_errors(tmp_path, sect
     assert store.shape == query.shape
     assert spatialdata_io.is_spatialdata(tmp_path / "two.zarr")
     assert not spatialdata_io.is_spatialdata(tmp_path / "two.zarr" / "tables" / "nuclei")
+
+
+def _sdata_section(section: pd.DataFrame, xy: np.ndarray, tables=("table",)):
+    """A Xenium-like section as spatialdata itself builds it: the cells' circles and
+    tables annotating them (counts, ``region``, ``cell_id``, centroids)."""
+    spatialdata = pytest.importorskip("spatialdata")
+    from spatialdata.models import ShapesModel, TableModel
+
+    circles = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), 6.0),
+                                index=np.arange(len(xy)))
+    made = {}
+    for name in tables:
+        obs = pd.DataFrame({"region": pd.Categorical(["cell_circles"] * len(section)),
+                            "cell_id": np.arange(len(section))},
+                           index=section.index.astype(str))
+        made[name] = TableModel.parse(
+            anndata.AnnData(sparse.csr_matrix(section.to_numpy(np.float32)), obs=obs,
+                            var=pd.DataFrame(index=section.columns), obsm={"spatial": xy}),
+            region="cell_circles", region_key="region", instance_key="cell_id")
+    return spatialdata.SpatialData(shapes={"cell_circles": circles}, tables=made)
+
+
+def test_impute_adds_a_table_over_the_same_shapes(tmp_path, section, small_pair):
+    """Three lines from a SpatialData store to an imputed table annotating its cells,
+    written into the store: what napari-spatialdata shows over the image."""
+    spatialdata = pytest.importorskip("spatialdata")
+    import scimpute_dask
+
+    query, xy = section
+    _sdata_section(query, xy).write(tmp_path / "section.zarr")
+    reference = anndata.AnnData(small_pair.reference.to_numpy(np.float32),
+                                var=pd.DataFrame(index=small_pair.reference.columns))
+    reference.obs_names = [f"r{i}" for i in range(reference.n_obs)]
+
+    sdata = spatialdata.read_zarr(tmp_path / "section.zarr")
+    scimpute_dask.impute(sdata, reference, k=10)
+    assert "scimpute" in sdata.tables
+
+    stored = spatialdata.read_zarr(tmp_path / "section.zarr")  # written into the store
+    table = stored.tables["scimpute"]
+    assert table.uns["spatialdata_attrs"] == {"region": "cell_circles", "region_key": "region",
+                                              "instance_key": "cell_id"}
+    np.testing.assert_array_equal(table.obs["cell_id"], np.arange(len(query)))
+    # the same values as the table imputed on its own
+    alone = scimpute_dask.impute(stored.tables["table"], reference, k=10, copy=True)
+    np.testing.assert_array_equal(np.asarray(table.X), np.asarray(alone.X))
+    # a gene the panel lacks, looked up for the shapes as a viewer does
+    gene = next(g for g in table.var_names if not table.var.loc[g, "measured"])
+    values = spatialdata.get_values(gene, sdata=stored, element_name="cell_circles",
+                                    table_name="scimpute")
+    np.testing.assert_array_equal(values[gene].to_numpy(), np.asarray(alone[:, gene].X).ravel())
+
+
+def test_impute_of_a_spatialdata_object_with_several_tables_asks_for_one(section, small_pair):
+    pytest.importorskip("spatialdata")
+    import scimpute_dask
+
+    query, xy = section
+    sdata = _sdata_section(query, xy, tables=("cells", "nuclei"))
+    reference = anndata.AnnData(small_pair.reference.to_numpy(np.float32),
+                                var=pd.DataFrame(index=small_pair.reference.columns))
+    with pytest.raises(InputError, match=r"2 tables \(cells, nuclei\); name one"):
+        scimpute_dask.impute(sdata, reference, k=10)
+    added = scimpute_dask.impute(sdata, reference, k=10, table="nuclei", key_added="imputed")
+    assert sdata.tables["imputed"] is added and added.n_obs == len(query)

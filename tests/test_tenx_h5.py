@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scimpute_dask import InputError, convert, plan
+from scimpute_dask import ExpressionStore, InputError, convert, plan
 from scimpute_dask.cli import main
 from scimpute_dask.io import tenx_h5
 from scimpute_dask.synthetic import write_10x_h5
@@ -90,3 +90,56 @@ def test_bad_h5_files_are_one_line_errors(tmp_path, counts, capsys):
         assert main(["convert", str(tmp_path / name), str(tmp_path / "out.zarr"), "-q"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("scimpute-dask: error:") and "\n" not in err
+
+
+def test_an_h5_larger_than_the_memory_budget_converts_within_it(tmp_path):
+    """A 10x matrix whose entries outweigh the budget given to its conversion: the peak
+    RSS, measured from outside, stays under the budget, and the store is the matrix."""
+    import os
+    import subprocess
+    import sys
+
+    n_cells, n_genes, per_cell, budget_mib = 160_000, 3_000, 200, 320
+    rng = np.random.default_rng(0)
+    features = np.sort(rng.choice(n_genes, (n_cells, per_cell)), axis=1)
+    keep = np.ones(features.shape, dtype=bool)
+    keep[:, 1:] = features[:, 1:] != features[:, :-1]  # Cell Ranger lists a gene once
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int64)
+    indices = features[keep].astype(np.int64)
+    data = rng.integers(1, 30, len(indices)).astype(np.int32)
+    del features, keep
+    path = tmp_path / "big.h5"
+    with h5py.File(path, "w") as fh:  # Cell Ranger's schema, datasets in 64k-entry chunks
+        m = fh.create_group("matrix")
+        for name, values in (("data", data), ("indices", indices), ("indptr", indptr)):
+            m.create_dataset(name, data=values, chunks=(min(len(values), 1 << 16),))
+        m.create_dataset("shape", data=np.array([n_genes, n_cells], dtype=np.int32))
+        m.create_dataset("barcodes", data=np.array([f"C{i:06d}-1" for i in range(n_cells)],
+                                                   dtype="S"))
+        f = m.create_group("features")
+        f.create_dataset("id", data=np.array([f"E{i:05d}" for i in range(n_genes)], dtype="S"))
+        f.create_dataset("name", data=np.array([f"G{i}" for i in range(n_genes)], dtype="S"))
+        f.create_dataset("feature_type", data=np.array([b"Gene Expression"] * n_genes))
+        f.create_dataset("genome", data=np.array([b"mm10"] * n_genes))
+    entries_mib = (data.nbytes + indices.nbytes) / 2**20
+    assert path.stat().st_size / 2**20 > budget_mib and entries_mib > budget_mib
+    launcher = ("import os, subprocess, sys; "
+                "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+                "_, status, usage = os.wait4(p.pid, 0); "
+                "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)")
+    cmd = [sys.executable, "-m", "scimpute_dask.cli", "convert", str(path),
+           str(tmp_path / "big.zarr"), "-q", "--memory-limit", f"{budget_mib}MB"]
+    done = subprocess.run([sys.executable, "-c", launcher, *cmd], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=True)
+    code, peak_kib = map(int, done.stdout.split())
+    assert code == 0, done.stderr
+    print(f"{entries_mib:.0f} MiB of entries converted in a {budget_mib} MB budget: peak RSS "
+          f"{peak_kib / 1024:.0f} MiB")
+    assert peak_kib * 1024 < budget_mib * 1e6
+    store = ExpressionStore.open(tmp_path / "big.zarr")
+    assert store.sparse and store.shape == (n_cells, n_genes)
+    rows = [0, 77_777, n_cells - 1]
+    expected = np.zeros((len(rows), n_genes), dtype=np.float32)
+    for i, row in enumerate(rows):
+        expected[i, indices[indptr[row] : indptr[row + 1]]] = data[indptr[row] : indptr[row + 1]]
+    np.testing.assert_array_equal(store.select(rows, np.arange(n_genes)), expected)

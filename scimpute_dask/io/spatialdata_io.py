@@ -39,18 +39,63 @@ def table_path(store: Path, label: str | None = None, table: str | None = None) 
     folder = store / "tables"
     tables = sorted(p.name for p in folder.iterdir()
                     if p.is_dir() and anndata_io.is_anndata_zarr(p)) if folder.is_dir() else []
+    return folder / _chosen(tables, table, label, f" or as {label}/tables/NAME")
+
+
+def _chosen(tables: list[str], table: str | None, label: str, other: str = "") -> str:
+    """``table`` among ``tables``, or the only one; a one-line error otherwise."""
     if not tables:
         raise InputError(f"{label}: a SpatialData store with no table (tables/ holds no "
                          f"AnnData): nothing to impute")
     if table is not None:
         if table not in tables:
             raise InputError(f"{label}: no table {table!r} (tables: {', '.join(tables)})")
-        return folder / table
+        return table
     if len(tables) > 1:
         raise InputError(f"{label}: a SpatialData store with {len(tables)} tables "
                          f"({', '.join(tables)}); name one with --table NAME (Python: "
-                         f"table=) or as {label}/tables/NAME")
-    return folder / tables[0]
+                         f"table=){other}")
+    return tables[0]
+
+
+def is_spatialdata_object(obj: object) -> bool:
+    """Is ``obj`` a :class:`spatialdata.SpatialData` (without importing spatialdata)?"""
+    return any(cls.__name__ == "SpatialData" and cls.__module__.startswith("spatialdata")
+               for cls in type(obj).__mro__)
+
+
+def table_of(sdata, table: str | None = None) -> tuple[str, object]:
+    """The name and AnnData of a SpatialData object's table ``table`` (default: its only
+    one), with the errors of :func:`table_path`."""
+    label = f"SpatialData{'' if sdata.path is None else f' {sdata.path}'}"
+    name = _chosen(sorted(sdata.tables), table, label)
+    return name, sdata.tables[name]
+
+
+def add_table(sdata, source: str, imputed, key_added: str):
+    """``imputed`` (the query cells of table ``source``, in its order) as the table
+    ``key_added`` of ``sdata``, annotating the region ``source`` annotates (same region,
+    region and instance columns), so that viewers such as napari-spatialdata draw its
+    genes on the same shapes or labels; written into the object's store when it is
+    backed by one. Returns the table as stored."""
+    try:
+        from spatialdata.models import TableModel
+    except ImportError as err:
+        raise InputError("writing the imputed table into a SpatialData object needs the "
+                         "spatialdata package: pip install 'scimpute-dask[spatialdata]'"
+                         ) from err
+    attrs = dict(sdata.tables[source].uns.get(TableModel.ATTRS_KEY) or {})
+    if attrs.get("region") is None:
+        raise InputError(f"table {source!r} annotates no region (uns[{TableModel.ATTRS_KEY!r}]"
+                         f" has none): nothing to place the imputed genes on")
+    region = attrs["region"]
+    table = TableModel.parse(imputed, region=region if isinstance(region, str) else
+                             list(region), region_key=attrs["region_key"],
+                             instance_key=attrs["instance_key"])
+    sdata.tables[key_added] = table
+    if sdata.path is not None:
+        sdata.write_element(key_added, overwrite=True)
+    return table
 
 
 def resolve(source: object, table: str | None = None) -> object:
