@@ -28,7 +28,7 @@ extensions = [
 ]
 
 exclude_patterns = ["_build", "**/.ipynb_checkpoints", "README.md"]
-source_suffix = {".md": "myst-nb", ".rst": "restructuredtext"}
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb"}  # autosummary writes .rst
 
 # Markdown: headings get anchors that other pages link to
 myst_enable_extensions = ["colon_fence", "deflist"]

@@ -46,6 +46,21 @@ def available_bytes(memory_limit: int) -> int:
     return max(1, memory_limit - BASE_BYTES)
 
 
+#: The least a conversion is given beside :data:`BASE_BYTES`: with nothing left for
+#: its blocks they shrink to single rows, and a million-cell input becomes a million
+#: tiny writes.
+MIN_CONVERSION_BYTES = 64_000
+
+
+def check_conversion_budget(memory_limit: int) -> None:
+    """Refuse, before any work, a conversion budget with no room beside the allowance."""
+    floor = BASE_BYTES + MIN_CONVERSION_BYTES
+    if memory_limit < floor:
+        raise InputError(f"memory limit {_mib(memory_limit)} is below the {_mib(floor)} a "
+                         f"conversion needs; give at least --memory-limit "
+                         f"{-(-floor // 2**20)}MiB")
+
+
 def text_block_bytes(memory_limit: int) -> int:
     """Text held at once while converting: raw text, parsed floats and Zarr buffers."""
     return max(1, available_bytes(memory_limit) // 4)

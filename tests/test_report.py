@@ -76,9 +76,15 @@ def test_held_out_score_vs_sparsity_on_the_real_data(mc_run, tmp_path):
     t, p = truth - truth.mean(axis=0), pred - pred.mean(axis=0)
     r = (t * p).sum(axis=0) / np.sqrt((t * t).sum(axis=0) * (p * p).sum(axis=0))
     sparsity = (truth == 0).mean(axis=0)
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
     plotting.score_vs_sparsity(tmp_path / plotting.SCORE_PNG, sparsity, {"Pearson r": r})
     _not_blank(tmp_path / plotting.SCORE_PNG, (400, 600))
     assert np.nanmedian(r) > 0.2
+    # drawn outside pyplot: a notebook's inline backend and its figures are left alone
+    assert matplotlib.get_backend() == before and plt.get_fignums() == []
 
 
 def test_run_json_records_provenance(mc_run):

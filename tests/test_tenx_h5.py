@@ -99,7 +99,7 @@ def test_an_h5_larger_than_the_memory_budget_converts_within_it(tmp_path):
     import subprocess
     import sys
 
-    n_cells, n_genes, per_cell, budget_mib = 160_000, 3_000, 200, 320
+    n_cells, n_genes, per_cell, budget_mib = 160_000, 3_000, 300, 500
     rng = np.random.default_rng(0)
     features = np.sort(rng.choice(n_genes, (n_cells, per_cell)), axis=1)
     keep = np.ones(features.shape, dtype=bool)
@@ -136,6 +136,9 @@ def test_an_h5_larger_than_the_memory_budget_converts_within_it(tmp_path):
     print(f"{entries_mib:.0f} MiB of entries converted in a {budget_mib} MB budget: peak RSS "
           f"{peak_kib / 1024:.0f} MiB")
     assert peak_kib * 1024 < budget_mib * 1e6
+    # a budget with no room beside the interpreter's is refused, not met in 1-row blocks
+    small = subprocess.run([*cmd[:-1], "300MB"], capture_output=True, text=True)
+    assert small.returncode == 2 and "a conversion needs" in small.stderr
     store = ExpressionStore.open(tmp_path / "big.zarr")
     assert store.sparse and store.shape == (n_cells, n_genes)
     rows = [0, 77_777, n_cells - 1]

@@ -467,7 +467,9 @@ def _link_X(array: Path, store: Path) -> None:
     document["attributes"] = {"encoding-type": "array", "encoding-version": "0.2.0"}
     metadata.unlink()  # a link to the source's: replaced, never written through
     metadata.write_text(json.dumps(document))
-    zarr.consolidate_metadata(zarr_store(store))
+    with warnings.catch_warnings():  # as anndata's own writer consolidates them
+        warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+        zarr.consolidate_metadata(zarr_store(store))
 
 
 def read_lazy(path: Location):

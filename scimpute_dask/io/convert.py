@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from scimpute_dask import plan
 from scimpute_dask.config import OPTIONS, parse_memory
 from scimpute_dask.errors import InputError
 from scimpute_dask.io import anndata_io, frame, spatialdata_io, tenx, tenx_h5, text, xenium
@@ -139,6 +140,7 @@ def convert(
     """
     options = _options(source, layout, sep, layer, name, restart=restart, progress=progress,
                        memory_limit=parse_memory(memory_limit))
+    plan.check_conversion_budget(options.memory_limit)
     target = location(store)
     source = as_source(source)
     reader = reader_for(source, READERS, options.label)

@@ -468,8 +468,10 @@ def write_store(store: Location, fingerprint: dict, label: str, *,
 
 def progress_bar(enabled: bool, **kwargs):
     """A conversion's progress bar (tqdm), or a silent one."""
-    from tqdm.auto import tqdm
-
+    if enabled:
+        from tqdm.auto import tqdm
+    else:  # tqdm.auto warns in a notebook without ipywidgets even for a hidden bar
+        from tqdm import tqdm
     return tqdm(disable=not enabled, unit="row", leave=False, **kwargs)
 
 

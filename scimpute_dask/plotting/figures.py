@@ -30,19 +30,21 @@ SCORE_PNG = "genes_vs_sparsity.png"
 TUNING_PNG = "tuning.png"
 
 
-def _pyplot():
-    import matplotlib
+def _subplots(rows: int, columns: int, figsize: tuple[float, float], **kwargs):
+    """A figure and its axes, outside pyplot: no global backend chosen or figure kept, so
+    that a notebook drawing inline (or any program with its own backend) is left as it
+    was."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, columns, squeeze=False, **kwargs)
 
 
 def _save(fig, path: Location) -> None:
     with atomic_file(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=DPI)
-    _pyplot().close(fig)
 
 
 def choose_genes(reference: da.Array, genes: np.ndarray, measured: np.ndarray, drawable=None,
@@ -97,9 +99,7 @@ def spatial_measured_vs_imputed(path: Location, xy: np.ndarray, genes: list[str]
     genes
         Gene names, one per column of ``measured`` and ``imputed`` (cells × genes).
     """
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(genes), 2, squeeze=False,
-                             figsize=(2 * PANEL_INCHES, len(genes) * PANEL_INCHES))
+    fig, axes = _subplots(len(genes), 2, (2 * PANEL_INCHES, len(genes) * PANEL_INCHES))
     for i, gene in enumerate(genes):
         _panel(axes[i, 0], xy, measured[:, i], f"{gene} measured")
         _panel(axes[i, 1], xy, imputed[:, i], f"{gene} imputed")
@@ -110,10 +110,8 @@ def spatial_measured_vs_imputed(path: Location, xy: np.ndarray, genes: list[str]
 def spatial_imputed(path: Location, xy: np.ndarray, genes: list[str], imputed: np.ndarray,
                     columns: int = 3) -> None:
     """Genes the query did not measure: their imputed expression on the tissue, a grid."""
-    plt = _pyplot()
     rows = -(-len(genes) // columns)
-    fig, axes = plt.subplots(rows, columns, squeeze=False,
-                             figsize=(columns * PANEL_INCHES, rows * PANEL_INCHES))
+    fig, axes = _subplots(rows, columns, (columns * PANEL_INCHES, rows * PANEL_INCHES))
     for ax in axes.flat[len(genes):]:
         ax.axis("off")
     for i, gene in enumerate(genes):
@@ -136,9 +134,7 @@ def score_vs_sparsity(path: Location, sparsity: np.ndarray, scores: dict[str, np
         Panel label -> one score per gene (e.g. the Pearson r of imputed and
         measured values of a gene hidden from the kNN search); NaN is not drawn.
     """
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(scores), squeeze=False,
-                             figsize=(1.5 * PANEL_INCHES * len(scores), PANEL_INCHES))
+    fig, axes = _subplots(1, len(scores), (1.5 * PANEL_INCHES * len(scores), PANEL_INCHES))
     for ax, (label, score) in zip(axes[0], scores.items(), strict=True):
         ok = np.isfinite(score) & np.isfinite(sparsity)
         ax.scatter(sparsity[ok], score[ok], s=12, alpha=0.7)
@@ -216,7 +212,8 @@ def run_figures(work: Location, files: dict[str, Location], xy: np.ndarray | Non
 def tuning_heatmap(path: Location, table: pd.DataFrame, metric: str, best: dict) -> None:
     """Inner-validation score of every candidate: one heat map (k × weighting) per search
     transform and averaging space, the winner outlined."""
-    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
     transforms = list(dict.fromkeys(table["normalize"]))
     averages = list(dict.fromkeys(table["average"]))
     label = table["weighting"].where(table["weighting"] != "softmax",
@@ -225,9 +222,9 @@ def tuning_heatmap(path: Location, table: pd.DataFrame, metric: str, best: dict)
     rows = list(dict.fromkeys(table["label"]))
     ks = sorted(table["k"].unique())
     lo, hi = np.nanmin(table[metric]), np.nanmax(table[metric])
-    fig, axes = plt.subplots(len(averages), len(transforms), squeeze=False,
-                             figsize=(2.6 * len(transforms) + 1.2, 2.4 * len(averages) + 0.6),
-                             sharex=True, sharey=True)
+    fig, axes = _subplots(len(averages), len(transforms),
+                          (2.6 * len(transforms) + 1.2, 2.4 * len(averages) + 0.6),
+                          sharex=True, sharey=True)
     for a, average in enumerate(averages):
         for t, transform in enumerate(transforms):
             ax = axes[a, t]
@@ -240,8 +237,8 @@ def tuning_heatmap(path: Location, table: pd.DataFrame, metric: str, best: dict)
                 b = table[(table["normalize"] == transform) & (table["average"] == average)
                           & (table["k"] == best["k"]) & (table["weighting"] == best["weighting"])
                           & (table["temperature"] == best["temperature"])]["label"].iloc[0]
-                ax.add_patch(plt.Rectangle((ks.index(best["k"]) - 0.5, rows.index(b) - 0.5),
-                                           1, 1, fill=False, edgecolor="red", linewidth=2))
+                ax.add_patch(Rectangle((ks.index(best["k"]) - 0.5, rows.index(b) - 0.5),
+                                      1, 1, fill=False, edgecolor="red", linewidth=2))
             ax.set_title(f"{transform}, average {average}", fontsize=8)
             ax.set_xticks(range(len(ks)), [str(k) for k in ks], fontsize=6)
             ax.set_yticks(range(len(rows)), rows, fontsize=6)
