@@ -49,16 +49,16 @@ def available_bytes(memory_limit: int) -> int:
 #: The least a conversion is given beside :data:`BASE_BYTES`: with nothing left for
 #: its blocks they shrink to single rows, and a million-cell input becomes a million
 #: tiny writes.
-MIN_CONVERSION_BYTES = 64_000
+MIN_CONVERSION_BYTES = 16_000
 
 
 def check_conversion_budget(memory_limit: int) -> None:
     """Refuse, before any work, a conversion budget with no room beside the allowance."""
     floor = BASE_BYTES + MIN_CONVERSION_BYTES
     if memory_limit < floor:
-        raise InputError(f"memory limit {_mib(memory_limit)} is below the {_mib(floor)} a "
-                         f"conversion needs; give at least --memory-limit "
-                         f"{-(-floor // 2**20)}MiB")
+        raise InputError(f"memory limit {memory_limit / 2**20:.2f} MiB is below the "
+                         f"{floor / 2**20:.2f} MiB a conversion needs; give at least "
+                         f"--memory-limit {-(-floor // 2**20)}MiB")
 
 
 def text_block_bytes(memory_limit: int) -> int:
