@@ -129,6 +129,14 @@ def test_impute_adds_a_table_over_the_same_shapes(tmp_path, section, small_pair)
                                 var=pd.DataFrame(index=small_pair.reference.columns))
     reference.obs_names = [f"r{i}" for i in range(reference.n_obs)]
 
+    # the store as spatialdata wrote it is a query of the command line too
+    reference.write_h5ad(tmp_path / "reference.h5ad")
+    assert main(["run", "--query", str(tmp_path / "section.zarr"), "--reference",
+                 str(tmp_path / "reference.h5ad"), "--out", str(tmp_path / "cli"), "--k", "10",
+                 "--no-clusters", "--no-report", "-q"]) == 0
+    np.testing.assert_array_equal(anndata.read_zarr(tmp_path / "cli" / "adata.zarr")
+                                  .obsm["spatial"], xy)
+
     sdata = spatialdata.read_zarr(tmp_path / "section.zarr")
     scimpute_dask.impute(sdata, reference, k=10)
     assert "scimpute" in sdata.tables
