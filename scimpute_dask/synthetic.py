@@ -597,19 +597,22 @@ def write_atlas_pair(directory, n_reference: int, n_query: int, n_genes: int = 2
     return {**paths, "panel": panel}
 
 
-def write_10x_matrix_h5(path, counts: np.ndarray, barcodes, names, types, genome: str
-                        ) -> None:
-    """A cells × features count matrix in the HDF5 schema Cell Ranger (v3+) and Xenium
-    Onboard Analysis write: features × barcodes CSC, byte strings, gzip-compressed
-    datasets (needs ``h5py``)."""
+def write_10x_matrix_h5(path, counts, barcodes, names, types, genome: str,
+                        compression: str | None = "gzip") -> None:
+    """A cells × features count matrix (dense, or sparse without densifying it) in the
+    HDF5 schema Cell Ranger (v3+) and Xenium Onboard Analysis write: features ×
+    barcodes CSC, byte strings, gzip-compressed datasets by default (needs ``h5py``)."""
     import h5py
 
-    csc = sparse.csc_matrix(np.asarray(counts).T)
+    csc = sparse.csr_matrix(counts).T.tocsc() if sparse.issparse(counts) else \
+        sparse.csc_matrix(np.asarray(counts).T)
     with h5py.File(path, "w") as fh:
         m = fh.create_group("matrix")
-        m.create_dataset("data", data=csc.data.astype(np.int32), compression="gzip")
-        m.create_dataset("indices", data=csc.indices.astype(np.int64), compression="gzip")
-        m.create_dataset("indptr", data=csc.indptr.astype(np.int64), compression="gzip")
+        for name, values in (("data", csc.data.astype(np.int32)),
+                             ("indices", csc.indices.astype(np.int64)),
+                             ("indptr", csc.indptr.astype(np.int64))):
+            m.create_dataset(name, data=values, chunks=(max(1, min(len(values), 1 << 16)),),
+                             compression=compression)
         m.create_dataset("shape", data=np.array(csc.shape, dtype=np.int32))
         m.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
         f = m.create_group("features")

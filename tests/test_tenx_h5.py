@@ -7,11 +7,12 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
 
 from scimpute_dask import ExpressionStore, InputError, convert, plan
 from scimpute_dask.cli import main
 from scimpute_dask.io import tenx_h5
-from scimpute_dask.synthetic import write_10x_h5
+from scimpute_dask.synthetic import write_10x_h5, write_10x_matrix_h5
 
 h5py = pytest.importorskip("h5py")
 
@@ -109,18 +110,12 @@ def test_an_h5_larger_than_the_memory_budget_converts_within_it(tmp_path):
     data = rng.integers(1, 30, len(indices)).astype(np.int32)
     del features, keep
     path = tmp_path / "big.h5"
-    with h5py.File(path, "w") as fh:  # Cell Ranger's schema, datasets in 64k-entry chunks
-        m = fh.create_group("matrix")
-        for name, values in (("data", data), ("indices", indices), ("indptr", indptr)):
-            m.create_dataset(name, data=values, chunks=(min(len(values), 1 << 16),))
-        m.create_dataset("shape", data=np.array([n_genes, n_cells], dtype=np.int32))
-        m.create_dataset("barcodes", data=np.array([f"C{i:06d}-1" for i in range(n_cells)],
-                                                   dtype="S"))
-        f = m.create_group("features")
-        f.create_dataset("id", data=np.array([f"E{i:05d}" for i in range(n_genes)], dtype="S"))
-        f.create_dataset("name", data=np.array([f"G{i}" for i in range(n_genes)], dtype="S"))
-        f.create_dataset("feature_type", data=np.array([b"Gene Expression"] * n_genes))
-        f.create_dataset("genome", data=np.array([b"mm10"] * n_genes))
+    # Cell Ranger's schema, left uncompressed: the file is as large as its entries
+    write_10x_matrix_h5(path, sparse.csr_matrix((data, indices, indptr),
+                                                shape=(n_cells, n_genes)),
+                        [f"C{i:06d}-1" for i in range(n_cells)],
+                        [f"G{i}" for i in range(n_genes)], ["Gene Expression"] * n_genes,
+                        "mm10", compression=None)
     entries_mib = (data.nbytes + indices.nbytes) / 2**20
     assert path.stat().st_size / 2**20 > budget_mib and entries_mib > budget_mib
     launcher = ("import os, subprocess, sys; "

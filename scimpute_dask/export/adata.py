@@ -45,7 +45,6 @@ def write_anndata(work: Location, inputs: RunInputs, obs: pd.DataFrame, obsm: di
             X, obs, obsm, var, da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"]),
             uns)
 
-    adata = anndata(imputed)
     files = {}
     if zarr_out:
         files["anndata"] = layout.anndata
@@ -56,8 +55,8 @@ def write_anndata(work: Location, inputs: RunInputs, obs: pd.DataFrame, obsm: di
         if linked:
             anndata_io.write(anndata(None), files["anndata"], layout.imputed / "X")
         else:
-            anndata_io.write(adata, files["anndata"])
+            anndata_io.write(anndata(imputed), files["anndata"])
     if h5ad:
         files["h5ad"] = work / "imputed.h5ad"
-        anndata_io.write(adata, files["h5ad"])
+        anndata_io.write(anndata(imputed), files["h5ad"])
     return files

@@ -379,24 +379,27 @@ Shape = tuple[np.ndarray, np.ndarray, tuple[int, int]]
 COLUMN_MAX, BLOCK_MAXIMA = "column_max", "column_max_blocks"
 
 
-def _record_block_max(group: zarr.Group, block: Block, n_genes: int, by_columns: bool
-                      ) -> None:
-    """Before a block's progress is recorded: its genes' largest magnitudes, as stored
-    (float32). Rewritten whole if the block is written again after a kill."""
-    largest = np.zeros(n_genes)
+def _record_block_max(group: zarr.Group, block: Block) -> None:
+    """Before a block's progress is recorded: the largest magnitude of each of its genes
+    as stored (float32), named by its first row (or gene, for a block of genes).
+    Rewritten whole if the block is written again after a kill."""
     # rounding to float32 is monotone: the float32 of the largest is the largest float32
-    found = column_max(block.values)[0].astype(np.float32)
-    largest[slice(block.lo, block.hi) if by_columns else slice(None)] = found
+    found = column_max(block.values)[0].astype(np.float32).astype(np.float64)
     group.require_group(BLOCK_MAXIMA).create_array(
-        str(block.lo), shape=largest.shape, dtype=largest.dtype, chunks=largest.shape,
-        overwrite=True)[...] = largest
+        str(block.lo), shape=found.shape, dtype=found.dtype, chunks=found.shape,
+        overwrite=True)[...] = found
 
 
-def _gather_column_max(group: zarr.Group, n_genes: int) -> None:
-    """The blocks' maxima into one ``column_max`` (a kill here: done again on resuming)."""
+def _gather_column_max(group: zarr.Group, n_genes: int, by_columns: bool) -> None:
+    """The blocks' maxima into one ``column_max`` (a kill here: done again on resuming):
+    blocks of cells each hold every gene, blocks of genes their own."""
     largest = np.zeros(n_genes)
-    for _, part in group[BLOCK_MAXIMA].arrays():
-        np.maximum(largest, part[...], out=largest)
+    for name, part in group[BLOCK_MAXIMA].arrays():
+        if by_columns:
+            lo = int(name)
+            largest[lo : lo + part.shape[0]] = part[...]
+        else:
+            np.maximum(largest, part[...], out=largest)
     group.create_array(COLUMN_MAX, shape=largest.shape, dtype=largest.dtype,
                        chunks=largest.shape, overwrite=True)[...] = largest
     del group[BLOCK_MAXIMA]
@@ -443,12 +446,11 @@ def write_store(store: Location, fingerprint: dict, label: str, *,
     X = group["X"] if as_csr else for_writing(group["X"])
     chunks = tuple(X.attrs["chunks"]) if as_csr else X.chunks
     n = group["var_names" if by_columns else "obs_names"].shape[0]
-    n_genes = group["var_names"].shape[0]
     maxima = BLOCK_MAXIMA in group
     bar = progress_bar(progress, total=n, initial=done, desc=desc)
     for block in blocks(done, int(state["offset"]), chunks):
         if maxima:
-            _record_block_max(group, block, n_genes, by_columns)
+            _record_block_max(group, block)
         values = block.values
         if as_csr:
             nnz += blocked.write_block(X, block.lo, sp.csr_matrix(values), COMPRESSORS)
@@ -462,7 +464,7 @@ def write_store(store: Location, fingerprint: dict, label: str, *,
         bar.update(block.hi - block.lo)
     bar.close()
     if maxima:
-        _gather_column_max(group, n_genes)
+        _gather_column_max(group, group["var_names"].shape[0], by_columns)
     return finish(group, store)
 
 
