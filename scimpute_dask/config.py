@@ -44,6 +44,9 @@ WEIGHTINGS: tuple[str, ...] = ("cosine+1", "cosine", "softmax", "uniform")
 #: Molecular Cartography sections with standardised genes (0.01 and 0.05 were
 #: worse, and so were 0.2 to 0.5 in a check; ``benchmarks/accuracy.py``).
 DEFAULT_TEMPERATURE = 0.1
+#: Default ridge penalty of a blend's linear model (on z-scored features: comparable
+#: across panels of any width); the tuner's grid spans 1 to 1,000.
+DEFAULT_RIDGE_ALPHA = 100.0
 
 #: The default memory limit is never below this.
 DEFAULT_FLOOR = 600 * 2**20
@@ -321,6 +324,14 @@ OPTIONS: dict[str, Option] = _options(
            "space the neighbours' profiles are averaged in: mean (scimpute: the weighted mean "
            "of the values) or log1p (expm1 of the weighted mean of log1p values, which fills "
            "in fewer zeros)", "--average"),
+    Option("blend", 1.0, Interval(float, 0, 1, open_low=True),
+           "the neighbours' share A of a blend with a linear model, "
+           "expm1(A·log1p(kNN) + (1 − A)·ridge): a ridge regression of every reference "
+           "gene's log1p on the shared genes' log1p (z-scored per gene and dataset), fitted "
+           "on the reference; 1 = the neighbours alone (scimpute's output, byte for byte)",
+           "--blend", "A"),
+    Option("ridge_alpha", DEFAULT_RIDGE_ALPHA, Interval(float, 0, open_low=True),
+           "the linear model's ridge penalty (with blend below 1)", "--ridge-alpha", "ALPHA"),
     # the inputs
     Option("query_layout", "genes_x_cells", Choice(LAYOUTS),
            "orientation of a text query: genes_x_cells (scimpute's TSV: first row = cell "
@@ -419,14 +430,16 @@ TUNE_OPTIONS = ("consider_clusters", "cell_name_column_idx", "tune_metric", "tun
 #: The options of each entry point, in the order their help lists them.
 RUN_OPTIONS = ("k", "consider_clusters", "cell_name_column_idx", "cluster_key", "search",
                "recall", "normalize",
-               "weighting", "temperature", "average", "tune", "tune_metric", "tune_cells", "seed",
+               "weighting", "temperature", "average", "blend", "ridge_alpha", "tune", "tune_metric",
+               "tune_cells", "seed",
                "query_layout", "reference_layout", "layer",
                "reference_layer", "table", "coords", "memory_limit", "chunk_size",
                "reference_chunk_size", "gene_chunk_size", "scheduler", "restart", "progress",
                "impute_genes", "tsv_genes", "save_chunks", "h5ad", "anndata", "report",
                "plot_genes", "validation")
 VALIDATE_OPTIONS = ("k", "consider_clusters", "cell_name_column_idx", "folds", "seed",
-                    "normalize", "weighting", "temperature", "average", "tune", "tune_metric",
+                    "normalize", "weighting", "temperature", "average", "blend", "ridge_alpha",
+                    "tune", "tune_metric",
                     "tune_cells", "reliability",
                     "query_layout", "reference_layout", "memory_limit", "chunk_size", "plot",
                     "progress", "scheduler")
@@ -481,6 +494,11 @@ class _Settings:
                 value = str(value)
             out[name] = value
         return out
+
+    def model_settings(self) -> dict[str, Any]:
+        """How the imputed values are formed beyond the neighbours: the blend and, with
+        one, its ridge penalty (None without: it then changes nothing)."""
+        return {"blend": self.blend, "ridge_alpha": self.ridge_alpha if self.blend < 1 else None}
 
     def search_settings(self) -> dict[str, Any]:
         """The neighbour-search options, as stage keys and validation records hold them."""

@@ -61,7 +61,8 @@ TUNING = "tuning.tsv"
 RECORDED = ("k", "consider_clusters", "search", "recall", "chunk_size", "memory_limit",
             "threads",
             "reference_chunk_size", "gene_chunk_size", "save_chunks", "normalize",
-            "weighting", "temperature", "average", "tune", "impute_genes", "tsv_genes",
+            "weighting", "temperature", "average", "blend", "ridge_alpha", "tune",
+            "impute_genes", "tsv_genes",
             "layer",
             "reference_layer", "table",
             "cluster_key", "coords", "validation")
@@ -153,6 +154,8 @@ def run_imputation(
     weighting: str = "cosine+1",
     temperature: float = 0.1,
     average: str = "mean",
+    blend: float = 1.0,
+    ridge_alpha: float = 100.0,
     tune: bool = False,
     tune_metric: str = "pearson",
     tune_cells: int = 10_000,
@@ -202,8 +205,9 @@ def run_imputation(
         cluster_key=cluster_key, coords=coords, anndata=anndata, report=report,
         plot_genes=plot_genes, search=search, recall=recall, normalize=normalize,
         weighting=weighting,
-        temperature=temperature, average=average, tune=tune, tune_metric=tune_metric,
-        tune_cells=tune_cells, seed=seed, validation=validation)
+        temperature=temperature, average=average, blend=blend, ridge_alpha=ridge_alpha,
+        tune=tune, tune_metric=tune_metric, tune_cells=tune_cells, seed=seed,
+        validation=validation)
     return run(query, reference, identities, outdir, config, client=client)
 
 
@@ -266,7 +270,8 @@ def _check(query, reference, identities, outdir, config: RunConfig) -> _Checked:
                             "reference": (reference, config.reference_layout, layers[1])},
         {"query": inputs.q_label, "reference": inputs.r_label}, inputs.q_cells,
         inputs.r_genes, inputs.measured,
-        {"k": config.k, **config.search_settings(), "average": config.average})
+        {"k": config.k, **config.search_settings(), "average": config.average,
+         **config.model_settings()})
     exact_s = None
     if config.search == "exact":
         exact_s = search.exact_too_slow(len(inputs.q_cells), len(inputs.r_cells),
@@ -347,13 +352,23 @@ def _compute(layout: RunLayout, q_store: ExpressionStore, r_store: ExpressionSto
     # 3. kNN on the shared genes.
     log.info("finding %d nearest neighbours of %d query cells", config.k, len(inputs.q_cells))
     nbrs = stages.neighbours_stage(layout, data, key, inputs, config, blocks)
-    stages.describe_run(layout, nbrs, r_store, inputs, config.average)
+    stages.describe_run(layout, nbrs, r_store, inputs, config.average, q_store, config.blend)
     clock.lap("knn")
+    blend = None
+    if config.blend < 1:
+        log.info("fitting the linear model of %d genes on %d shared genes (ridge alpha %g)",
+                 len(inputs.r_genes), len(inputs.r_cols), config.ridge_alpha)
+        stages.ridge_stage(layout, q_store, r_store, inputs, config.ridge_alpha, blocks)
+        blend = stages.linear_model(layout.ridge, q_store, inputs.q_cols, blocks.query_chunk,
+                                    config.blend)
+        clock.lap("ridge")
+    else:
+        remove_tree(layout.ridge)
     # 4. Imputation of the chosen reference genes, streamed to Zarr.
     if len(inputs.imputed):
         log.info("imputing %d genes", len(inputs.imputed))
         stages.imputation_stage(layout, nbrs, r_store, key, inputs, blocks.gene_chunk,
-                                config.average)
+                                config.average, blend=blend)
     else:  # only the neighbours are kept: read_run() imputes on demand
         remove_tree(layout.imputed)
         remove_tree(layout.wide)
@@ -361,7 +376,7 @@ def _compute(layout: RunLayout, q_store: ExpressionStore, r_store: ExpressionSto
     # 5. scimpute's validation score per query cell.
     log.info("scoring %d query cells", len(inputs.q_cells))
     scores = stages.score_stage(layout, nbrs, r_store, key, inputs, data, blocks,
-                                config.average)
+                                config.average, blend)
     clock.lap("score")
     return scores
 
@@ -429,7 +444,8 @@ def _plan(limit: int, inputs: RunInputs, config: RunConfig, r_store: ExpressionS
                            query_chunk=config.chunk_size,
                            reference_chunk=config.reference_chunk_size,
                            gene_chunk=config.gene_chunk_size, k=config.k,
-                           density=r_store.density)
+                           density=r_store.density,
+                           linear=len(inputs.q_cols) if config.blend < 1 else 0)
     blocks = plan.align_to_store(blocks, r_store.chunks)
     log.debug("block sizes: %s", blocks)
     return blocks

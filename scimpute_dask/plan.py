@@ -158,6 +158,7 @@ def plan_run(
     gene_chunk: int | None = None,
     k: int = 25,
     density: float = 1.0,
+    linear: int = 0,
 ) -> Plan:
     """Block sizes that keep a run's peak memory under ``memory_limit``.
 
@@ -178,6 +179,10 @@ def plan_run(
         (:mod:`scimpute_dask.io.blocked`), and a gene block holds 8 bytes per
         stored value (value and gene) instead of the dense block's float32 read
         and its concatenation.
+    linear
+        The shared genes of a blend's linear model (0: no blend): an imputation
+        task also holds the query block's features, a float64 coefficient column
+        per gene and the prediction.
     """
     threads = threads or os.cpu_count() or 1
     avail = available_bytes(memory_limit)
@@ -202,10 +207,20 @@ def plan_run(
     bs = max(1, min(bs, -(-max(1, n_query) // threads)))
     # Imputation: per thread one float32 reference gene block (read, then
     # concatenated) and one float64 output tile with its accumulator.
-    per_gene = 8 * n_reference * min(1.0, density)
-    gb = gene_chunk or _clamp(avail / 2 / threads / (per_gene + 24 * bq), 1, n_genes)
+    per_gene = 8 * n_reference * min(1.0, density) + 8 * linear
+    per_cell = 24 + (16 if linear else 0)
+    gb = gene_chunk or _clamp((avail / 2 / threads - 8 * bq * linear) / (per_gene + per_cell * bq),
+                              1, n_genes)
     return Plan(memory_limit, threads, int(bq), int(br), int(min(gb, max(1, n_genes))),
                 int(bs))
+
+
+def ridge_gene_chunk(blocks: Plan, n_shared: int, rows: int, n_genes: int) -> int:
+    """Genes per task of a blend's linear-model fit: a task holds a row block of those
+    genes (float32 as read, float64 log1p) and its ``(n_shared + 1) × genes`` float64
+    partial sums, a few of which meet in each step of the reduction over row blocks."""
+    share = available_bytes(blocks.memory_limit) / max(1, blocks.threads)
+    return _clamp(share / 2 / (12 * rows + 40 * (n_shared + 1)), 1, max(1, n_genes))
 
 
 def preparation_rows(blocks: Plan, store_rows: int, n_shared: int) -> int:

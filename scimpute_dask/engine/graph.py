@@ -8,6 +8,7 @@ the similarity exists one ``(query block × reference block)`` tile at a time.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import dask
@@ -15,7 +16,7 @@ import dask.array as da
 import numpy as np
 from scipy import sparse
 
-from scimpute_dask.kernels import imputation, knn, normalization, scoring, vote
+from scimpute_dask.kernels import imputation, knn, normalization, ridge, scoring, vote
 
 
 def _single_chunk_columns(x: da.Array) -> da.Array:
@@ -210,9 +211,37 @@ def exclude_self(indices: da.Array, similarity: da.Array) -> tuple[da.Array, da.
     return packed[..., 0].astype(np.int32), packed[..., 1].astype(np.float32)
 
 
-def _impute_block(indices, weights, reference, wide, dtype, average) -> np.ndarray:
+@dataclass(frozen=True)
+class Blend:
+    """The linear model of a blended imputation, lazily (:mod:`~scimpute_dask.kernels.ridge`).
+
+    ``expm1(weight·log1p(kNN) + (1 − weight)·clip(features @ coef + intercept, 0, upper))``.
+    """
+
+    weight: float  # the neighbours' share, 0 < weight < 1
+    features: da.Array  # (n_query, s): the query's z-scored log1p shared genes
+    coef: da.Array  # (s, n_genes)
+    intercept: da.Array  # (n_genes,)
+    upper: da.Array  # (n_genes,): the reference's largest log1p value of each gene
+    key: dict | None = None  # what the model was fitted from (a stored stage's key)
+
+    def genes(self, positions: np.ndarray) -> Blend:
+        """The model of the genes at ``positions`` (of its ``n_genes``)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) == self.coef.shape[1] and \
+                np.array_equal(positions, np.arange(len(positions))):
+            return self
+        return Blend(self.weight, self.features, self.coef[:, positions],
+                     self.intercept[positions], self.upper[positions], self.key)
+
+
+def _impute_block(indices, weights, reference, wide, *model, dtype, average, blend
+                  ) -> np.ndarray:
     values = imputation.weighted_mean(_one_block(indices), _one_block(weights),
                                       _one_block(reference), average=average)
+    if model:
+        z, coef, intercept, upper = (_one_block(m) for m in model)
+        values = ridge.blend(values, ridge.predict(z, coef, intercept, upper), blend)
     if dtype != np.float32:
         return values.astype(dtype, copy=False)
     return imputation.float32_keeping_text(values, exempt=wide)
@@ -225,6 +254,7 @@ def impute_graph(
     dtype: type = np.float64,
     average: str = "mean",
     wide: np.ndarray | None = None,
+    blend: Blend | None = None,
 ) -> da.Array:
     """Weighted mean of the neighbours' reference rows, tiled (query block × gene block).
 
@@ -249,6 +279,10 @@ def impute_graph(
     average
         ``"mean"`` (scimpute) or ``"log1p"`` (the mean taken in log1p space);
         see :func:`scimpute_dask.kernels.imputation.weighted_mean`.
+    blend
+        The linear model of the same genes to blend the average with, in the
+        same task (a query block of its features times a gene block of its
+        coefficients); None: the neighbours' average alone.
 
     Returns
     -------
@@ -259,15 +293,86 @@ def impute_graph(
     is_wide = np.zeros(reference.shape[1], dtype=bool)
     if wide is not None:
         is_wide[np.asarray(wide, dtype=np.int64)] = True
+    model = []
+    if blend is not None:
+        genes = reference.chunks[1]
+        model = [blend.features.rechunk((indices.chunks[0], -1)), "is",
+                 blend.coef.rechunk((-1, genes)), "sg",
+                 blend.intercept.rechunk((genes,)), "g", blend.upper.rechunk((genes,)), "g"]
     return da.blockwise(
-        partial(_impute_block, dtype=dtype, average=average), "ig",
+        partial(_impute_block, dtype=dtype, average=average,
+                blend=None if blend is None else blend.weight), "ig",
         indices.rechunk({1: -1}), "ik",
         weights.rechunk({1: -1}), "ik",
         reference, "cg",
         da.from_array(is_wide, chunks=(reference.chunks[1],)), "g",
+        *model,
         concatenate=False,
         dtype=dtype,
     )
+
+
+# --------------------------------------------------------------------------- #
+# The linear model of a blend: sums over reference row blocks, solved per gene block
+# --------------------------------------------------------------------------- #
+def _gram_block(block) -> np.ndarray:
+    return ridge.gram_block(block)[None]
+
+
+def ridge_gram(features: da.Array) -> da.Array:
+    """``[Σx; Σxx']`` of the reference's log1p shared genes, summed over its row blocks
+    (:func:`scimpute_dask.kernels.ridge.gram_block`): ``(s + 1, s)``, lazy."""
+    features = _single_chunk_columns(features)
+    s = features.shape[1]
+    return features.map_blocks(
+        _gram_block, new_axis=1,
+        chunks=((1,) * features.numblocks[0], (s + 1,), (s,)), dtype=np.float64,
+        meta=np.empty((0, 0, 0))).sum(axis=0, split_every=4)
+
+
+def _cross_block(features, targets) -> np.ndarray:
+    return ridge.cross_block(_one_block(features), targets)[None]
+
+
+def ridge_cross(features: da.Array, targets: da.Array) -> da.Array:
+    """``[Σy; Σxy']`` of the log1p targets and features over the reference's row blocks:
+    ``(s + 1, n_genes)`` chunked like the targets' genes, lazy.
+
+    ``features`` ``(n_reference, s)`` and ``targets`` ``(n_reference, n_genes)``
+    (dense or CSR blocks) must have the same row chunks: each task holds one
+    row block of both and its ``(s + 1) × gene block`` partial sums.
+    """
+    features = _single_chunk_columns(features)
+    s = features.shape[1]
+    return da.blockwise(
+        _cross_block, "rpg", features, "rs", targets, "rg", new_axes={"p": s + 1},
+        adjust_chunks={"r": 1}, concatenate=False, dtype=np.float64,
+        meta=np.empty((0, 0, 0))).sum(axis=0, split_every=4)
+
+
+def ridge_coefficients(cross: da.Array, factor: ridge.Factor) -> da.Array:
+    """The coefficients ``(s, n_genes)`` of each gene block, from :func:`ridge_cross`.
+
+    The factorisation is one task of the graph (a dependency of every block), not a
+    constant copied into each.
+    """
+    s = cross.shape[0] - 1
+    return cross.map_blocks(ridge.coefficients_block, dask.delayed(factor),
+                            chunks=((s,), cross.chunks[1]), dtype=np.float64)
+
+
+def ridge_features(query: da.Array, mean: np.ndarray, sd: np.ndarray) -> da.Array:
+    """The query's z-scored log1p shared genes (its own mean and sd), blockwise."""
+    return _single_chunk_columns(query).map_blocks(ridge.zscore_log1p, mean, sd,
+                                                   dtype=np.float64)
+
+
+def log1p_sums(x: da.Array) -> tuple[da.Array, da.Array]:
+    """``Σ log1p`` and ``Σ log1p²`` of every column (dense or CSR blocks), lazy."""
+    sums = x.map_blocks(_log1p_moments_block, new_axis=1,
+                        chunks=((1,) * x.numblocks[0], (2,), x.chunks[1]),
+                        dtype=np.float64, meta=np.empty((0, 0, 0))).sum(axis=0)
+    return sums[0], sums[1]
 
 
 def column_max(x: da.Array) -> da.Array:
@@ -291,12 +396,10 @@ def log1p_variance(x: da.Array) -> da.Array:
     block's entries: the zeros it leaves out add nothing to either sum)."""
     if not sparse.issparse(x._meta):
         return da.log1p(x.astype(np.float64)).var(axis=0)
-    sums = x.map_blocks(_log1p_moments_block, new_axis=1,
-                        chunks=((1,) * x.numblocks[0], (2,), x.chunks[1]),
-                        dtype=np.float64, meta=np.empty((0, 0, 0))).sum(axis=0)
+    total, squares = log1p_sums(x)
     n = max(1, x.shape[0])
-    mean = sums[0] / n
-    return sums[1] / n - mean * mean
+    mean = total / n
+    return squares / n - mean * mean
 
 
 def _score_block(imputed, measured, *patch, at) -> np.ndarray:

@@ -94,6 +94,9 @@ def check_inputs(query, reference, identities, config: RunConfig, *, tsv: bool =
     r_cells, r_genes = read_names(reference, config.reference_layout, name=r_label,
                                   layer=layers[1])
     q_cols, r_cols = shared_genes(q_genes, r_genes, q_label, r_label)
+    if config.blend < 1 and len(q_cols) < 2:
+        raise InputError(f"blend {config.blend:g} needs a linear model of at least 2 shared "
+                         f"genes; {q_label} and {r_label} share {len(q_cols)}")
     q_ids = r_ids = None
     if config.cluster_key is not None:
         for source, label in ((query, q_label), (reference, r_label)):

@@ -27,7 +27,7 @@ from scimpute_dask.engine.resumable import digest, is_complete, names_array, sto
 from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import Location, is_remote, remove_tree, zarr_store
 from scimpute_dask.io.store import ExpressionStore
-from scimpute_dask.kernels import imputation
+from scimpute_dask.kernels import imputation, ridge
 from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.plan import Plan
 
@@ -158,8 +158,13 @@ def search_record(layout: RunLayout) -> dict:
 def imputation_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore,
                      key: dict, inputs: RunInputs, gene_chunk: int, average: str = "mean",
                      genes: np.ndarray | None = None,
-                     stores: tuple[Location, Location] | None = None) -> zarr.Group:
+                     stores: tuple[Location, Location] | None = None,
+                     blend: graph.Blend | None = None) -> zarr.Group:
     """The weighted mean of the neighbours' profiles, stored resumably.
+
+    With ``blend`` (the linear model of every reference gene,
+    :func:`linear_model`), each block is blended with the model's prediction
+    where its mean is formed (:func:`~scimpute_dask.kernels.ridge.blend`).
 
     ``genes`` (reference positions, ascending; default: the run's imputed
     genes, :attr:`RunInputs.imputed`) are stored in ``imputed.zarr`` and
@@ -184,17 +189,21 @@ def imputation_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionSto
     wide = np.flatnonzero(np.isin(genes, wide_all))  # positions among the stored genes
     indices, weights = da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"])
     imputed = graph.impute_graph(indices, weights, reference, dtype=dtype, average=average,
-                                 wide=wide)
+                                 wide=wide, blend=None if blend is None else blend.genes(genes))
     # scimpute's average and the float64 store keep the key they always had,
     # so older runs still resume
     extra = {} if average == "mean" else {"average": average}
+    if blend is not None:
+        extra["blend"] = blend.weight
+        extra["ridge"] = blend.key
     if dtype == np.float32:
         extra["store"] = "float32"
     attrs = {"format": "scimpute-dask-expression", "fingerprint": {"source": "imputation"},
              "wide_genes": wide.tolist()}
     if len(wide):
         store_stage(wide_path, {"X": (graph.impute_graph(
-            indices, weights, r_store.gene_blocks(len(wide), genes[wide]), average=average),
+            indices, weights, r_store.gene_blocks(len(wide), genes[wide]), average=average,
+            blend=None if blend is None else blend.genes(genes[wide])),
             np.nan)},
             {**key, **extra, **subset}, {"genes": wide.tolist()})
     out = store_stage(imputed_path, {"X": (imputed, np.nan)},
@@ -205,7 +214,8 @@ def imputation_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionSto
 
 
 def describe_run(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore,
-                 inputs: RunInputs, average: str) -> None:
+                 inputs: RunInputs, average: str, q_store: ExpressionStore | None = None,
+                 blend: float = 1.0) -> None:
     """Record beside the neighbours what imputing any gene from them takes.
 
     The reference store (relative to the run's directory when it lies inside,
@@ -214,7 +224,8 @@ def describe_run(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore,
     ``FLOAT32_TEXT_LIMIT`` or more, stored as their nearest float32 beside
     float64 values) and the dtype (float64 when over a quarter of the genes
     are wide). The imputation stage and :func:`scimpute_dask.read_run` both
-    read it.
+    read it. With a ``blend`` below 1, also what its linear model needs: the
+    query store and its shared genes, and the model's store.
     """
     if "wide_genes" not in nbrs.attrs:
         # in the store's own chunks: each read once, none held for another task
@@ -222,11 +233,21 @@ def describe_run(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore,
         dtype = "float32" if 4 * len(wide) <= len(inputs.r_genes) else "float64"
         nbrs.attrs.update({"wide_genes": wide.tolist() if dtype == "float32" else [],
                            "imputed_dtype": dtype})
-    reference = str(r_store.path)
-    if not is_remote(r_store.path) and r_store.path.is_relative_to(layout.root):
-        reference = r_store.path.relative_to(layout.root).as_posix()
-    nbrs.attrs.update({"reference_store": reference, "average": average,
-                       "shared_genes": np.asarray(inputs.r_cols).tolist()})
+    model = None
+    if blend < 1:
+        model = {"weight": blend, "store": _relative(layout, layout.ridge),
+                 "query_store": _relative(layout, q_store.path),
+                 "query_genes": np.asarray(inputs.q_cols).tolist()}
+    nbrs.attrs.update({"reference_store": _relative(layout, r_store.path), "average": average,
+                       "shared_genes": np.asarray(inputs.r_cols).tolist(), "blend": model})
+
+
+def _relative(layout: RunLayout, path: Location) -> str:
+    """``path`` relative to the run's directory when it lies inside (the output can then
+    be moved), else as it is."""
+    if not is_remote(path) and path.is_relative_to(layout.root):
+        return path.relative_to(layout.root).as_posix()
+    return str(path)
 
 
 def imputed_format(nbrs: zarr.Group) -> tuple[np.ndarray, type]:
@@ -245,10 +266,71 @@ def wide_genes(r_store: ExpressionStore) -> np.ndarray:
     n, g = r_store.shape
     if not n * g:
         return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(column_max(r_store) >= imputation.FLOAT32_TEXT_LIMIT)
+
+
+def column_max(r_store: ExpressionStore) -> np.ndarray:
+    """Every gene's largest magnitude: as the conversion recorded it, or read for a store
+    written without it."""
     largest = r_store.column_max()
-    if largest is None:  # a store written without it
+    if largest is None:
         (largest,) = cluster.compute(graph.column_max(r_store.in_chunks()))
-    return np.flatnonzero(largest >= imputation.FLOAT32_TEXT_LIMIT)
+    return np.asarray(largest, dtype=np.float64)
+
+
+def ridge_stage(layout: RunLayout, q_store: ExpressionStore, r_store: ExpressionStore,
+                inputs: RunInputs, alpha: float, blocks: Plan) -> zarr.Group:
+    """A blend's linear model of every reference gene, fitted out of core, stored resumably.
+
+    The ridge regression of :mod:`~scimpute_dask.kernels.ridge`: one pass over
+    the reference's shared genes for their Gram matrix, and one reduction over
+    the reference's row blocks per block of target genes (a sparse store's
+    entries only), each solved with the one factorisation. ``ridge.zarr``
+    holds the coefficients (shared genes × reference genes, float64), each
+    gene's intercept and largest log1p value, and in its attributes the
+    query's per-gene log1p mean and sd (its features are z-scored over its own
+    cells).
+    """
+    path = layout.ridge
+    n_ref, n_genes = r_store.shape
+    key = {"query": q_store.fingerprint, "reference": r_store.fingerprint,
+           "query_genes": digest(inputs.q_cols), "genes": digest(inputs.r_cols),
+           "ridge_alpha": alpha}
+    if is_complete(path, key):
+        return zarr.open_group(zarr_store(path), mode="r")
+    clock = time.perf_counter()
+    rows = r_store.chunks[0]
+    features = r_store.columns(inputs.r_cols, (rows, -1))
+    query = q_store.columns(inputs.q_cols, (blocks.query_chunk, -1))
+    packed, q_sum, q_squares = cluster.compute(graph.ridge_gram(features),
+                                               *graph.log1p_sums(query))
+    factor = ridge.factor(ridge.Gram.from_packed(n_ref, packed), alpha)
+    n_q = len(inputs.q_cells)
+    q_mean = q_sum / max(1, n_q)
+    q_sd = ridge.standard_deviation(n_q, q_sum, q_squares)
+    gb = plan.ridge_gene_chunk(blocks, len(inputs.r_cols), rows, n_genes)
+    cross = graph.ridge_cross(features, r_store.blocks(np.arange(n_genes), (rows, gb)))
+    upper = da.from_array(np.log1p(np.maximum(column_max(r_store), 0))[None], chunks=(1, gb))
+    group = store_stage(path, {"coef": (graph.ridge_coefficients(cross, factor), np.nan),
+                               "intercept": (cross[:1] / max(1, n_ref), np.nan),
+                               "upper": (upper, np.nan)},
+                        key, {"ridge_alpha": alpha, "reference_cells": n_ref,
+                              "query_mean": q_mean.tolist(), "query_sd": q_sd.tolist()})
+    log.debug("linear model fitted in %.1f s", time.perf_counter() - clock)
+    return group
+
+
+def linear_model(path: Location, q_store: ExpressionStore, q_cols: np.ndarray,
+                 query_chunk: int, weight: float) -> graph.Blend:
+    """The stored linear model (:func:`ridge_stage`) and the query's features, lazily."""
+    group = zarr.open_group(zarr_store(path, True), mode="r")
+    mean = np.asarray(group.attrs["query_mean"], dtype=np.float64)
+    sd = np.asarray(group.attrs["query_sd"], dtype=np.float64)
+    features = graph.ridge_features(q_store.columns(np.asarray(q_cols), (query_chunk, -1)),
+                                    mean, sd)
+    return graph.Blend(weight, features, da.from_zarr(group["coef"]),
+                       da.from_zarr(group["intercept"])[0], da.from_zarr(group["upper"])[0],
+                       dict(group.attrs["key"]))
 
 
 #: Columns and their float64 values, written in place of those columns' stored values.
@@ -278,8 +360,8 @@ def imputed_reader(layout: RunLayout
 
 
 def score_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore, key: dict,
-                inputs: RunInputs, data: SearchData, blocks: Plan, average: str = "mean"
-                ) -> np.ndarray:
+                inputs: RunInputs, data: SearchData, blocks: Plan, average: str = "mean",
+                blend: graph.Blend | None = None) -> np.ndarray:
     """scimpute's validation score of every query cell (computed, not stored).
 
     From the stored imputation's shared genes, which round to 2 decimals as the
@@ -294,7 +376,7 @@ def score_stage(layout: RunLayout, nbrs: zarr.Group, r_store: ExpressionStore, k
     if scratch:
         imputed_path, wide_path = layout.shared
         imputation_stage(layout, nbrs, r_store, key, inputs, blocks.gene_chunk, average,
-                         genes=inputs.r_cols, stores=layout.shared)
+                         genes=inputs.r_cols, stores=layout.shared, blend=blend)
         columns = np.arange(len(inputs.r_cols))
     group = zarr.open_group(zarr_store(imputed_path, True), mode="r")
     bq = blocks.query_chunk

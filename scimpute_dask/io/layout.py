@@ -12,6 +12,7 @@ stores of a run in progress (the stages, the export) and of a finished one
                                  an approximate search's query in list order (``query``)
                                  and its neighbours in that order (``found``) within it
     DIR/zarr/neighbors.zarr      each query cell's neighbours and weights
+    DIR/zarr/ridge.zarr          a blend's linear model: coefficients, intercepts, ranges
     DIR/zarr/imputed.zarr        the imputed genes (float32 keeping scimpute's text)
     DIR/zarr/imputed_wide.zarr   float64 values of the genes too large for that
     DIR/zarr/imputed_shared*.zarr  the shared genes' imputation, for the score, when
@@ -30,6 +31,8 @@ CLUSTERS = "clusters.zarr"
 SEARCH = "search.zarr"
 NEIGHBOURS = "neighbors.zarr"
 IMPUTED = "imputed.zarr"
+#: A blend's linear model (``--blend`` below 1).
+RIDGE = "ridge.zarr"
 WIDE = "imputed_wide.zarr"
 #: The shared genes' imputation, for the score, when they are not among the imputed genes.
 SHARED = "imputed_shared.zarr"
@@ -39,7 +42,7 @@ ANNDATA = "adata.zarr"
 #: The converted inputs, by role.
 INPUTS = {"query": "query.zarr", "reference": "reference.zarr"}
 #: Stores a rerun resumes rather than rebuilds.
-RESUMABLE = (*INPUTS.values(), SEARCH, NEIGHBOURS, IMPUTED, WIDE, SHARED, SHARED_WIDE)
+RESUMABLE = (*INPUTS.values(), SEARCH, NEIGHBOURS, RIDGE, IMPUTED, WIDE, SHARED, SHARED_WIDE)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,10 @@ class RunLayout:
     @property
     def neighbours(self) -> Location:
         return self.zarr / NEIGHBOURS
+
+    @property
+    def ridge(self) -> Location:
+        return self.zarr / RIDGE
 
     @property
     def imputed(self) -> Location:

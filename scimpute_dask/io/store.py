@@ -157,6 +157,14 @@ class ExpressionStore:
         return self._view(np.arange(g) if genes is None else genes, (n, gene_chunk),
                           as_sparse=True)
 
+    def blocks(self, genes: np.ndarray, chunks: tuple[int, int]):
+        """Genes ``genes`` (positions) of every cell in blocks of ``chunks`` (cells, genes;
+        -1 = all): CSR blocks from a sparse store (its entries only), NumPy ones from a
+        dense one. For a reduction over cells that must not densify a sparse store."""
+        if not self.sparse:
+            return self.to_dask()[:, genes].rechunk(chunks)
+        return self._view(np.asarray(genes), chunks, as_sparse=True)
+
     def in_chunks(self):
         """The whole matrix in the store's own chunks, each read once: dense blocks of a
         dense store, CSR gene blocks (all cells) of a sparse one."""

@@ -36,7 +36,7 @@ RELIABILITY = "reliability.tsv"
 #: Columns of ``reliability.tsv`` that join the run's ``var`` (``shared`` is ``measured``).
 VAR_COLUMNS = ("agreement", "predicted_pearson", "heldout_pearson")
 #: Search parameters that change what the held-out scores describe.
-_SEARCH = ("k", "normalize", "weighting", "temperature", "average")
+_SEARCH = ("k", "normalize", "weighting", "temperature", "average", "blend", "ridge_alpha")
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,8 @@ def load(directory: str | os.PathLike, sources: dict[str, tuple], labels: dict[s
     if list(cells) != [str(c) for c in q_cells]:
         raise InputError(f"{directory / CELLS}: scores other cells than the query cells of "
                          f"{labels['query']}")
-    recorded = {"average": "mean", **params}  # validations before --average averaged so
+    # validations before --average and --blend averaged so, without a linear model
+    recorded = {"average": "mean", "blend": 1.0, "ridge_alpha": None, **params}
     differ = {p: (recorded.get(p), parameters[p]) for p in _SEARCH
               if recorded.get(p) != parameters[p]}
     if differ:
