@@ -300,37 +300,81 @@ def ridge_stage(layout: RunLayout, q_store: ExpressionStore, r_store: Expression
         return zarr.open_group(zarr_store(path), mode="r")
     clock = time.perf_counter()
     rows = r_store.chunks[0]
-    features = r_store.columns(inputs.r_cols, (rows, -1))
-    query = q_store.columns(inputs.q_cols, (blocks.query_chunk, -1))
-    packed, q_sum, q_squares = cluster.compute(graph.ridge_gram(features),
-                                               *graph.log1p_sums(query))
-    factor = ridge.factor(ridge.Gram.from_packed(n_ref, packed), alpha)
-    n_q = len(inputs.q_cells)
-    q_mean = q_sum / max(1, n_q)
-    q_sd = ridge.standard_deviation(n_q, q_sum, q_squares)
     gb = plan.ridge_gene_chunk(blocks, len(inputs.r_cols), rows, n_genes)
-    cross = graph.ridge_cross(features, r_store.blocks(np.arange(n_genes), (rows, gb)))
-    upper = da.from_array(np.log1p(np.maximum(column_max(r_store), 0))[None], chunks=(1, gb))
-    group = store_stage(path, {"coef": (graph.ridge_coefficients(cross, factor), np.nan),
-                               "intercept": (cross[:1] / max(1, n_ref), np.nan),
-                               "upper": (upper, np.nan)},
+    fit = fit_linear_model(r_store.columns(inputs.r_cols, (rows, -1)),
+                           r_store.blocks(np.arange(n_genes), (rows, gb)),
+                           q_store.columns(inputs.q_cols, (blocks.query_chunk, -1)),
+                           column_max(r_store), alpha)
+    group = store_stage(path, {"coef": (fit.coef, np.nan),
+                               "intercept": (fit.intercept[None], np.nan),
+                               "upper": (fit.upper[None], np.nan)},
                         key, {"ridge_alpha": alpha, "reference_cells": n_ref,
-                              "query_mean": q_mean.tolist(), "query_sd": q_sd.tolist()})
+                              "query_mean": fit.query_mean.tolist(),
+                              "query_sd": fit.query_sd.tolist()})
     log.debug("linear model fitted in %.1f s", time.perf_counter() - clock)
     return group
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """A linear model's lazy coefficients and the query statistics of its features."""
+
+    coef: da.Array  # (s, n_genes)
+    intercept: da.Array  # (n_genes,)
+    upper: da.Array  # (n_genes,)
+    query_mean: np.ndarray  # (s,)
+    query_sd: np.ndarray  # (s,)
+
+    def blend(self, query: da.Array, weight: float, key: dict | None = None) -> graph.Blend:
+        """The blend with ``weight`` of the neighbours, for ``query`` (its shared genes)."""
+        return graph.Blend(weight, graph.ridge_features(query, self.query_mean, self.query_sd),
+                           self.coef, self.intercept, self.upper, key)
+
+
+def fit_linear_model(features: da.Array, targets: da.Array, query: da.Array,
+                     largest: np.ndarray, alpha: float) -> LinearFit:
+    """The ridge model of ``targets`` on ``features`` (:mod:`~scimpute_dask.kernels.ridge`).
+
+    The Gram matrix of the reference's features and the query's per-gene
+    statistics are computed now (one pass over each); the coefficients stay
+    lazy, one reduction over the reference's row blocks per gene block of
+    ``targets``.
+
+    Parameters
+    ----------
+    features
+        ``(n_reference, s)`` the reference's shared genes, in row blocks.
+    targets
+        ``(n_reference, n_genes)`` the genes to model, in the same row blocks
+        (dense or CSR).
+    query
+        ``(n_query, s)`` the query's values of the same shared genes.
+    largest
+        ``(n_genes,)`` each target gene's largest reference value.
+    alpha
+        The ridge penalty.
+    """
+    packed, q_sum, q_squares = cluster.compute(graph.ridge_gram(features),
+                                               *graph.log1p_sums(query))
+    n_ref, n_q = features.shape[0], query.shape[0]
+    factor = ridge.factor(ridge.Gram.from_packed(n_ref, packed), alpha)
+    cross = graph.ridge_cross(features, targets)
+    upper = da.from_array(np.log1p(np.maximum(np.asarray(largest, np.float64), 0)),
+                          chunks=(targets.chunks[1],))
+    return LinearFit(graph.ridge_coefficients(cross, factor), cross[0] / max(1, n_ref), upper,
+                     q_sum / max(1, n_q), ridge.standard_deviation(n_q, q_sum, q_squares))
 
 
 def linear_model(path: Location, q_store: ExpressionStore, q_cols: np.ndarray,
                  query_chunk: int, weight: float) -> graph.Blend:
     """The stored linear model (:func:`ridge_stage`) and the query's features, lazily."""
     group = zarr.open_group(zarr_store(path, True), mode="r")
-    mean = np.asarray(group.attrs["query_mean"], dtype=np.float64)
-    sd = np.asarray(group.attrs["query_sd"], dtype=np.float64)
-    features = graph.ridge_features(q_store.columns(np.asarray(q_cols), (query_chunk, -1)),
-                                    mean, sd)
-    return graph.Blend(weight, features, da.from_zarr(group["coef"]),
-                       da.from_zarr(group["intercept"])[0], da.from_zarr(group["upper"])[0],
-                       dict(group.attrs["key"]))
+    fit = LinearFit(da.from_zarr(group["coef"]), da.from_zarr(group["intercept"])[0],
+                    da.from_zarr(group["upper"])[0],
+                    np.asarray(group.attrs["query_mean"], dtype=np.float64),
+                    np.asarray(group.attrs["query_sd"], dtype=np.float64))
+    return fit.blend(q_store.columns(np.asarray(q_cols), (query_chunk, -1)), weight,
+                     dict(group.attrs["key"]))
 
 
 #: Columns and their float64 values, written in place of those columns' stored values.

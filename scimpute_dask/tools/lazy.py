@@ -20,7 +20,7 @@ import pandas as pd
 import zarr
 
 from scimpute_dask.engine import graph
-from scimpute_dask.engine.stages import imputed_format
+from scimpute_dask.engine.stages import imputed_format, linear_model
 from scimpute_dask.errors import InputError
 from scimpute_dask.io import anndata_io
 from scimpute_dask.io.layout import RunLayout
@@ -44,6 +44,11 @@ def gene_block(n_reference: int, store_genes: int, density: float = 1.0) -> int:
     return max(d for d in range(1, fit + 1) if store_genes % d == 0)
 
 
+def _within(layout: RunLayout, path: str):
+    """A path the run recorded: relative to its directory, or absolute, or a URL."""
+    return path if "://" in path or os.path.isabs(path) else layout.root / path
+
+
 def read_run(outdir: str | os.PathLike):
     """A finished run's query cells × every reference gene, imputed on demand.
 
@@ -59,7 +64,8 @@ def read_run(outdir: str | os.PathLike):
         ``X`` is a lazy float32 Dask array, chunked (query block × gene block):
         each value the one the run stores in ``imputed.zarr`` (the weighted
         mean of the neighbours' reference values, in the run's averaging
-        space, as float32 that keeps scimpute's 2-decimal text; genes whose
+        space, blended with the run's linear model if it had one, as float32
+        that keeps scimpute's 2-decimal text; genes whose
         reference values reach 2¹⁵ get their nearest float32). ``var["measured"]``
         flags the shared genes; ``obs["scimpute_score"]`` is the run's score;
         ``obsm`` holds the neighbours and weights and ``uns["scimpute"]`` the
@@ -79,16 +85,20 @@ def read_run(outdir: str | os.PathLike):
     attrs = dict(nbrs.attrs)
     if not attrs.get("complete") or "reference_store" not in attrs:
         raise InputError(f"{outdir}: the run did not finish its neighbour search; rerun it")
-    reference = attrs["reference_store"]
-    r_store = ExpressionStore.open(reference if "://" in reference or os.path.isabs(reference)
-                                   else layout.root / reference)
+    r_store = ExpressionStore.open(_within(layout, attrs["reference_store"]))
     n_ref, _ = r_store.shape
     wide, dtype = imputed_format(nbrs)
     indices, weights = da.from_zarr(nbrs["indices"]), da.from_zarr(nbrs["weights"])
+    blend = None
+    if attrs.get("blend"):  # the linear model's part: one small product per block
+        model = attrs["blend"]
+        blend = linear_model(_within(layout, model["store"]),
+                             ExpressionStore.open(_within(layout, model["query_store"])),
+                             model["query_genes"], indices.chunks[0][0], model["weight"])
     values = graph.impute_graph(
         indices, weights, r_store.gene_blocks(
             gene_block(n_ref, r_store.chunks[1], r_store.density)),
-        dtype=dtype, average=attrs["average"], wide=wide)
+        dtype=dtype, average=attrs["average"], wide=wide, blend=blend)
     genes = pd.Index(r_store.gene_names.astype(str))
     measured = np.zeros(len(genes), dtype=bool)
     measured[np.asarray(attrs["shared_genes"], dtype=np.int64)] = True

@@ -33,6 +33,7 @@ import pandas as pd
 
 from scimpute_dask.config import (
     AVERAGES,
+    DEFAULT_RIDGE_ALPHA,
     DEFAULT_TEMPERATURE,
     OPTIONS,
     TUNE_METRICS,
@@ -46,14 +47,16 @@ from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.export.tables import write_manifest
 from scimpute_dask.io.storage import Location, location
 from scimpute_dask.io.store import ExpressionStore
-from scimpute_dask.kernels.imputation import neighbour_weights
+from scimpute_dask.kernels import ridge
+from scimpute_dask.kernels.imputation import neighbour_weights, weighted_mean
+from scimpute_dask.kernels.metrics import gene_correlations
 from scimpute_dask.kernels.tuning import gene_folds, prefix_scores
 from scimpute_dask.plotting.figures import TUNING_PNG, tuning_heatmap
 
 log = logging.getLogger("scimpute_dask")
 
 #: Columns of the tuning table that name a setting.
-SETTING = ("normalize", "k", "weighting", "temperature", "average")
+SETTING = ("normalize", "k", "weighting", "temperature", "average", "blend", "ridge_alpha")
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,9 @@ class Grid:
     """The candidate settings: every combination, in both averaging spaces, is scored.
 
     Weightings must be positive (``cosine`` is not offered: with centred genes
-    a cell's weights can sum to zero).
+    a cell's weights can sum to zero). The blends are scored in a second stage,
+    at the best neighbour setting of the first, each ``(blend, ridge_alpha)``
+    pair on the same inner folds.
     """
 
     normalizations: tuple[str, ...] = ("none", "scale", "zscore", "log1p")
@@ -69,6 +74,10 @@ class Grid:
     weightings: tuple[tuple[str, float], ...] = (
         ("cosine+1", DEFAULT_TEMPERATURE), ("uniform", DEFAULT_TEMPERATURE),
         *(("softmax", t) for t in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)))
+    #: The neighbours' shares of a blend with the linear model, tried at the best
+    #: neighbour setting (the neighbours alone, 1, always competes).
+    blends: tuple[float, ...] = (0.85, 0.7, 0.5)
+    ridge_alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
 
 
 GRID = Grid()
@@ -104,8 +113,11 @@ def describe(setting: dict) -> str:
     """``normalize zscore, k 50, softmax T=0.1, average mean``."""
     weight = setting["weighting"] + (f" T={setting['temperature']:g}"
                                      if setting["weighting"] == "softmax" else "")
-    return (f"normalize {setting['normalize']}, k {setting['k']}, {weight}, "
+    text = (f"normalize {setting['normalize']}, k {setting['k']}, {weight}, "
             f"average {setting['average']}")
+    if setting.get("blend", 1.0) < 1:
+        text += f", blend {setting['blend']:g} (ridge alpha {setting['ridge_alpha']:g})"
+    return text
 
 
 def subsample(n: int, max_cells: int, seed: int) -> np.ndarray:
@@ -198,8 +210,14 @@ def tune(
                 scores[m][t][..., test] = got[m]
             timings["scores"] += time.perf_counter() - lap
     table = _table(scores, grid, ks)
+    if grid.blends and grid.ridge_alphas and table[metric].notna().any():
+        lap = time.perf_counter()
+        table = pd.concat([table, _blend_table(
+            q, reference, fold, _setting(table, table[metric].idxmax()), codes, grid)],
+            ignore_index=True)
+        timings["blend"] = time.perf_counter() - lap
     best_row = table[metric].idxmax() if table[metric].notna().any() else 0
-    best = {c: _plain(table.at[best_row, c]) for c in SETTING}
+    best = _setting(table, best_row)
     timings = {k: round(v, 3) for k, v in timings.items()}
     timings["total"] = round(time.perf_counter() - clock, 3)
     result = TuneResult(table, metric, best, float(table.at[best_row, metric]), len(cells),
@@ -282,6 +300,62 @@ def _neighbours(query: np.ndarray, reference: np.ndarray, normalize: str, k: int
     return np.asarray(indices, np.int64), np.asarray(similarity, np.float64)
 
 
+def _setting(table: pd.DataFrame, row) -> dict:
+    """A row's setting as run options (the neighbours alone keep the default penalty)."""
+    setting = {c: _plain(table.at[row, c]) for c in SETTING}
+    if not setting["blend"] < 1:
+        setting["ridge_alpha"] = DEFAULT_RIDGE_ALPHA
+    return setting
+
+
+def _blend_table(query: np.ndarray, reference: np.ndarray, fold: np.ndarray, best: dict,
+                 codes, grid: Grid) -> pd.DataFrame:
+    """Every (blend, ridge_alpha) at the neighbour setting ``best``, on the same inner folds.
+
+    Each fold's genes are imputed from neighbours found on the others and from the
+    ridge model of them on the others: one pass over the reference gives the log1p
+    Gram matrix of all these genes, whose sub-blocks are every fold's model
+    (:mod:`~scimpute_dask.kernels.ridge`). The query is z-scored over its own
+    cells, as in a run.
+    """
+    gram = ridge.Gram.of(reference)
+    upper = np.log1p(np.maximum(reference.max(axis=0), 0).astype(np.float64))
+    n_q = len(query)
+    lq = ridge.log1p_dense(query)
+    q_mean = lq.sum(axis=0) / max(1, n_q)
+    q_sd = ridge.standard_deviation(n_q, lq.sum(axis=0), (lq * lq).sum(axis=0))
+    n_b, n_a, n_genes = len(grid.blends), len(grid.ridge_alphas), query.shape[1]
+    scores = {m: np.full((n_b, n_a, n_genes), np.nan) for m in TUNE_METRICS}
+    for f in range(int(fold.max()) + 1):
+        train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        indices, similarity = _neighbours(query[:, train], reference[:, train],
+                                          best["normalize"], int(best["k"]), codes)
+        weights = neighbour_weights(similarity, best["weighting"], best["temperature"])
+        knn = weighted_mean(indices, np.nan_to_num(weights, nan=0.0), reference[:, test],
+                            average=best["average"])
+        defined = indices[:, 0] >= 0
+        z = ridge.zscore_log1p(query[defined][:, train], q_mean[train], q_sd[train])
+        measured = query[defined][:, test]
+        sub = gram.subset(train)
+        for j, alpha in enumerate(grid.ridge_alphas):
+            coef = ridge.coefficients(ridge.factor(sub, alpha), gram.sum[test],
+                                      gram.outer[np.ix_(train, test)])
+            predicted = ridge.predict(z, coef, gram.mean[test], upper[test])
+            for i, a in enumerate(grid.blends):
+                got = gene_correlations(measured, ridge.blend(knn[defined], predicted, a))
+                for m in TUNE_METRICS:
+                    scores[m][i, j, test] = got[m]
+    rows = []
+    for i, a in enumerate(grid.blends):
+        for j, alpha in enumerate(grid.ridge_alphas):
+            row = {**best, "blend": float(a), "ridge_alpha": float(alpha)}
+            for m in TUNE_METRICS:
+                per_gene = scores[m][i, j]
+                row[m] = float(np.nanmean(per_gene)) if np.isfinite(per_gene).any() else np.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _table(scores: dict[str, np.ndarray], grid: Grid, ks: np.ndarray) -> pd.DataFrame:
     rows = []
     for t, normalize in enumerate(grid.normalizations):
@@ -289,7 +363,8 @@ def _table(scores: dict[str, np.ndarray], grid: Grid, ks: np.ndarray) -> pd.Data
             for w, (weighting, temperature) in enumerate(grid.weightings):
                 for j, k in enumerate(ks):
                     row = {"normalize": normalize, "k": int(k), "weighting": weighting,
-                           "temperature": float(temperature), "average": average}
+                           "temperature": float(temperature), "average": average,
+                           "blend": 1.0, "ridge_alpha": np.nan}
                     for m in TUNE_METRICS:
                         per_gene = scores[m][t, a, w, j]
                         row[m] = float(np.nanmean(per_gene)) if np.isfinite(per_gene).any() \

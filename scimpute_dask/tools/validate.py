@@ -35,7 +35,7 @@ from sklearn.isotonic import IsotonicRegression
 
 from scimpute_dask import __version__, plan
 from scimpute_dask.config import VALIDATE_OPTIONS, RunConfig, documented, parse_memory
-from scimpute_dask.engine import cluster, graph, search
+from scimpute_dask.engine import cluster, graph, search, stages
 from scimpute_dask.engine.inputs import check_study, study_stores
 from scimpute_dask.engine.resumable import digest, is_complete, store_stage
 from scimpute_dask.errors import InputError
@@ -136,6 +136,8 @@ def cross_validate(
     weighting: str = "cosine+1",
     temperature: float = 0.1,
     average: str = "mean",
+    blend: float = 1.0,
+    ridge_alpha: float = 100.0,
     tune: bool = False,
     tune_metric: str = "pearson",
     tune_cells: int = 10_000,
@@ -180,7 +182,8 @@ def cross_validate(
         VALIDATE_OPTIONS, k=k, consider_clusters=consider_clusters,
         cell_name_column_idx=cell_name_column_idx, folds=folds, seed=seed,
         normalize=normalize, weighting=weighting, temperature=temperature, average=average,
-        tune=tune, tune_metric=tune_metric, tune_cells=tune_cells, reliability=reliability,
+        blend=blend, ridge_alpha=ridge_alpha, tune=tune, tune_metric=tune_metric,
+        tune_cells=tune_cells, reliability=reliability,
         query_layout=query_layout, reference_layout=reference_layout,
         memory_limit=memory_limit, chunk_size=chunk_size, plot=plot, progress=progress,
         scheduler=scheduler)
@@ -208,7 +211,8 @@ def cross_validate(
         clock = time.perf_counter()
         def searcher(settings: RunConfig) -> _Search:
             return _Search(zarr_dir, q_store, r_store, inputs, blocks, settings.k,
-                           settings.search_settings(), settings.consider_clusters, settings.average)
+                           settings.search_settings(), settings.consider_clusters, settings.average,
+                           settings.model_settings())
 
         pair = searcher(config)
         imputed, moments, tuned = [], [], {}
@@ -277,7 +281,8 @@ def cross_validate(
         "inputs": {"query": q_store.fingerprint, "reference": r_store.fingerprint},
         "parameters": {"k": k, "folds": folds, "seed": config.seed,
                        "consider_clusters": config.consider_clusters, **options,
-                       "average": config.average, "tune": config.tune,
+                       "average": config.average, **config.model_settings(),
+                       "tune": config.tune,
                        "chunk_size": blocks.query_chunk, "memory_limit": limit},
         "folds": {str(f): list(gene_table.loc[gene_table["fold"] == f, "gene"])
                   for f in range(folds)},
@@ -292,9 +297,10 @@ class _Search:
     """One dataset pair's kNN-and-impute runs on gene subsets, each stored to Zarr."""
 
     def __init__(self, zarr_dir, q_store, r_store, inputs, blocks, k, options, clusters,
-                 average="mean"):
+                 average="mean", model=None):
         self.zarr_dir, self.k, self.options, self.blocks = zarr_dir, k, options, blocks
-        self.average = average
+        self.average, self.r_store = average, r_store
+        self.model = model if model and model["blend"] < 1 else None
         bq, br = blocks.query_chunk, blocks.reference_chunk
         self.q_shared = q_store.columns(inputs.q_cols, (bq, -1))
         self.r_shared = r_store.columns(inputs.r_cols, (br, -1))
@@ -345,14 +351,30 @@ class _Search:
         """
         idx, w = self.neighbours(name, search_genes)
         ref = self._reference_genes(reference_genes)
+        key = {**self.base_key, "search_genes": digest(search_genes),
+               "genes": digest(reference_genes), "gene_chunk": ref.chunks[1][0],
+               "average": self.average}
+        blend = None
+        if self.model is not None and not is_complete(self.zarr_dir / f"{name}_imputed.zarr",
+                                                      {**key, **self.model}):
+            blend = self.linear_model(search_genes, reference_genes, ref.chunks[1][0])
         group = store_stage(self.zarr_dir / f"{name}_imputed.zarr",
-                            {"X": (graph.impute_graph(idx, w, ref, average=self.average),
-                                   np.nan)},
-                            {**self.base_key, "search_genes": digest(search_genes),
-                             "genes": digest(reference_genes), "gene_chunk": ref.chunks[1][0],
-                             "average": self.average},
-                            {})
+                            {"X": (graph.impute_graph(idx, w, ref, average=self.average,
+                                                      blend=blend), np.nan)},
+                            {**key, **(self.model or {})}, {})
         return da.from_zarr(group["X"]), da.stack(graph.neighbour_moments(idx, w, ref))
+
+    def linear_model(self, search_genes: np.ndarray, reference_genes: np.ndarray,
+                     gene_chunk: int) -> graph.Blend:
+        """The ridge model of ``reference_genes`` on ``search_genes`` alone (both datasets'
+        values of those genes, and the reference's of the genes it predicts)."""
+        rows = self.r_store.chunks[0]
+        fit = stages.fit_linear_model(
+            self.r_shared[:, search_genes].rechunk((rows, -1)),
+            self.r_store.blocks(reference_genes, (rows, gene_chunk)),
+            self.q_shared[:, search_genes], stages.column_max(self.r_store)[reference_genes],
+            self.model["ridge_alpha"])
+        return fit.blend(self.q_shared[:, search_genes], self.model["blend"])
 
     def moments(self, name: str, search_genes: np.ndarray, reference_genes: np.ndarray
                 ) -> da.Array:
