@@ -21,6 +21,7 @@ so the outer scores are honest estimates of the tuned mode.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -76,7 +77,7 @@ class Grid:
         *(("softmax", t) for t in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)))
     #: The neighbours' shares of a blend with the linear model, tried at the best
     #: neighbour setting (the neighbours alone, 1, always competes).
-    blends: tuple[float, ...] = (0.85, 0.7, 0.5)
+    blends: tuple[float, ...] = (0.85, 0.7, 0.5, 0.3)
     ridge_alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
 
 
@@ -96,6 +97,17 @@ class TuneResult:
     folds: int
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
+
+    def neighbours_only(self) -> TuneResult:
+        """The same tuning restricted to the neighbours alone (no blend): its best
+        candidate without the linear model, by the same inner folds."""
+        table = self.table[~(self.table["blend"] < 1)]
+        row = table[self.metric].idxmax() if table[self.metric].notna().any() else table.index[0]
+        timings = {**self.timings, "total": round(self.timings.get("total", 0.0)
+                                                  - self.timings.get("blend", 0.0), 3)}
+        timings.pop("blend", None)
+        return dataclasses.replace(self, table=table, best=_setting(table, row),
+                                   score=float(table.at[row, self.metric]), timings=timings)
 
     def record(self) -> dict:
         """What ``run.json`` keeps of a tuning."""
