@@ -211,38 +211,76 @@ def run_figures(work: Location, files: dict[str, Location], xy: np.ndarray | Non
 
 def tuning_heatmap(path: Location, table: pd.DataFrame, metric: str, best: dict) -> None:
     """Inner-validation score of every candidate: one heat map (k × weighting) per search
-    transform and averaging space, the winner outlined."""
+    transform and averaging space and, when blends were scored, one of the blend's share
+    × ridge alpha at the best neighbour setting (its row 1: the neighbours alone); the
+    winner outlined."""
     from matplotlib.patches import Rectangle
 
-    transforms = list(dict.fromkeys(table["normalize"]))
-    averages = list(dict.fromkeys(table["average"]))
-    label = table["weighting"].where(table["weighting"] != "softmax",
-                                     "softmax T=" + table["temperature"].map("{:g}".format))
-    table = table.assign(label=label)
-    rows = list(dict.fromkeys(table["label"]))
-    ks = sorted(table["k"].unique())
+    blend = "blend" in table and bool((table["blend"] < 1).any())
+    knn = table[~(table["blend"] < 1)] if "blend" in table else table
+    transforms = list(dict.fromkeys(knn["normalize"]))
+    averages = list(dict.fromkeys(knn["average"]))
+    label = knn["weighting"].where(knn["weighting"] != "softmax",
+                                   "softmax T=" + knn["temperature"].map("{:g}".format))
+    knn = knn.assign(label=label)
+    rows = list(dict.fromkeys(knn["label"]))
+    ks = sorted(knn["k"].unique())
     lo, hi = np.nanmin(table[metric]), np.nanmax(table[metric])
-    fig, axes = _subplots(len(averages), len(transforms),
-                          (2.6 * len(transforms) + 1.2, 2.4 * len(averages) + 0.6),
-                          sharex=True, sharey=True)
+    columns = len(transforms) + blend
+    fig, axes = _subplots(len(averages), columns,
+                          (2.6 * columns + 1.2, 2.4 * len(averages) + 0.6))
+    # the neighbour setting the winner uses (blended or not)
+    chosen = {c: best[c] for c in ("normalize", "k", "weighting", "temperature", "average")}
     for a, average in enumerate(averages):
         for t, transform in enumerate(transforms):
             ax = axes[a, t]
-            part = table[(table["normalize"] == transform) & (table["average"] == average)]
+            part = knn[(knn["normalize"] == transform) & (knn["average"] == average)]
             grid = part.pivot(index="label", columns="k", values=metric).reindex(
                 index=rows, columns=ks)
             image = ax.imshow(grid.to_numpy(), vmin=lo, vmax=hi, cmap="viridis",
                               aspect="auto")
-            if transform == best["normalize"] and average == best["average"]:
-                b = table[(table["normalize"] == transform) & (table["average"] == average)
-                          & (table["k"] == best["k"]) & (table["weighting"] == best["weighting"])
-                          & (table["temperature"] == best["temperature"])]["label"].iloc[0]
-                ax.add_patch(Rectangle((ks.index(best["k"]) - 0.5, rows.index(b) - 0.5),
-                                      1, 1, fill=False, edgecolor="red", linewidth=2))
+            if transform == chosen["normalize"] and average == chosen["average"]:
+                b = part[(part["k"] == chosen["k"]) & (part["weighting"] == chosen["weighting"])
+                         & (part["temperature"] == chosen["temperature"])]["label"].iloc[0]
+                ax.add_patch(Rectangle((ks.index(chosen["k"]) - 0.5, rows.index(b) - 0.5),
+                                       1, 1, fill=False, edgecolor="red", linewidth=2))
             ax.set_title(f"{transform}, average {average}", fontsize=8)
             ax.set_xticks(range(len(ks)), [str(k) for k in ks], fontsize=6)
-            ax.set_yticks(range(len(rows)), rows, fontsize=6)
+            ax.set_yticks(range(len(rows)), rows if t == 0 else [], fontsize=6)
             if a == len(averages) - 1:
                 ax.set_xlabel("k", fontsize=7)
+    if blend:
+        _blend_panel(axes[0, -1], table, metric, best, lo, hi)
+        for a in range(1, len(averages)):
+            axes[a, -1].axis("off")
     fig.colorbar(image, ax=axes, shrink=0.8, label=f"inner-validation {metric}")
     _save(fig, path)
+
+
+def _blend_panel(ax, table: pd.DataFrame, metric: str, best: dict, lo: float, hi: float
+                 ) -> None:
+    """The blend's share × ridge alpha at the best neighbour setting; row 1 the
+    neighbours alone (the same score at every alpha)."""
+    from matplotlib.patches import Rectangle
+
+    blended = table[table["blend"] < 1]
+    setting = blended.iloc[0]
+    alone = table[~(table["blend"] < 1)]
+    for c in ("normalize", "k", "weighting", "temperature", "average"):
+        alone = alone[alone[c] == setting[c]]
+    shares = [1.0, *sorted(blended["blend"].unique(), reverse=True)]
+    alphas = sorted(blended["ridge_alpha"].unique())
+    grid = blended.pivot(index="blend", columns="ridge_alpha", values=metric).reindex(
+        index=shares, columns=alphas).to_numpy()
+    grid[0] = alone[metric].iloc[0] if len(alone) else np.nan
+    ax.imshow(grid, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
+    row = shares.index(best["blend"]) if best["blend"] in shares else 0
+    col = alphas.index(best["ridge_alpha"]) if best["blend"] < 1 else None
+    ax.add_patch(Rectangle(((-0.5 if col is None else col - 0.5), row - 0.5),
+                           len(alphas) if col is None else 1, 1, fill=False,
+                           edgecolor="red", linewidth=2))
+    ax.set_title(f"blend at k {setting['k']}, {setting['normalize']}\n"
+                 f"rows: the neighbours' share", fontsize=8)
+    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=6)
+    ax.set_yticks(range(len(shares)), [f"{s:g}" for s in shares], fontsize=6)
+    ax.set_xlabel("ridge alpha", fontsize=7)
