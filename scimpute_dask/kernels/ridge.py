@@ -100,15 +100,25 @@ class Gram:
         """Population standard deviation; 1 where a gene is constant (as StandardScaler)."""
         return standard_deviation(self.n, self.sum, np.diag(self.outer))
 
+    @property
+    def constant(self) -> np.ndarray:
+        """Genes with one value in every cell (their z-scores are all 0)."""
+        return is_constant(self.n, self.sum, np.diag(self.outer))
+
+
+def is_constant(n: int, total: np.ndarray, squares: np.ndarray) -> np.ndarray:
+    """Genes whose variance is zero but for rounding (a few ulps of their mean square)."""
+    n = max(1, n)
+    mean = total / n
+    return squares / n - mean * mean <= 1e-12 * np.maximum(squares / n, 1e-300)
+
 
 def standard_deviation(n: int, total: np.ndarray, squares: np.ndarray) -> np.ndarray:
     """Per-gene population sd from ``Σx`` and ``Σx²``; constant genes get 1."""
     n = max(1, n)
     mean = total / n
-    var = np.maximum(squares / n - mean * mean, 0.0)
-    # rounding leaves a constant gene's variance at a few ulps of its mean square
-    constant = var <= 1e-12 * np.maximum(squares / n, 1e-300)
-    return np.where(constant, 1.0, np.sqrt(np.where(constant, 1.0, var)))
+    constant = is_constant(n, total, squares)
+    return np.where(constant, 1.0, np.sqrt(np.where(constant, 1.0, squares / n - mean * mean)))
 
 
 @dataclass(frozen=True)
@@ -118,22 +128,27 @@ class Factor:
     alpha: float
     mean: np.ndarray  # μ, (s,)
     sd: np.ndarray  # σ, (s,)
+    constant: np.ndarray  # (s,) bool: genes without variance
     cholesky: tuple  # scipy.linalg.cho_factor of D⁻¹CD⁻¹ + αI
 
 
 def factor(gram: Gram, alpha: float) -> Factor:
     """Factorise ``D⁻¹(Σxx' − nμμ')D⁻¹ + αI`` (the z-scored features' Gram matrix)."""
-    mean, sd = gram.mean, gram.sd
+    mean, sd, constant = gram.mean, gram.sd, gram.constant
     centred = gram.outer - gram.n * np.outer(mean, mean)
+    # a constant gene's z-scores are exactly 0: no rounding residue may give it weight
+    centred[constant] = 0.0
+    centred[:, constant] = 0.0
     a = centred / np.outer(sd, sd)
     a[np.diag_indices_from(a)] += alpha
-    return Factor(float(alpha), mean, sd, scipy.linalg.cho_factor(a, lower=True))
+    return Factor(float(alpha), mean, sd, constant, scipy.linalg.cho_factor(a, lower=True))
 
 
 def coefficients(f: Factor, target_sum: np.ndarray, cross: np.ndarray) -> np.ndarray:
     """``B`` (s × g) on the z-scored features, from the targets' ``Σy`` (g,) and ``Σxy'``
     (s × g) over the same cells as the factor's Gram matrix."""
     rhs = (np.asarray(cross, np.float64) - np.outer(f.mean, target_sum)) / f.sd[:, None]
+    rhs[f.constant] = 0.0
     return scipy.linalg.cho_solve(f.cholesky, rhs)
 
 
