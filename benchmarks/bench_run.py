@@ -11,6 +11,8 @@ Examples (the figures quoted in the README)::
 
     python benchmarks/bench_run.py --query-cells 20000 --reference-cells 5000 --genes 2000
     python benchmarks/bench_run.py --query-cells 10000 100000 1000000 --memory-limit 4GB
+    python benchmarks/bench_run.py --query-cells 20000 --clusters no --memory-limit 4GB \
+        --blend 0.7      # the linear model's fit on the 1M-query benchmark's reference
 """
 
 from __future__ import annotations
@@ -115,6 +117,9 @@ def main() -> None:
     p.add_argument("--clusters", choices=["both", "yes", "no"], default="both")
     p.add_argument("--memory-limit", default=None, help="passed to the run (e.g. 4GB)")
     p.add_argument("--tsv-genes", default="all", help="passed to the run")
+    p.add_argument("--blend", default=None,
+                   help="passed to the run: blend with the linear model (its fit is the "
+                        "'ridge' stage)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where to write inputs and outputs (default: a temporary directory)")
     args = p.parse_args()
@@ -141,6 +146,7 @@ def main() -> None:
                        "--restart"]
                 cmd += [] if clustered else ["--no-clusters"]
                 cmd += ["--memory-limit", args.memory_limit] if args.memory_limit else []
+                cmd += ["--blend", args.blend] if args.blend else []
                 print("$", " ".join(cmd), flush=True)
                 t0 = time.perf_counter()
                 peak = _run_measured(cmd)

@@ -36,6 +36,8 @@ def impute(
     validation: str | os.PathLike | None = None,
     tune: bool = False,
     tune_metric: str = "pearson",
+    blend: float = 1.0,
+    ridge_alpha: float = 100.0,
     table: str | None = None,
     key_added: str = "scimpute",
 ):
@@ -86,12 +88,17 @@ def impute(
     scheduler, client
         Run on a Dask cluster (see :func:`~scimpute_dask.run_imputation`).
     tune
-        Choose the search transform, ``k``, weighting and averaging space by
-        held-out validation on the shared genes, then impute with the winner
+        Choose the search transform, ``k``, weighting, averaging space and
+        blend by held-out validation on the shared genes, then impute with the winner
         (``uns["scimpute"]["parameters"]`` records it). Recommended across
         technologies; off by default, which is scimpute's method exactly.
     tune_metric
         What tuning maximises: ``"pearson"``, ``"log_pearson"`` or ``"css"``.
+    blend, ridge_alpha
+        The neighbours' share of a blend with a linear model, ``expm1(blend ·
+        log1p(kNN) + (1 − blend) · ridge)``, and the model's ridge penalty (see
+        :func:`~scimpute_dask.run_imputation`); 1, the default, is the
+        neighbours alone. ``tune=True`` chooses both.
     validation
         The output directory of :func:`~scimpute_dask.cross_validate` for the
         same data: ``var`` then also holds each gene's ``agreement``,
@@ -130,7 +137,7 @@ def impute(
                         reference_layer=reference_layer, copy=True, outdir=outdir,
                         memory_limit=memory_limit, progress=progress, scheduler=scheduler,
                         client=client, validation=validation, tune=tune,
-                        tune_metric=tune_metric)
+                        tune_metric=tune_metric, blend=blend, ridge_alpha=ridge_alpha)
         return spatialdata_io.add_table(adata_spatial, source, result, key_added)
     with tempfile.TemporaryDirectory(prefix="scimpute-") as tmp:
         out = location(outdir) if outdir is not None else Path(tmp) / "run"
@@ -140,7 +147,7 @@ def impute(
             layer=layer, reference_layer=reference_layer, tsv_genes=None, anndata=True,
             report=outdir is not None, memory_limit=memory_limit, progress=progress,
             scheduler=scheduler, client=client, validation=validation, tune=tune,
-            tune_metric=tune_metric, table=table,
+            tune_metric=tune_metric, blend=blend, ridge_alpha=ridge_alpha, table=table,
         )
         result = anndata_io.read_lazy(RunLayout(out).anndata)
         if outdir is None:

@@ -48,11 +48,15 @@ def test_blockwise_ridge_equals_scikit_learn(small_pair, alpha, rows, genes, as_
     shared = list(small_pair.query.columns)
     x = small_pair.reference[shared].to_numpy(np.float32)
     y = small_pair.reference.to_numpy(np.float32)
-    features = da.from_array(x, chunks=(rows, -1))
-    targets = (da.from_array(sparse.csr_matrix(y), chunks=(rows, genes), asarray=False)
-               if as_sparse else da.from_array(y, chunks=(rows, genes)))
+    def blocks(values, chunks):
+        if as_sparse:  # CSR blocks, as a sparse store gives them
+            return da.from_array(sparse.csr_matrix(values), chunks=chunks, asarray=False)
+        return da.from_array(values, chunks=chunks)
+
+    features, targets = blocks(x, (rows, -1)), blocks(y, (rows, genes))
     n = len(x)
     gram = ridge.Gram.from_packed(n, graph.ridge_gram(features).compute())
+    np.testing.assert_allclose(gram.outer, _log(x).T @ _log(x), rtol=1e-12)
     cross = graph.ridge_cross(features, targets)
     coef, sums = da.compute(graph.ridge_coefficients(cross, ridge.factor(gram, alpha)), cross[0])
     want = _sklearn(x, y, alpha)
@@ -181,8 +185,8 @@ def test_bad_blend_values_are_refused(tmp_path, small_inputs, capsys, flag, valu
 def test_a_blend_needs_two_shared_genes(tmp_path, small_pair):
     gene = small_pair.query.columns[0]
     query = small_pair.query[[gene]].assign(notInReference=1.0)
-    with pytest.raises(InputError, match="blend 0.5 needs a linear model of at least 2 shared "
-                                         "genes; .* share 1"):
+    with pytest.raises(InputError, match=r"blend 0.5 needs a linear model of at least 2 "
+                                         r"shared genes; .* share 1"):
         run_imputation(query, small_pair.reference, None, 0, tmp_path / "out", k=K,
                        consider_clusters=False, blend=0.5)
     assert not (tmp_path / "out").exists()

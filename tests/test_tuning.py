@@ -88,7 +88,8 @@ def test_tuning_table_scores_equal_an_independent_cross_validation(small_pair):
     q, r = _shared(small_pair)
     result = tuning.tune(q, r, folds=3, seed=5, grid=SMALL_GRID)
     fold = validate.gene_folds(q.shape[1], 3, 5)
-    for _, row in result.table.sample(6, random_state=0).iterrows():
+    neighbours_only = result.table[result.table["blend"] == 1]  # blends: tests/test_blend.py
+    for _, row in neighbours_only.sample(6, random_state=0).iterrows():
         oof = np.full(q.shape, np.nan)
         for f in range(3):
             train, test = fold != f, fold == f
@@ -196,7 +197,7 @@ def test_run_tune_sees_only_the_shared_genes(tmp_path, small_inputs, monkeypatch
     for name in ("normalize", "k", "weighting", "temperature", "average"):
         assert record["parameters"][name] == best[name]
     table = pd.read_csv(out / "tuning.tsv", sep="\t")
-    assert len(table) == 2 * 3 * 3 * 2
+    assert len(table) == 2 * 3 * 3 * 2 + len(SMALL_GRID.blends) * len(SMALL_GRID.ridge_alphas)
     assert table["pearson"].max() == pytest.approx(record["tuning"]["expected_score"])
     assert (out / "tuning.png").exists()
     assert "Tuning" in (out / "report.html").read_text()

@@ -301,7 +301,8 @@ def ridge_stage(layout: RunLayout, q_store: ExpressionStore, r_store: Expression
     clock = time.perf_counter()
     rows = r_store.chunks[0]
     gb = plan.ridge_gene_chunk(blocks, len(inputs.r_cols), rows, n_genes)
-    fit = fit_linear_model(r_store.columns(inputs.r_cols, (rows, -1)),
+    # a sparse reference stays sparse: its entries only, in every sum
+    fit = fit_linear_model(r_store.blocks(inputs.r_cols, (rows, -1)),
                            r_store.blocks(np.arange(n_genes), (rows, gb)),
                            q_store.columns(inputs.q_cols, (blocks.query_chunk, -1)),
                            column_max(r_store), alpha)

@@ -50,22 +50,31 @@ def log1p_block(block):
     return np.log1p(np.asarray(block, dtype=np.float64))
 
 
+def _products(x, y) -> np.ndarray:
+    """``x'y`` as a dense float64 array, of dense or CSR operands (a CSR one's entries
+    only)."""
+    if sparse.issparse(x) and sparse.issparse(y):
+        return (x.T @ y).toarray()
+    if sparse.issparse(y):
+        return np.asarray((y.T @ x).T)
+    return np.asarray(x.T @ y)
+
+
 def gram_block(block) -> np.ndarray:
     """``[Σz, Σzz']`` of one block's rows ``z = log1p(x)``: ``(g + 1, g)`` float64, the first
-    row the column sums. Summed over row blocks they give :class:`Gram`."""
-    x = log1p_dense(block)
-    return np.vstack([x.sum(axis=0)[None], x.T @ x])
+    row the column sums (of a CSR block, from its entries). Summed over row blocks they
+    give :class:`Gram`."""
+    x = log1p_block(block)
+    return np.vstack([np.asarray(x.sum(axis=0)).reshape(1, -1), _products(x, x)])
 
 
 def cross_block(features, targets) -> np.ndarray:
     """``[Σy; Σxy']`` of one row block: ``(s + 1, g)`` float64, the first row the targets'
     column sums, then the cross products of the log1p features ``(rows, s)`` and the log1p
-    targets ``(rows, g)`` (dense or CSR: the CSR entries only)."""
-    x = log1p_dense(features)
+    targets ``(rows, g)`` (each dense or CSR: a CSR block's entries only)."""
     y = log1p_block(targets)
-    if sparse.issparse(y):
-        return np.vstack([np.asarray(y.sum(axis=0)), np.asarray((y.T @ x).T)])
-    return np.vstack([y.sum(axis=0)[None], x.T @ y])
+    return np.vstack([np.asarray(y.sum(axis=0)).reshape(1, -1),
+                      _products(log1p_block(features), y)])
 
 
 @dataclass(frozen=True)
