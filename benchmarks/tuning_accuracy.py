@@ -87,7 +87,7 @@ def _job(job: dict) -> list[dict]:
     if job["method"] == "hindsight":
         genes = list(query.columns)
         found = tuning.tune(query[genes].to_numpy(), reference[genes].to_numpy(),
-                            folds=FOLDS, seed=job["seed"])
+                            folds=job["folds"], seed=job["seed"])
         options = {k: v for k, v in found.best.items()}
         extra["setting"] = options
     captured, real = [], tuning.tune
@@ -114,7 +114,7 @@ def _job(job: dict) -> list[dict]:
 
 def _validate(cross_validate, query, reference, job: dict, options: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        result = cross_validate(query, reference, Path(tmp) / "cv", folds=FOLDS,
+        result = cross_validate(query, reference, Path(tmp) / "cv", folds=job["folds"],
                                 seed=job["seed"], reliability=False, plot=False, **options)
     scores = result.mean_gene_scores
     return {"pearson": scores["pearson"], "log_pearson": scores["log_pearson"],
@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=["A1-A2", "A2-A1", "cross-tech"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--folds", type=int, default=FOLDS,
+                        help="outer gene folds (Li et al.: 10; benchmarks/accuracy.py's "
+                             "Tangram runs: 5)")
     parser.add_argument("--json", type=Path, help="also append every result to this file")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,7 +139,7 @@ def main() -> None:
     for pair in args.pairs:
         for seed in args.seeds:
             for method in args.methods:
-                job = {"pair": pair, "seed": seed, "method": method}
+                job = {"pair": pair, "seed": seed, "method": method, "folds": args.folds}
                 done = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)],
                                       capture_output=True, text=True)
                 if done.returncode:
