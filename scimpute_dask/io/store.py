@@ -149,20 +149,16 @@ class ExpressionStore:
         """Genes ``genes`` (default all) of every cell in blocks of ``gene_chunk`` genes
         (one chunk of cells): CSR blocks from a sparse store, NumPy ones from a dense one."""
         n, g = self.shape
-        if not self.sparse:
-            reference = self.to_dask((n, gene_chunk))
-            if genes is None or len(genes) == g:
-                return reference
-            return reference[:, genes].rechunk((n, gene_chunk))
-        return self._view(np.arange(g) if genes is None else genes, (n, gene_chunk),
-                          as_sparse=True)
+        if not self.sparse and (genes is None or len(genes) == g):
+            return self.to_dask((n, gene_chunk))
+        return self.blocks(np.arange(g) if genes is None else genes, (n, gene_chunk))
 
     def blocks(self, genes: np.ndarray, chunks: tuple[int, int]):
         """Genes ``genes`` (positions) of every cell in blocks of ``chunks`` (cells, genes;
         -1 = all): CSR blocks from a sparse store (its entries only), NumPy ones from a
         dense one. For a reduction over cells that must not densify a sparse store."""
         if not self.sparse:
-            return self.to_dask()[:, genes].rechunk(chunks)
+            return self.to_dask(chunks)[:, genes].rechunk(chunks)
         return self._view(np.asarray(genes), chunks, as_sparse=True)
 
     def in_chunks(self):

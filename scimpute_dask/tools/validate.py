@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import dask
@@ -43,6 +43,7 @@ from scimpute_dask.export.outdir import atomic_file
 from scimpute_dask.export.tables import write_manifest
 from scimpute_dask.io.layout import RunLayout
 from scimpute_dask.io.storage import zarr_store
+from scimpute_dask.kernels import ridge
 from scimpute_dask.kernels.imputation import neighbour_weights
 from scimpute_dask.kernels.metrics import METRICS, paired_scores, summarize
 from scimpute_dask.kernels.tuning import gene_folds
@@ -209,10 +210,12 @@ def cross_validate(
 
     with cluster.compute_on(client, config.scheduler, blocks.threads, config.progress):
         clock = time.perf_counter()
+        sums = _ModelSums(q_store, r_store, inputs, blocks)
+
         def searcher(settings: RunConfig) -> _Search:
             return _Search(zarr_dir, q_store, r_store, inputs, blocks, settings.k,
                            settings.search_settings(), settings.consider_clusters, settings.average,
-                           settings.model_settings())
+                           settings.model_settings(), sums)
 
         pair = searcher(config)
         imputed, moments, tuned = [], [], {}
@@ -293,13 +296,42 @@ def cross_validate(
                             tuned or None)
 
 
+class _ModelSums:
+    """What every fold's linear model is solved from, each computed once, at first use:
+    the reference's log1p Gram matrix of all shared genes (whose sub-blocks are every
+    fold's normal equations and cross products: a fold's held-out genes are shared genes
+    too), the query's per-gene log1p mean and sd, and each reference gene's largest log1p
+    value."""
+
+    def __init__(self, q_store, r_store, inputs, blocks) -> None:
+        self.q_store, self.r_store, self.inputs, self.blocks = q_store, r_store, inputs, blocks
+
+    @cached_property
+    def gram(self) -> ridge.Gram:
+        rows = self.r_store.chunks[0]
+        (packed,) = cluster.compute(graph.ridge_gram(
+            self.r_store.blocks(self.inputs.r_cols, (rows, -1))))
+        return ridge.Gram.from_packed(self.r_store.shape[0], packed)
+
+    @cached_property
+    def query(self) -> tuple[np.ndarray, np.ndarray]:
+        total, squares = cluster.compute(*graph.log1p_sums(
+            self.q_store.columns(self.inputs.q_cols, (self.blocks.query_chunk, -1))))
+        n = len(self.inputs.q_cells)
+        return total / max(1, n), ridge.standard_deviation(n, total, squares)
+
+    @cached_property
+    def upper(self) -> np.ndarray:
+        return np.log1p(stages.column_max(self.r_store))
+
+
 class _Search:
     """One dataset pair's kNN-and-impute runs on gene subsets, each stored to Zarr."""
 
     def __init__(self, zarr_dir, q_store, r_store, inputs, blocks, k, options, clusters,
-                 average="mean", model=None):
+                 average="mean", model=None, sums: _ModelSums | None = None):
         self.zarr_dir, self.k, self.options, self.blocks = zarr_dir, k, options, blocks
-        self.average, self.r_store = average, r_store
+        self.average, self.r_cols, self.sums = average, inputs.r_cols, sums
         self.model = model if model and model["blend"] < 1 else None
         bq, br = blocks.query_chunk, blocks.reference_chunk
         self.q_shared = q_store.columns(inputs.q_cols, (bq, -1))
@@ -357,24 +389,27 @@ class _Search:
         blend = None
         if self.model is not None and not is_complete(self.zarr_dir / f"{name}_imputed.zarr",
                                                       {**key, **self.model}):
-            blend = self.linear_model(search_genes, reference_genes, ref.chunks[1][0])
+            blend = self.linear_model(search_genes, reference_genes)
         group = store_stage(self.zarr_dir / f"{name}_imputed.zarr",
                             {"X": (graph.impute_graph(idx, w, ref, average=self.average,
                                                       blend=blend), np.nan)},
                             {**key, **(self.model or {})}, {})
         return da.from_zarr(group["X"]), da.stack(graph.neighbour_moments(idx, w, ref))
 
-    def linear_model(self, search_genes: np.ndarray, reference_genes: np.ndarray,
-                     gene_chunk: int) -> graph.Blend:
-        """The ridge model of ``reference_genes`` on ``search_genes`` alone (both datasets'
-        values of those genes, and the reference's of the genes it predicts)."""
-        rows = self.r_store.chunks[0]
-        fit = stages.fit_linear_model(
-            self.r_shared[:, search_genes].rechunk((rows, -1)),
-            self.r_store.blocks(reference_genes, (rows, gene_chunk)),
-            self.q_shared[:, search_genes], stages.column_max(self.r_store)[reference_genes],
-            self.model["ridge_alpha"])
-        return fit.blend(self.q_shared[:, search_genes], self.model["blend"])
+    def linear_model(self, search_genes: np.ndarray, reference_genes: np.ndarray
+                     ) -> graph.Blend:
+        """The ridge model of the shared ``reference_genes`` on ``search_genes`` alone (both
+        datasets' values of those genes, and the reference's of the genes it predicts),
+        solved from the sub-blocks of the one Gram matrix."""
+        test = np.searchsorted(self.r_cols, reference_genes)  # positions among the shared
+        gram, (mean, sd) = self.sums.gram, self.sums.query
+        factor = ridge.factor(gram.subset(search_genes), self.model["ridge_alpha"])
+        coef = ridge.coefficients(factor, gram.sum[test], gram.outer[np.ix_(search_genes, test)])
+        return graph.Blend(self.model["blend"],
+                           graph.ridge_features(self.q_shared[:, search_genes],
+                                                mean[search_genes], sd[search_genes]),
+                           da.from_array(coef), da.from_array(gram.mean[test]),
+                           da.from_array(self.sums.upper[reference_genes]))
 
     def moments(self, name: str, search_genes: np.ndarray, reference_genes: np.ndarray
                 ) -> da.Array:
